@@ -1,0 +1,384 @@
+//! The command-line layer every binary shares: common flags, `--config` recipes merged under
+//! command-line flags, thread set-up, signal handling and the one-line error report.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, Command, CommandFactory, FromArgMatches};
+use serde::Serialize;
+
+use crate::error::{Error, Result, bad_input, exit};
+use crate::{output, progress};
+
+/// Flags every stage accepts.
+#[derive(clap::Args, Serialize, Debug, Clone, Default)]
+pub struct CommonArgs {
+    /// Read flags from a TOML recipe; flags given on the command line win.
+    /// Top-level keys are flag names (`vocab_size = 4096`); a table `[model]` with key
+    /// `hidden_size` sets `--model-hidden-size`. Unknown keys are refused.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Seed for every random choice.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bars or log lines; errors are still printed.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Parse the command line of `T`, merging the `--config` recipe under the flags given.
+/// Usage errors exit 2 (clap's convention and ours); `--help`/`--version` exit 0.
+pub fn parse<T: CommandFactory + FromArgMatches>() -> T {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    match parse_from::<T>(argv) {
+        Ok(parsed) => parsed,
+        Err(ParseError::Clap(e)) => e.exit(),
+        Err(ParseError::Lathe(e)) => {
+            report(&binary_name(), &e);
+            std::process::exit(e.exit_code() as i32)
+        }
+    }
+}
+
+pub enum ParseError {
+    Clap(clap::Error),
+    Lathe(Error),
+}
+
+impl std::fmt::Debug for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParseError::Clap(e) => write!(f, "{e}"),
+            ParseError::Lathe(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The testable core of [`parse`].
+pub fn parse_from<T: CommandFactory + FromArgMatches>(argv: Vec<OsString>) -> Result<T, ParseError> {
+    let command = T::command();
+    // A lenient first pass (nothing required) finds the subcommand, `--config`, and which
+    // flags the user typed, even when the recipe is what supplies a required argument.
+    let lenient = relax_required(command.clone())
+        .try_get_matches_from(&argv)
+        .map_err(ParseError::Clap)?;
+    let (leaf_command, leaf_matches) = leaf(&command, &lenient);
+    let config_path = leaf_matches
+        .try_get_one::<PathBuf>("config")
+        .ok()
+        .flatten()
+        .cloned();
+    let argv = match config_path {
+        Some(path) => {
+            let injected = recipe_arguments(&path, leaf_command, leaf_matches).map_err(ParseError::Lathe)?;
+            splice(argv, injected)
+        }
+        None => argv,
+    };
+    let matches = command
+        .try_get_matches_from(&argv)
+        .map_err(ParseError::Clap)?;
+    T::from_arg_matches(&matches).map_err(ParseError::Clap)
+}
+
+fn relax_required(command: Command) -> Command {
+    let command = command
+        .mut_args(|a| a.required(false))
+        .subcommand_required(false)
+        .arg_required_else_help(false);
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    names
+        .into_iter()
+        .fold(command, |c, name| c.mut_subcommand(name, relax_required))
+}
+
+fn leaf<'a>(command: &'a Command, matches: &'a ArgMatches) -> (&'a Command, &'a ArgMatches) {
+    match matches.subcommand() {
+        Some((name, sub_matches)) => match command.find_subcommand(name) {
+            Some(sub) => leaf(sub, sub_matches),
+            None => (command, matches),
+        },
+        None => (command, matches),
+    }
+}
+
+/// Arguments a recipe contributes: flags first, then positional values.
+struct Injected {
+    flags: Vec<OsString>,
+    positionals: Vec<OsString>,
+}
+
+fn recipe_arguments(path: &Path, command: &Command, matches: &ArgMatches) -> Result<Injected> {
+    let text = std::fs::read_to_string(path).map_err(|e| bad_input(path, format!("cannot read recipe: {e}")))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| bad_input(path, toml_error_line(&text, &e)))?;
+    let mut entries = Vec::new();
+    flatten_table("", &table, &mut entries);
+
+    let mut injected = Injected { flags: Vec::new(), positionals: Vec::new() };
+    for (key, value) in entries {
+        let id = key.replace('-', "_");
+        let Some(arg) = command
+            .get_arguments()
+            .find(|a| a.get_id().as_str() == id && id != "config")
+        else {
+            return Err(bad_input(path, format!("unknown key `{key}` (known keys: {})", known_keys(command))));
+        };
+        if matches!(
+            matches.value_source(&id),
+            Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable)
+        ) {
+            continue; // the command line wins
+        }
+        let values = toml_values(&value).ok_or_else(|| {
+            bad_input(path, format!("key `{key}`: expected a string, number, boolean or array of them"))
+        })?;
+        if arg.is_positional() {
+            injected.positionals.extend(values.into_iter().map(OsString::from));
+            continue;
+        }
+        let long = arg.get_long().unwrap_or(arg.get_id().as_str()).to_string();
+        match arg.get_action() {
+            ArgAction::SetTrue | ArgAction::SetFalse => match value.as_bool() {
+                Some(flag_set) => {
+                    let wants_flag = flag_set == matches!(arg.get_action(), ArgAction::SetTrue);
+                    if wants_flag {
+                        injected.flags.push(format!("--{long}").into());
+                    }
+                }
+                None => return Err(bad_input(path, format!("key `{key}`: expected true or false"))),
+            },
+            _ => {
+                for v in values {
+                    injected.flags.push(format!("--{long}={v}").into());
+                }
+            }
+        }
+    }
+    Ok(injected)
+}
+
+fn flatten_table(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+    for (key, value) in table {
+        let name = if prefix.is_empty() { key.clone() } else { format!("{prefix}_{key}") };
+        match value {
+            toml::Value::Table(inner) => flatten_table(&name, inner, out),
+            other => out.push((name, other.clone())),
+        }
+    }
+}
+
+fn toml_values(value: &toml::Value) -> Option<Vec<String>> {
+    match value {
+        toml::Value::String(s) => Some(vec![s.clone()]),
+        toml::Value::Integer(i) => Some(vec![i.to_string()]),
+        toml::Value::Float(f) => Some(vec![f.to_string()]),
+        toml::Value::Boolean(b) => Some(vec![b.to_string()]),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|item| toml_values(item).filter(|v| v.len() == 1).map(|mut v| v.remove(0)))
+            .collect(),
+        _ => None,
+    }
+}
+
+fn known_keys(command: &Command) -> String {
+    command
+        .get_arguments()
+        .map(|a| a.get_id().as_str())
+        .filter(|id| !matches!(*id, "config" | "help" | "version"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One line for a TOML syntax error: `line L, column C: message`.
+pub fn toml_error_line(text: &str, error: &toml::de::Error) -> String {
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {}", error.message())
+        }
+        None => error.message().to_string(),
+    }
+}
+
+/// Flags go before any `--`; positional values from the recipe go after one.
+fn splice(mut argv: Vec<OsString>, injected: Injected) -> Vec<OsString> {
+    let separator = argv.iter().position(|a| a == "--");
+    match separator {
+        Some(at) => {
+            let tail = argv.split_off(at);
+            argv.extend(injected.flags);
+            argv.extend(tail);
+            argv.extend(injected.positionals);
+        }
+        None => {
+            argv.extend(injected.flags);
+            if !injected.positionals.is_empty() {
+                argv.push("--".into());
+                argv.extend(injected.positionals);
+            }
+        }
+    }
+    argv
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static GRACEFUL: AtomicBool = AtomicBool::new(false);
+static SIGNALS_SEEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Set up threads, progress mode and signal handling for a stage. Call once, first thing.
+pub fn init(common: &CommonArgs) {
+    progress::set_quiet(common.quiet);
+    if let Some(threads) = common.threads.filter(|&t| t > 0) {
+        // candle's matmul reads RAYON_NUM_THREADS; rayon's pool is set directly.
+        // SAFETY: called at start-up, before any thread of ours reads the environment.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    }
+    let _ = ctrlc::set_handler(on_signal);
+}
+
+/// Stages that save work on interruption (training) opt in; the rest stop at once.
+pub fn set_graceful_interrupt(graceful: bool) {
+    GRACEFUL.store(graceful, Ordering::SeqCst);
+}
+
+fn on_signal() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    let seen = SIGNALS_SEEN.fetch_add(1, Ordering::SeqCst);
+    if !GRACEFUL.load(Ordering::SeqCst) || seen >= 1 {
+        output::remove_pending();
+        eprintln!("{}: interrupted", binary_name());
+        std::process::exit(exit::INTERRUPTED as i32);
+    }
+    eprintln!("{}: interrupt received, saving and stopping (press Ctrl-C again to stop at once)", binary_name());
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// `Err(Interrupted)` once a signal arrived; loops call it between units of work.
+pub fn check_interrupt() -> Result<()> {
+    if interrupted() { Err(Error::Interrupted) } else { Ok(()) }
+}
+
+/// Run a stage body and turn its result into the process exit code, printing one error line.
+pub fn run(body: impl FnOnce() -> Result<()>) -> ExitCode {
+    match body() {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            report(&binary_name(), &e);
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn report(binary: &str, error: &Error) {
+    progress::clear();
+    eprintln!("{binary}: error: {}", error.one_line());
+}
+
+pub fn binary_name() -> String {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "lathe".into())
+}
+
+/// The resolved configuration of a stage, as recorded beside its outputs.
+pub fn resolved_config<T: Serialize>(args: &T) -> Result<String> {
+    Ok(toml::to_string(args)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Parser, Subcommand};
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Cmd,
+    }
+
+    #[derive(Subcommand, Debug)]
+    enum Cmd {
+        Train(TrainArgs),
+    }
+
+    #[derive(clap::Args, Debug)]
+    struct TrainArgs {
+        #[arg(required = true)]
+        inputs: Vec<String>,
+        #[arg(long, required = true)]
+        vocab_size: usize,
+        #[arg(long, default_value_t = 2)]
+        min_frequency: u64,
+        #[arg(long)]
+        model_hidden_size: Option<usize>,
+        #[arg(long)]
+        no_eos: bool,
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    fn parse_with(recipe: &str, args: &[&str]) -> Result<TrainArgs, ParseError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, recipe).unwrap();
+        let mut argv: Vec<OsString> = vec!["t".into(), "train".into(), "--config".into(), path.into()];
+        argv.extend(args.iter().map(OsString::from));
+        parse_from::<Cli>(argv).map(|c| match c.command {
+            Cmd::Train(t) => t,
+        })
+    }
+
+    #[test]
+    fn recipe_fills_flags_and_command_line_wins() {
+        let recipe = "vocab_size = 512\nmin_frequency = 5\nno_eos = true\n[model]\nhidden_size = 64\n";
+        let t = parse_with(recipe, &["a.txt", "--min-frequency", "3"]).unwrap();
+        assert_eq!(t.vocab_size, 512);
+        assert_eq!(t.min_frequency, 3);
+        assert_eq!(t.model_hidden_size, Some(64));
+        assert!(t.no_eos);
+        assert_eq!(t.inputs, vec!["a.txt"]);
+    }
+
+    #[test]
+    fn recipe_can_supply_positionals() {
+        let t = parse_with("vocab_size = 8\ninputs = [\"x\", \"y\"]\n", &[]).unwrap();
+        assert_eq!(t.inputs, vec!["x", "y"]);
+    }
+
+    #[test]
+    fn unknown_recipe_key_is_bad_input() {
+        match parse_with("vocab_size = 8\nvocab_sise = 9\n", &["a"]) {
+            Err(ParseError::Lathe(e)) => {
+                assert_eq!(e.exit_code(), 2);
+                assert!(e.to_string().contains("unknown key `vocab_sise`"), "{e}");
+            }
+            other => panic!("expected an unknown-key error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn recipe_syntax_error_names_line() {
+        match parse_with("vocab_size = 8\nmin_frequency = = 2\n", &["a"]) {
+            Err(ParseError::Lathe(e)) => assert!(e.to_string().contains("line 2"), "{e}"),
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Errors carry the exit code SPEC assigns to them, so every stage reports failures the same way.
+
+use std::fmt::Display;
+use std::path::Path;
+
+/// Exit codes shared by every binary (SPEC "Conventions").
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILED: u8 = 1;
+    pub const BAD_INPUT: u8 = 2;
+    pub const GATE: u8 = 3;
+    pub const INTERRUPTED: u8 = 130;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad usage or bad input: the message names the file, the row or column, and what was expected.
+    #[error("{0}")]
+    Input(String),
+    /// A quality gate the user set (`--min-accuracy`, `--fail-above`, …) was not met.
+    #[error("{0}")]
+    Gate(String),
+    /// SIGINT / SIGTERM arrived; whatever could be saved was saved.
+    #[error("interrupted")]
+    Interrupted,
+    /// Anything that went wrong while running.
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Input(_) => exit::BAD_INPUT,
+            Error::Gate(_) => exit::GATE,
+            Error::Interrupted => exit::INTERRUPTED,
+            Error::Failed(_) => exit::FAILED,
+        }
+    }
+
+    /// The one line printed for this error: no newlines, no backtrace.
+    pub fn one_line(&self) -> String {
+        let text = self.to_string();
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// Bad input in `file`; `what` says where (row / column) and what was expected.
+pub fn bad_input(file: impl AsRef<Path>, what: impl Display) -> Error {
+    Error::Input(format!("{}: {what}", file.as_ref().display()))
+}
+
+/// Bad usage that is not tied to one file.
+pub fn usage(what: impl Display) -> Error {
+    Error::Input(what.to_string())
+}
+
+pub fn failed(what: impl Display) -> Error {
+    Error::Failed(anyhow::anyhow!("{what}"))
+}
+
+impl From<anyhow::Error> for Error {
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<Error>() {
+            Ok(inner) => inner,
+            Err(e) => Error::Failed(e),
+        }
+    }
+}
+
+/// Errors from libraries are runtime failures unless a caller classifies them as bad input.
+macro_rules! runtime_errors {
+    ($($t:ty),* $(,)?) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self { Error::Failed(anyhow::Error::new(e)) }
+        }
+    )*};
+}
+
+runtime_errors!(
+    std::io::Error,
+    candle_core::Error,
+    arrow::error::ArrowError,
+    parquet::errors::ParquetError,
+    serde_json::Error,
+    safetensors::SafeTensorError,
+    minijinja::Error,
+    toml::ser::Error,
+);
+
+impl From<tokenizers::Error> for Error {
+    fn from(e: tokenizers::Error) -> Self {
+        Error::Failed(anyhow::anyhow!("{e}"))
+    }
+}
+
+/// Attach a file to any error, turning it into bad input (exit 2).
+pub trait InputContext<T> {
+    fn input_context(self, file: impl AsRef<Path>, what: impl Display) -> Result<T>;
+}
+
+impl<T, E: Display> InputContext<T> for std::result::Result<T, E> {
+    fn input_context(self, file: impl AsRef<Path>, what: impl Display) -> Result<T> {
+        self.map_err(|e| bad_input(file, format!("{what}: {e}")))
+    }
+}
+
+/// Attach context to a runtime failure (exit 1).
+pub trait FailContext<T> {
+    fn fail_context(self, what: impl Display) -> Result<T>;
+}
+
+impl<T, E: Display> FailContext<T> for std::result::Result<T, E> {
+    fn fail_context(self, what: impl Display) -> Result<T> {
+        self.map_err(|e| failed(format!("{what}: {e}")))
+    }
+}

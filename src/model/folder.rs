@@ -1,0 +1,279 @@
+//! Hugging Face model folders: `config.json`, `model.safetensors` (or shards),
+//! `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`.
+//! A model argument is a local folder or a hub id found in the local hub cache.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde_json::{Map, Value, json};
+
+use super::chat::ChatTemplate;
+use super::config::LlamaConfig;
+use super::llama::Llama;
+use super::weights::Params;
+use crate::error::{Result, bad_input, usage};
+use crate::output::write_atomic;
+use crate::tokenizer::LoadedTokenizer;
+
+pub const CONFIG: &str = "config.json";
+pub const GENERATION_CONFIG: &str = "generation_config.json";
+pub const WEIGHTS: &str = "model.safetensors";
+pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+pub const TOKENIZER: &str = "tokenizer.json";
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+pub const CHAT_TEMPLATE: &str = "chat_template.jinja";
+
+/// Turn a model argument into a folder: a local path, or `org/name` in the hub cache
+/// (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`). Never uses the network.
+pub fn resolve(model: &str) -> Result<PathBuf> {
+    let local = PathBuf::from(model);
+    if local.is_dir() {
+        return Ok(local);
+    }
+    if local.exists() {
+        return Err(bad_input(&local, "is a file, expected a model folder (config.json + model.safetensors)"));
+    }
+    let looks_like_hub_id = model.split('/').count() == 2
+        && !model.starts_with('.')
+        && !model.starts_with('/')
+        && model.split('/').all(|part| !part.is_empty());
+    if !looks_like_hub_id {
+        return Err(bad_input(&local, "no such model folder"));
+    }
+    let cache = hub_cache();
+    match cache.model(model.to_string()).get(CONFIG) {
+        Some(config) => Ok(config.parent().map(Path::to_path_buf).unwrap_or(config)),
+        None => Err(usage(format!(
+            "model `{model}`: not a local folder and not in the Hugging Face cache at {} \
+             (lathe reads the cache only; fetch it once with `huggingface-cli download {model}`)",
+            cache.path().display()
+        ))),
+    }
+}
+
+fn hub_cache() -> hf_hub::Cache {
+    match std::env::var_os("HF_HUB_CACHE").or_else(|| std::env::var_os("HUGGINGFACE_HUB_CACHE")) {
+        Some(path) => hf_hub::Cache::new(PathBuf::from(path)),
+        None => hf_hub::Cache::from_env(),
+    }
+}
+
+/// A model folder's files, read and checked.
+pub struct ModelFolder {
+    pub dir: PathBuf,
+    pub config: LlamaConfig,
+    pub generation_config: Option<Value>,
+    pub tokenizer_config: Map<String, Value>,
+    pub chat_template: Option<String>,
+}
+
+impl ModelFolder {
+    /// Open a model argument (folder or hub id) and read its configuration files.
+    pub fn open(model: &str) -> Result<Self> {
+        let dir = resolve(model)?;
+        let config_path = dir.join(CONFIG);
+        if !config_path.exists() {
+            return Err(bad_input(&dir, "no config.json: not a Hugging Face model folder"));
+        }
+        let config = LlamaConfig::from_file(&config_path)?;
+        let generation_config = read_json_if_present(&dir.join(GENERATION_CONFIG))?;
+        let tokenizer_config = match read_json_if_present(&dir.join(TOKENIZER_CONFIG))? {
+            Some(Value::Object(map)) => map,
+            Some(_) => return Err(bad_input(dir.join(TOKENIZER_CONFIG), "expected a JSON object")),
+            None => Map::new(),
+        };
+        let chat_template = read_chat_template(&dir, &tokenizer_config)?;
+        Ok(ModelFolder { dir, config, generation_config, tokenizer_config, chat_template })
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join(TOKENIZER)
+    }
+
+    pub fn load_tokenizer(&self) -> Result<LoadedTokenizer> {
+        LoadedTokenizer::load(&self.dir)
+    }
+
+    /// The weight files: `model.safetensors`, or the shards its index names.
+    pub fn weight_files(&self) -> Result<Vec<PathBuf>> {
+        let single = self.dir.join(WEIGHTS);
+        if single.exists() {
+            return Ok(vec![single]);
+        }
+        let index_path = self.dir.join(WEIGHTS_INDEX);
+        let Some(index) = read_json_if_present(&index_path)? else {
+            return Err(bad_input(&self.dir, "no model.safetensors (nor a sharded index)"));
+        };
+        let mut shards: Vec<String> = index["weight_map"]
+            .as_object()
+            .ok_or_else(|| bad_input(&index_path, "no `weight_map` object"))?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        Ok(shards.into_iter().map(|s| self.dir.join(s)).collect())
+    }
+
+    pub fn load_params(&self, device: &Device) -> Result<Params> {
+        let files = self.weight_files()?;
+        let mut params = Params::load(&files, device)?;
+        // Older checkpoints carry rotary tables as buffers; we compute our own.
+        let stale: Vec<String> = params.names().filter(|n| n.ends_with("rotary_emb.inv_freq")).map(str::to_string).collect();
+        for name in stale {
+            params.remove(&name);
+        }
+        params.check(&self.config, files.first().map_or(self.dir.as_path(), PathBuf::as_path))?;
+        Ok(params)
+    }
+
+    /// Load weights and build the model.
+    pub fn load_model(&self, device: &Device) -> Result<(Llama, Params)> {
+        let params = self.load_params(device)?;
+        let model = Llama::new(&self.config, &params)?;
+        Ok((model, params))
+    }
+
+    /// The chat template with the folder's special tokens, if the folder has one.
+    pub fn chat(&self) -> Result<Option<ChatTemplate>> {
+        self.chat_template
+            .as_deref()
+            .map(|source| ChatTemplate::new(source, special_tokens(&self.tokenizer_config)))
+            .transpose()
+    }
+
+    /// Token ids that end generation: generation_config's, else config's.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let from_generation = self
+            .generation_config
+            .as_ref()
+            .map(|g| match &g["eos_token_id"] {
+                Value::Number(n) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+                Value::Array(items) => items.iter().filter_map(|v| v.as_u64().map(|n| n as u32)).collect(),
+                _ => Vec::new(),
+            })
+            .unwrap_or_default();
+        if from_generation.is_empty() { self.config.eos_token_ids.clone() } else { from_generation }
+    }
+}
+
+fn read_json_if_present(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad_input(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| bad_input(path, format!("not valid JSON ({e})")))
+}
+
+/// `chat_template.jinja` (transformers 5), else `chat_template` in `tokenizer_config.json`
+/// (a string, or a list of named templates of which `default` is used).
+fn read_chat_template(dir: &Path, tokenizer_config: &Map<String, Value>) -> Result<Option<String>> {
+    let file = dir.join(CHAT_TEMPLATE);
+    if file.exists() {
+        return std::fs::read_to_string(&file)
+            .map(Some)
+            .map_err(|e| bad_input(&file, format!("cannot read: {e}")));
+    }
+    Ok(match tokenizer_config.get("chat_template") {
+        Some(Value::String(template)) => Some(template.clone()),
+        Some(Value::Array(named)) => named
+            .iter()
+            .find(|t| t["name"] == "default")
+            .or_else(|| named.first())
+            .and_then(|t| t["template"].as_str().map(str::to_string)),
+        _ => None,
+    })
+}
+
+/// The EOS token a folder's `tokenizer_config.json` names, if any.
+pub fn read_eos_token(dir: &Path) -> Result<Option<String>> {
+    let config = read_json_if_present(&dir.join(TOKENIZER_CONFIG))?;
+    Ok(config.and_then(|c| token_string(&c["eos_token"])))
+}
+
+/// Special tokens as a template sees them (`bos_token`, `eos_token`, …).
+fn special_tokens(tokenizer_config: &Map<String, Value>) -> Vec<(String, String)> {
+    ["bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"]
+        .iter()
+        .filter_map(|key| tokenizer_config.get(*key).and_then(token_string).map(|t| (key.to_string(), t)))
+        .collect()
+}
+
+/// A token given as a string or as `{"content": …}` (older tokenizer configs).
+fn token_string(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// Everything a model folder holds, for writing.
+pub struct ModelFiles<'a> {
+    pub config: &'a LlamaConfig,
+    pub params: &'a Params,
+    /// `tokenizer.json` content, written as given.
+    pub tokenizer_json: &'a str,
+    pub tokenizer_config: &'a Map<String, Value>,
+    pub chat_template: Option<&'a str>,
+    pub generation_config: Option<&'a Value>,
+}
+
+/// Write a model folder in transformers' layout. Each file lands atomically.
+pub fn save(dir: &Path, files: &ModelFiles) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| bad_input(dir, format!("cannot create folder: {e}")))?;
+    write_atomic(&dir.join(CONFIG), pretty_json(&files.config.to_json())?.as_bytes())?;
+    let generation = files.generation_config.cloned().unwrap_or_else(|| default_generation_config(files.config));
+    write_atomic(&dir.join(GENERATION_CONFIG), pretty_json(&generation)?.as_bytes())?;
+    files.params.save(&dir.join(WEIGHTS))?;
+    write_atomic(&dir.join(TOKENIZER), files.tokenizer_json.as_bytes())?;
+    let mut tokenizer_config = files.tokenizer_config.clone();
+    match files.chat_template {
+        Some(template) => {
+            // Both places: transformers 5 reads the .jinja file, 4.x the config key.
+            tokenizer_config.insert("chat_template".into(), json!(template));
+            write_atomic(&dir.join(CHAT_TEMPLATE), template.as_bytes())?;
+        }
+        None => {
+            tokenizer_config.remove("chat_template");
+        }
+    }
+    write_atomic(&dir.join(TOKENIZER_CONFIG), pretty_json(&Value::Object(tokenizer_config))?.as_bytes())?;
+    Ok(())
+}
+
+fn default_generation_config(config: &LlamaConfig) -> Value {
+    let eos = match config.eos_token_ids.as_slice() {
+        [] => Value::Null,
+        [one] => json!(one),
+        many => json!(many),
+    };
+    json!({
+        "_from_model_config": true,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": config.pad_token_id,
+    })
+}
+
+/// JSON as transformers writes it: two-space indent, sorted keys, trailing newline.
+fn pretty_json(value: &Value) -> Result<String> {
+    Ok(serde_json::to_string_pretty(value)? + "\n")
+}
+
+/// `tokenizer_config.json` for a tokenizer we trained (special tokens of [`crate::tokenizer`]).
+pub fn tokenizer_config_for_trained() -> Map<String, Value> {
+    let value = json!({
+        "backend": "tokenizers",
+        "bos_token": null,
+        "eos_token": crate::tokenizer::EOS_TOKEN,
+        "pad_token": crate::tokenizer::PAD_TOKEN,
+        "unk_token": null,
+        "model_max_length": 1_000_000_000_000_000_000u64,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": false,
+    });
+    value.as_object().cloned().unwrap_or_default()
+}

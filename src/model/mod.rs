@@ -1,0 +1,38 @@
+//! The model core: a Llama-family decoder on differentiable candle ops with Hugging Face tensor
+//! names, its config, weights, model folders and chat templates.
+
+pub mod chat;
+pub mod config;
+pub mod folder;
+pub mod llama;
+pub mod ops;
+pub mod weights;
+
+pub use chat::ChatTemplate;
+pub use config::{Head, LlamaConfig};
+pub use folder::ModelFolder;
+pub use llama::{ForwardOptions, KvCache, Llama};
+pub use weights::Params;
+
+use candle_core::Device;
+
+use crate::error::{Result, usage};
+
+/// `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` cargo feature).
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
+            let ordinal = cuda
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<usize>().map_err(|_| usage(format!("--device {name}: expected cuda:N"))))
+                .transpose()?
+                .unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                return Err(usage(format!("--device {name}: this build has no CUDA support (build with --features cuda)")));
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => Err(usage(format!("--device {other}: expected cpu, cuda or cuda:N"))),
+    }
+}

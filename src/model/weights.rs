@@ -1,0 +1,158 @@
+//! Named parameters: loaded from safetensors (any float dtype, into f32), saved with Hugging Face
+//! names, and held as `Var`s so the same tensors serve inference and training.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+use super::config::{Head, LlamaConfig};
+use crate::error::{Result, bad_input};
+use crate::output::AtomicFile;
+
+/// Parameters by Hugging Face tensor name.
+#[derive(Clone, Default)]
+pub struct Params {
+    vars: BTreeMap<String, Var>,
+}
+
+impl Params {
+    /// Load every tensor of the given safetensors files onto `device` as f32.
+    pub fn load(files: &[PathBuf], device: &Device) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        for file in files {
+            let tensors = candle_core::safetensors::load(file, device)
+                .map_err(|e| bad_input(file, format!("not a readable safetensors file ({e})")))?;
+            for (name, tensor) in tensors {
+                if !tensor.dtype().is_float() {
+                    return Err(bad_input(file, format!("tensor `{name}` has dtype {:?}, expected a float dtype", tensor.dtype())));
+                }
+                let tensor = if tensor.dtype() == DType::F32 { tensor } else { tensor.to_dtype(DType::F32)? };
+                vars.insert(name, Var::from_tensor(&tensor)?);
+            }
+        }
+        Ok(Params { vars })
+    }
+
+    /// Random weights for a new model: normal(0, std) for matrices, ones for norms.
+    pub fn init(config: &LlamaConfig, std: f64, seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let normal = Normal::new(0f32, std as f32).map_err(|e| crate::error::failed(e))?;
+        let mut params = Params::default();
+        for (name, shape) in expected_shapes(config) {
+            let tensor = if name.ends_with("norm.weight") {
+                Tensor::ones(shape.as_slice(), DType::F32, device)?
+            } else if name.ends_with(".bias") {
+                Tensor::zeros(shape.as_slice(), DType::F32, device)?
+            } else {
+                let count: usize = shape.iter().product();
+                let values: Vec<f32> = (0..count).map(|_| normal.sample(&mut rng)).collect();
+                Tensor::from_vec(values, shape.as_slice(), device)?
+            };
+            params.insert(&name, tensor)?;
+        }
+        Ok(params)
+    }
+
+    pub fn insert(&mut self, name: &str, tensor: Tensor) -> Result<()> {
+        self.vars.insert(name.to_string(), Var::from_tensor(&tensor)?);
+        Ok(())
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Var> {
+        self.vars.remove(name)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.vars.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.vars.keys().map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.vars.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.vars.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
+    }
+
+    pub fn num_elements(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// Check names and shapes against a config before building a model from them.
+    pub fn check(&self, config: &LlamaConfig, source: &Path) -> Result<()> {
+        for (name, shape) in expected_shapes(config) {
+            let Some(var) = self.vars.get(&name) else {
+                return Err(bad_input(source, format!("missing tensor `{name}` (shape {shape:?})")));
+            };
+            if var.dims() != shape.as_slice() {
+                return Err(bad_input(
+                    source,
+                    format!("tensor `{name}` has shape {:?}, config.json implies {shape:?}", var.dims()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Save as one safetensors file (`{"format": "pt"}` metadata, as transformers writes).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors: Vec<(&str, &Tensor)> = self.vars.iter().map(|(k, v)| (k.as_str(), v.as_tensor())).collect();
+        let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        let file = AtomicFile::create(path)?;
+        safetensors::serialize_to_file(tensors, Some(metadata), file.path())?;
+        file.commit()
+    }
+}
+
+/// Every tensor a Llama model of `config` has, with its shape, by Hugging Face name.
+pub fn expected_shapes(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let q = config.num_attention_heads * config.head_dim;
+    let kv = config.num_key_value_heads * config.head_dim;
+    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for layer in 0..config.num_hidden_layers {
+        let p = |name: &str| format!("model.layers.{layer}.{name}");
+        shapes.push((p("input_layernorm.weight"), vec![h]));
+        shapes.push((p("self_attn.q_proj.weight"), vec![q, h]));
+        shapes.push((p("self_attn.k_proj.weight"), vec![kv, h]));
+        shapes.push((p("self_attn.v_proj.weight"), vec![kv, h]));
+        shapes.push((p("self_attn.o_proj.weight"), vec![h, q]));
+        if config.attention_bias {
+            shapes.push((p("self_attn.q_proj.bias"), vec![q]));
+            shapes.push((p("self_attn.k_proj.bias"), vec![kv]));
+            shapes.push((p("self_attn.v_proj.bias"), vec![kv]));
+            shapes.push((p("self_attn.o_proj.bias"), vec![h]));
+        }
+        shapes.push((p("post_attention_layernorm.weight"), vec![h]));
+        shapes.push((p("mlp.gate_proj.weight"), vec![i, h]));
+        shapes.push((p("mlp.up_proj.weight"), vec![i, h]));
+        shapes.push((p("mlp.down_proj.weight"), vec![h, i]));
+        if config.mlp_bias {
+            shapes.push((p("mlp.gate_proj.bias"), vec![i]));
+            shapes.push((p("mlp.up_proj.bias"), vec![i]));
+            shapes.push((p("mlp.down_proj.bias"), vec![h]));
+        }
+    }
+    shapes.push(("model.norm.weight".to_string(), vec![h]));
+    match config.head {
+        Head::CausalLm if !config.tie_word_embeddings => shapes.push(("lm_head.weight".to_string(), vec![v, h])),
+        Head::CausalLm => {}
+        Head::SequenceClassification { num_labels } => shapes.push(("score.weight".to_string(), vec![num_labels, h])),
+    }
+    shapes
+}

@@ -1,0 +1,203 @@
+//! Outputs appear whole or not at all: files are written under a temporary name beside their
+//! destination and renamed into place only when complete. `-` means standard output.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::error::{Result, bad_input, usage};
+
+/// Temporary files not yet committed; removed if the process is stopped by a signal.
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+pub(crate) fn remove_pending() {
+    let pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    for path in pending.iter() {
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_dir_all(path);
+    }
+}
+
+fn register(path: &Path) {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());
+}
+
+fn unregister(path: &Path) {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != path);
+}
+
+pub fn is_stdio(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// Refuse an output path whose folder does not exist, before any work starts.
+pub fn check_writable(path: &Path) -> Result<()> {
+    if is_stdio(path) {
+        return Ok(());
+    }
+    if path.is_dir() {
+        return Err(bad_input(path, "is a directory, expected a file path for -o"));
+    }
+    let parent = parent_dir(path);
+    if !parent.is_dir() {
+        return Err(bad_input(path, format!("cannot write: folder {} does not exist", parent.display())));
+    }
+    Ok(())
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A file that becomes visible at its destination only on [`AtomicFile::commit`].
+pub struct AtomicFile {
+    temp: Option<tempfile::NamedTempFile>,
+    destination: PathBuf,
+}
+
+impl AtomicFile {
+    pub fn create(destination: &Path) -> Result<Self> {
+        check_writable(destination)?;
+        let name = destination.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .tempfile_in(parent_dir(destination))
+            .map_err(|e| bad_input(destination, format!("cannot create output: {e}")))?;
+        register(temp.path());
+        Ok(AtomicFile { temp: Some(temp), destination: destination.to_path_buf() })
+    }
+
+    /// The temporary path being written (for libraries that write by path).
+    pub fn path(&self) -> &Path {
+        self.temp.as_ref().expect("an uncommitted AtomicFile holds its temp file").path()
+    }
+
+    pub fn file(&mut self) -> &mut File {
+        self.temp.as_mut().expect("an uncommitted AtomicFile holds its temp file").as_file_mut()
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        let temp = self.temp.take().expect("commit runs once");
+        temp.as_file().sync_all()?;
+        let temp_path = temp.path().to_path_buf();
+        temp.persist(&self.destination).map_err(|e| e.error)?;
+        unregister(&temp_path);
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if let Some(temp) = self.temp.take() {
+            unregister(temp.path());
+        }
+    }
+}
+
+/// Write a whole small file atomically (`-`: standard output).
+pub fn write_atomic(destination: &Path, bytes: &[u8]) -> Result<()> {
+    if is_stdio(destination) {
+        let mut stdout = io::stdout().lock();
+        stdout.write_all(bytes)?;
+        return Ok(stdout.flush()?);
+    }
+    let mut file = AtomicFile::create(destination)?;
+    file.file().write_all(bytes)?;
+    file.commit()
+}
+
+/// Where a stage's main output goes: a file (atomic) or standard output.
+pub enum Sink {
+    File(AtomicFile, BufWriter<File>),
+    Stdout(BufWriter<io::Stdout>),
+}
+
+impl Sink {
+    pub fn create(path: &Path) -> Result<Self> {
+        if is_stdio(path) {
+            return Ok(Sink::Stdout(BufWriter::new(io::stdout())));
+        }
+        let mut atomic = AtomicFile::create(path)?;
+        let writer = BufWriter::with_capacity(1 << 20, atomic.file().try_clone()?);
+        Ok(Sink::File(atomic, writer))
+    }
+
+    pub fn commit(self) -> Result<()> {
+        match self {
+            Sink::File(atomic, mut writer) => {
+                writer.flush()?;
+                drop(writer);
+                atomic.commit()
+            }
+            Sink::Stdout(mut writer) => Ok(writer.flush()?),
+        }
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::File(_, w) => w.write(buf),
+            Sink::Stdout(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::File(_, w) => w.flush(),
+            Sink::Stdout(w) => w.flush(),
+        }
+    }
+}
+
+/// Standard input copied to a temporary file, for formats that need to seek (Parquet's footer).
+pub fn buffer_stdin() -> Result<tempfile::NamedTempFile> {
+    let mut temp = tempfile::NamedTempFile::new()?;
+    io::copy(&mut io::stdin().lock(), temp.as_file_mut())?;
+    Ok(temp)
+}
+
+/// At most one input may be `-`.
+pub fn check_single_stdin(inputs: &[PathBuf]) -> Result<()> {
+    if inputs.iter().filter(|p| is_stdio(p)).count() > 1 {
+        return Err(usage("`-` (standard input) may be given only once"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uncommitted_file_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.bin");
+        {
+            let mut f = AtomicFile::create(&dest).unwrap();
+            f.file().write_all(b"half").unwrap();
+        }
+        assert!(!dest.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn committed_file_appears() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.bin");
+        write_atomic(&dest, b"whole").unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn missing_folder_is_bad_input() {
+        let err = check_writable(Path::new("/no/such/folder/x.parquet")).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+}
