@@ -63,9 +63,11 @@ impl AtomicFile {
     pub fn create(destination: &Path) -> Result<Self> {
         check_writable(destination)?;
         let name = destination.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        // Outputs are ordinary files once renamed: readable by all, as `File::create` makes them.
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".tmp")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .tempfile_in(parent_dir(destination))
             .map_err(|e| bad_input(destination, format!("cannot create output: {e}")))?;
         register(temp.path());

@@ -465,8 +465,8 @@ impl ParquetSink {
     }
 
     /// Write the footer and move the file into place; returns the number of rows written.
-    pub fn finish(mut self) -> Result<u64> {
-        self.writer.finish()?;
+    pub fn finish(self) -> Result<u64> {
+        // `into_inner` writes the footer and hands back the sink to commit.
         self.writer.into_inner()?.commit()?;
         Ok(self.rows)
     }

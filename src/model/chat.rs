@@ -45,17 +45,17 @@ impl ChatTemplate {
     /// Render with any serialisable messages (tool calls, extra fields) and extra variables
     /// (`tools`, `documents`, …).
     pub fn render_value(&self, messages: Value, add_generation_prompt: bool, extra: &[(&str, Value)]) -> Result<String> {
-        let mut context: Vec<(String, Value)> = self
+        let mut context: std::collections::BTreeMap<String, Value> = self
             .special_tokens
             .iter()
             .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
             .collect();
-        context.push(("messages".into(), messages));
-        context.push(("add_generation_prompt".into(), Value::from(add_generation_prompt)));
+        context.insert("messages".into(), messages);
+        context.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
         context.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| usage(jinja_message(&e)))?;
         template
-            .render(Value::from_iter(context))
+            .render(Value::from_object(context))
             .map_err(|e| usage(format!("chat template: {}", jinja_message(&e))))
     }
 }

@@ -26,6 +26,10 @@ pub const CHAT_TEMPLATE: &str = "chat_template.jinja";
 /// Turn a model argument into a folder: a local path, or `org/name` in the hub cache
 /// (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`). Never uses the network.
 pub fn resolve(model: &str) -> Result<PathBuf> {
+    resolve_in(model, &hub_cache())
+}
+
+fn resolve_in(model: &str, cache: &hf_hub::Cache) -> Result<PathBuf> {
     let local = PathBuf::from(model);
     if local.is_dir() {
         return Ok(local);
@@ -40,7 +44,6 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
     if !looks_like_hub_id {
         return Err(bad_input(&local, "no such model folder"));
     }
-    let cache = hub_cache();
     match cache.model(model.to_string()).get(CONFIG) {
         Some(config) => Ok(config.parent().map(Path::to_path_buf).unwrap_or(config)),
         None => Err(usage(format!(
@@ -276,4 +279,113 @@ pub fn tokenizer_config_for_trained() -> Map<String, Value> {
         "clean_up_tokenization_spaces": false,
     });
     value.as_object().cloned().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/hf-tiny").join(name)
+    }
+
+    fn open(dir: &Path) -> ModelFolder {
+        ModelFolder::open(dir.to_str().unwrap()).unwrap()
+    }
+
+    fn resave(folder: &ModelFolder, to: &Path) {
+        let params = folder.load_params(&Device::Cpu).unwrap();
+        let tokenizer_json = std::fs::read_to_string(folder.tokenizer_path()).unwrap();
+        let files = ModelFiles {
+            config: &folder.config,
+            params: &params,
+            tokenizer_json: &tokenizer_json,
+            tokenizer_config: &folder.tokenizer_config,
+            chat_template: folder.chat_template.as_deref(),
+            generation_config: folder.generation_config.as_ref(),
+        };
+        save(to, &files).unwrap();
+    }
+
+    fn file_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn chat_template_renders_the_fixture_strings() {
+        let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture("expected.json")).unwrap()).unwrap();
+        let case = &expected["chat_template"];
+        let messages: Vec<crate::data::Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let template = open(&fixture("causal-lm")).chat().unwrap().expect("the fixture has a template");
+        assert_eq!(template.render(&messages, false).unwrap(), case["rendered"].as_str().unwrap());
+        assert_eq!(
+            template.render(&messages[..1], true).unwrap(),
+            case["generation_prompt_rendered"].as_str().unwrap()
+        );
+    }
+
+    #[test]
+    fn save_then_load_is_bit_identical_with_the_hf_layout() {
+        let original = open(&fixture("causal-lm"));
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("a"), dir.path().join("b"));
+        resave(&original, &first);
+        let reloaded = open(&first);
+        resave(&reloaded, &second);
+
+        assert_eq!(file_names(&first), file_names(&fixture("causal-lm")));
+        for name in file_names(&first) {
+            let (a, b) = (std::fs::read(first.join(&name)).unwrap(), std::fs::read(second.join(&name)).unwrap());
+            assert!(a == b, "{name} differs between two saves");
+        }
+        let theirs = candle_core::safetensors::load(fixture("causal-lm").join(WEIGHTS), &Device::Cpu).unwrap();
+        let ours = candle_core::safetensors::load(first.join(WEIGHTS), &Device::Cpu).unwrap();
+        let mut their_names: Vec<&String> = theirs.keys().collect();
+        let mut our_names: Vec<&String> = ours.keys().collect();
+        their_names.sort();
+        our_names.sort();
+        assert_eq!(our_names, their_names);
+        for (name, tensor) in &theirs {
+            let a: Vec<f32> = tensor.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = ours[name].flatten_all().unwrap().to_vec1().unwrap();
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} changed");
+        }
+        assert_eq!(reloaded.config.to_json(), original.config.to_json());
+        assert_eq!(reloaded.chat_template, original.chat_template);
+        assert_eq!(reloaded.eos_token_ids(), vec![0]);
+    }
+
+    #[test]
+    fn hub_ids_resolve_from_the_local_cache_only() {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let repo = cache_dir.path().join("models--org--tiny");
+        let snapshot = repo.join("snapshots/0123abcd");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+        std::fs::write(snapshot.join(CONFIG), "{}").unwrap();
+        let cache = hf_hub::Cache::new(cache_dir.path().to_path_buf());
+        assert_eq!(resolve_in("org/tiny", &cache).unwrap(), snapshot);
+        let missing = resolve_in("org/absent", &cache).unwrap_err();
+        assert_eq!(missing.exit_code(), 2);
+        assert!(missing.to_string().contains("huggingface-cli download org/absent"), "{missing}");
+        assert_eq!(resolve_in("no/such/local/dir", &cache).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn missing_tensor_is_bad_input_naming_it() {
+        let original = open(&fixture("causal-lm"));
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = original.load_params(&Device::Cpu).unwrap();
+        params.remove("model.layers.1.mlp.up_proj.weight");
+        params.save(&dir.path().join(WEIGHTS)).unwrap();
+        std::fs::copy(fixture("causal-lm").join(CONFIG), dir.path().join(CONFIG)).unwrap();
+        let folder = open(dir.path());
+        let e = folder.load_params(&Device::Cpu).err().unwrap();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+    }
 }
