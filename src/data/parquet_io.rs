@@ -383,6 +383,17 @@ impl Batch {
 
     /// A chat column: `list<struct<role, content>>` (extra struct fields are ignored).
     pub fn messages(&self, name: &str) -> Result<Vec<Vec<Message>>> {
+        self.optional_messages(name)?
+            .into_iter()
+            .enumerate()
+            .map(|(row, messages)| {
+                messages.ok_or_else(|| self.error_at(row, name, format!("null, expected {}", ColumnType::Messages.describe())))
+            })
+            .collect()
+    }
+
+    /// A chat column whose rows may be null.
+    pub fn optional_messages(&self, name: &str) -> Result<Vec<Option<Vec<Message>>>> {
         let original = self.required_column(name)?;
         let expected = ColumnType::Messages;
         let item = super::list_item(original.data_type())
@@ -395,7 +406,6 @@ impl Batch {
             })?
             .clone();
         let array = self.cast_to(name, original, &DataType::List(Arc::new(item)), expected)?;
-        self.no_nulls(name, &array, expected)?;
         let list = array.as_list::<i32>();
         let items = list.values().as_struct();
         let field = |field: &str| -> Result<StringArray> {
@@ -406,6 +416,9 @@ impl Batch {
         let (roles, contents) = (field("role")?, field("content")?);
         (0..list.len())
             .map(|row| {
+                if list.is_null(row) {
+                    return Ok(None);
+                }
                 let (start, end) = (list.offsets()[row] as usize, list.offsets()[row + 1] as usize);
                 (start..end)
                     .map(|j| {
@@ -417,7 +430,8 @@ impl Batch {
                         }
                         Ok(Message { role: roles.value(j).to_string(), content: contents.value(j).to_string() })
                     })
-                    .collect()
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some)
             })
             .collect()
     }

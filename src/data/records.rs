@@ -326,8 +326,9 @@ pub struct ChatRecord {
 
 pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
-fn check_roles(batch: &Batch, name: &str, rows: &[Vec<Message>]) -> Result<()> {
-    for (i, messages) in rows.iter().enumerate() {
+/// Every message of every (row, conversation) has a known role.
+fn check_roles<'a>(batch: &Batch, name: &str, rows: impl Iterator<Item = (usize, &'a Vec<Message>)>) -> Result<()> {
+    for (i, messages) in rows {
         if let Some((j, m)) = messages.iter().enumerate().find(|(_, m)| !CHAT_ROLES.contains(&m.role.as_str())) {
             return Err(batch.error_at(
                 i,
@@ -349,7 +350,7 @@ impl Record for ChatRecord {
     fn read(batch: &Batch, columns: &ColumnMap) -> Result<Vec<Self>> {
         let name = columns.get("messages");
         let rows = batch.messages(name)?;
-        check_roles(batch, name, &rows)?;
+        check_roles(batch, name, rows.iter().enumerate())?;
         Ok(rows.into_iter().map(|messages| ChatRecord { messages }).collect())
     }
 
@@ -435,9 +436,10 @@ impl Record for PromptRecord {
         let (prompt_name, messages_name) = (columns.get("prompt"), columns.get("messages"));
         let texts = optional_string_values(batch, prompt_name)?;
         let chats = if batch.column(messages_name).is_some() {
-            let chats = batch.messages(messages_name)?;
-            check_roles(batch, messages_name, &chats)?;
-            chats.into_iter().map(Some).collect()
+            let chats = batch.optional_messages(messages_name)?;
+            let present = chats.iter().enumerate().filter_map(|(i, c)| c.as_ref().map(|m| (i, m)));
+            check_roles(batch, messages_name, present)?;
+            chats
         } else {
             vec![None; batch.len()]
         };
