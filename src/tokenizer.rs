@@ -62,7 +62,9 @@ impl LoadedTokenizer {
         if !file.exists() {
             return Err(bad_input(&file, "no such file, expected a tokenizer.json"));
         }
-        let text = std::fs::read_to_string(&file).map_err(|e| bad_input(&file, format!("cannot read: {e}")))?;
+        let bytes = std::fs::read(&file).map_err(|e| bad_input(&file, format!("cannot read: {e}")))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| bad_input(&file, "not a valid tokenizer.json (not UTF-8 text)"))?;
         if text.trim().is_empty() {
             return Err(bad_input(&file, "empty file, expected a tokenizer.json"));
         }

@@ -1,0 +1,297 @@
+//! The `tokenize` binary as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array};
+use arrow::datatypes::{DataType, Field};
+use lathe::data::records::{ChatRecord, RecordReader, RecordWriter, TextRecord, TokensRecord};
+use lathe::data::{ParquetSource, meta};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tokenize"))
+}
+
+fn testdata(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("tokenize runs")
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = run(args);
+    assert!(out.status.success(), "tokenize {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn write_texts(path: &Path, texts: &[String]) {
+    let rows: Vec<TextRecord> = texts.iter().map(|t| TextRecord { text: t.clone() }).collect();
+    let mut writer = RecordWriter::<TextRecord>::create(path, "test", vec![], vec![]).unwrap();
+    writer.write(&rows, vec![]).unwrap();
+    writer.finish().unwrap();
+}
+
+fn read_texts(path: &Path) -> Vec<String> {
+    RecordReader::<TextRecord>::open(path).unwrap().read_all().unwrap().into_iter().map(|r| r.text).collect()
+}
+
+/// A tokenizer trained on Shakespeare only, so other corpora hold bytes it never saw.
+fn trained_tokenizer(dir: &Path) -> PathBuf {
+    let tokenizer = dir.join("tokenizer.json");
+    ok(&["train", s(&testdata("pretrain_tinyshakespeare.parquet")), "--vocab-size", "1000", "-o", s(&tokenizer), "-q"]);
+    tokenizer
+}
+
+fn unusual_texts() -> Vec<String> {
+    [
+        "emoji 🎉🦀👩‍👩‍👧 and flags 🇯🇵",
+        "CJK 漢字かなカナ 한국어 中文标点，。",
+        "control \u{0}\u{1}\u{7}\u{1b}[31m bell \t tab \r\n crlf \u{7f} del",
+        "literal specials <|endoftext|> <|pad|> <|im_start|>user<|im_end|>",
+        "",
+        "   leading and trailing spaces   ",
+        "\n\n\nnewlines only at start",
+        "combining e\u{301} and RTL \u{202e}txet\u{202c} and zero-width \u{200b}joiner",
+    ]
+    .iter()
+    .map(|t| t.to_string())
+    .collect()
+}
+
+fn assert_round_trip(dir: &Path, tokenizer: &Path, input: &Path) {
+    let tokens = dir.join("tokens.parquet");
+    let decoded = dir.join("decoded.parquet");
+    ok(&["encode", s(input), "--tokenizer", s(tokenizer), "-o", s(&tokens), "-q"]);
+    ok(&["decode", s(&tokens), "--tokenizer", s(tokenizer), "-o", s(&decoded), "-q"]);
+    let (original, back) = (read_texts(input), read_texts(&decoded));
+    assert_eq!(original.len(), back.len(), "{}", input.display());
+    for (row, (a, b)) in original.iter().zip(&back).enumerate() {
+        assert!(a == b, "{} row {row} changed:\n{a:?}\n{b:?}", input.display());
+    }
+    let rows = RecordReader::<TokensRecord>::open(&tokens).unwrap().read_all().unwrap();
+    assert!(rows.iter().all(|r| r.input_ids.last() == Some(&0) && r.input_ids.iter().all(|&id| id < 1000)));
+}
+
+#[test]
+fn every_shipped_text_round_trips_exactly_including_unseen_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = trained_tokenizer(dir.path());
+    for corpus in ["pretrain_tinyshakespeare", "pretrain_c4_sample", "pretrain_wikipedia_sample", "pretrain_tinystories_sample"] {
+        assert_round_trip(dir.path(), &tokenizer, &testdata(&format!("{corpus}.parquet")));
+    }
+    let chats = RecordReader::<ChatRecord>::open(&testdata("sft_alpaca_messages.parquet")).unwrap().read_all().unwrap();
+    let contents: Vec<String> = chats.into_iter().flat_map(|c| c.messages).map(|m| m.content).collect();
+    let alpaca = dir.path().join("alpaca_text.parquet");
+    write_texts(&alpaca, &contents);
+    assert_round_trip(dir.path(), &tokenizer, &alpaca);
+    let unusual = dir.path().join("unusual.parquet");
+    write_texts(&unusual, &unusual_texts());
+    assert_round_trip(dir.path(), &tokenizer, &unusual);
+}
+
+#[test]
+fn literal_special_tokens_in_text_stay_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = trained_tokenizer(dir.path());
+    let input = dir.path().join("in.parquet");
+    write_texts(&input, &["a <|endoftext|> b".to_string()]);
+    let tokens = dir.path().join("t.parquet");
+    ok(&["encode", s(&input), "--tokenizer", s(&tokenizer), "-o", s(&tokens), "--no-eos", "-q"]);
+    let ids = &RecordReader::<TokensRecord>::open(&tokens).unwrap().read_all().unwrap()[0].input_ids;
+    assert!(ids.iter().all(|&id| id >= 4), "a special id appeared in {ids:?}");
+}
+
+#[test]
+fn text_files_jsonl_and_carried_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = trained_tokenizer(dir.path());
+    let txt = dir.path().join("doc.txt");
+    std::fs::write(&txt, "First para\nline two\n\nSecond para\n\n\nThird\n").unwrap();
+    let out = dir.path().join("p.parquet");
+    ok(&["encode", s(&txt), "--paragraphs", "--tokenizer", s(&tokenizer), "-o", s(&out), "-q"]);
+    let decoded = dir.path().join("d.parquet");
+    ok(&["decode", s(&out), "--tokenizer", s(&tokenizer), "-o", s(&decoded), "-q"]);
+    assert_eq!(read_texts(&decoded), vec!["First para\nline two", "Second para", "Third"]);
+
+    let jsonl = dir.path().join("doc.jsonl");
+    std::fs::write(&jsonl, "{\"body\": \"one\"}\n{\"body\": \"two 🎉\"}\n").unwrap();
+    ok(&["encode", s(&jsonl), "--column", "body", "--tokenizer", s(&tokenizer), "-o", s(&out), "-q"]);
+    ok(&["decode", s(&out), "--tokenizer", s(&tokenizer), "-o", s(&decoded), "-q"]);
+    assert_eq!(read_texts(&decoded), vec!["one", "two 🎉"]);
+
+    let with_ids = dir.path().join("ids.parquet");
+    let mut writer = RecordWriter::<TextRecord>::create(&with_ids, "test", vec![], vec![Field::new("id", DataType::Int64, false)]).unwrap();
+    let rows = vec![TextRecord { text: "x".into() }, TextRecord { text: "y".into() }];
+    writer.write(&rows, vec![Arc::new(Int64Array::from(vec![41, 42])) as ArrayRef]).unwrap();
+    writer.finish().unwrap();
+    ok(&["encode", s(&with_ids), "--tokenizer", s(&tokenizer), "-o", s(&out), "-q"]);
+    ok(&["decode", s(&out), "--tokenizer", s(&tokenizer), "-o", s(&decoded), "-q"]);
+    let source = ParquetSource::open(&decoded).unwrap();
+    let batch = source.batches(None, 16).unwrap().next().unwrap().unwrap();
+    assert_eq!(batch.i64s("id").unwrap().values().to_vec(), vec![41, 42]);
+}
+
+#[test]
+fn stages_pipe_through_standard_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = trained_tokenizer(dir.path());
+    let input = std::fs::File::open(testdata("pretrain_tinystories_sample.parquet")).unwrap();
+    let encode = bin()
+        .args(["encode", "-", "--tokenizer", s(&tokenizer), "-o", "-", "-q"])
+        .stdin(input)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let decoded = dir.path().join("d.parquet");
+    let status = bin()
+        .args(["decode", "-", "--tokenizer", s(&tokenizer), "-o", s(&decoded), "-q"])
+        .stdin(encode.stdout.unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(read_texts(&decoded), read_texts(&testdata("pretrain_tinystories_sample.parquet")));
+}
+
+#[test]
+fn recipes_supply_flags_and_the_resolved_config_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(&recipe, "vocab_size = 600\nmin_frequency = 3\n").unwrap();
+    let tokenizer = dir.path().join("tok.json");
+    let input = testdata("pretrain_tinystories_sample.parquet");
+    ok(&["train", s(&input), "--config", s(&recipe), "-o", s(&tokenizer), "-q"]);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&ok(&["inspect", s(&tokenizer), "--json"]).stdout).unwrap();
+    assert!(summary["vocab_size"].as_u64().unwrap() <= 600);
+
+    let tokens = dir.path().join("t.parquet");
+    ok(&["encode", s(&input), "--tokenizer", s(&tokenizer), "-o", s(&tokens), "-q"]);
+    let source = ParquetSource::open(&tokens).unwrap();
+    let config = source.meta(meta::CONFIG).unwrap();
+    assert!(config.contains("no_eos = false") && config.contains("tokenizer = "), "{config}");
+    assert_eq!(source.meta(meta::VOCAB_SIZE).unwrap(), summary["vocab_size"].to_string());
+    assert_eq!(source.meta(meta::TOKENIZER_SHA256).unwrap(), summary["sha256"].as_str().unwrap());
+    let stats: serde_json::Value = serde_json::from_slice(&ok(&["inspect", s(&tokens), "--json"]).stdout).unwrap();
+    assert_eq!(stats["kind"], "tokens");
+    assert_eq!(stats["rows"], 3);
+    assert!(stats["tokens"]["total"].as_u64().unwrap() > 100);
+}
+
+#[test]
+fn help_and_version_exit_zero() {
+    let out = ok(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for sub in ["train", "encode", "decode", "inspect"] {
+        assert!(text.contains(sub));
+    }
+    assert!(String::from_utf8_lossy(&ok(&["encode", "--help"]).stdout).contains("Example"));
+    assert!(String::from_utf8_lossy(&ok(&["--version"]).stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// Exit 2, exactly one line on stderr mentioning `needle`, and nothing left in `dir` but `keep`.
+fn assert_refused(args: &[&str], needle: &str, dir: &Path, keep: &[&str]) {
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "tokenize {args:?}: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr}");
+    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let mut left: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    let mut expected: Vec<String> = keep.iter().map(|k| k.to_string()).collect();
+    expected.sort();
+    assert_eq!(left, expected, "tokenize {args:?} left files behind");
+}
+
+#[test]
+fn bad_inputs_exit_2_with_one_line_and_no_output() {
+    let work = tempfile::tempdir().unwrap();
+    let tokenizer = trained_tokenizer(work.path());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.parquet");
+    let (tok, o) = (s(&tokenizer), s(&out));
+    let shakespeare = testdata("pretrain_tinyshakespeare.parquet");
+    let sp = s(&shakespeare);
+
+    assert_refused(&["encode", "/no/such/file.parquet", "--tokenizer", tok, "-o", o], "no such file", dir.path(), &[]);
+
+    let not_parquet = dir.path().join("notes.parquet");
+    std::fs::write(&not_parquet, "this is not parquet\n").unwrap();
+    assert_refused(&["encode", s(&not_parquet), "--tokenizer", tok, "-o", o], "not a readable Parquet file", dir.path(), &["notes.parquet"]);
+    std::fs::remove_file(&not_parquet).unwrap();
+
+    assert_refused(&["encode", sp, "--column", "body", "--tokenizer", tok, "-o", o], "no column `body`", dir.path(), &[]);
+
+    let typed = dir.path().join("typed.parquet");
+    let mut writer = RecordWriter::<TextRecord>::create(&typed, "test", vec![], vec![Field::new("n", DataType::Int64, false)]).unwrap();
+    writer.write(&[TextRecord { text: "x".into() }], vec![Arc::new(Int64Array::from(vec![1])) as ArrayRef]).unwrap();
+    writer.finish().unwrap();
+    assert_refused(&["encode", s(&typed), "--column", "n", "--tokenizer", tok, "-o", o], "column `n`: expected string", dir.path(), &["typed.parquet"]);
+    std::fs::remove_file(&typed).unwrap();
+
+    for empty_name in ["empty.parquet", "empty.txt"] {
+        let empty = dir.path().join(empty_name);
+        std::fs::write(&empty, "").unwrap();
+        assert_refused(&["encode", s(&empty), "--tokenizer", tok, "-o", o], "empty file", dir.path(), &[empty_name]);
+        std::fs::remove_file(&empty).unwrap();
+    }
+
+    let corrupt = dir.path().join("corrupt.json");
+    let bytes = std::fs::read(&tokenizer).unwrap();
+    std::fs::write(&corrupt, &bytes[..bytes.len() / 2 + 1]).unwrap();
+    assert_refused(&["encode", sp, "--tokenizer", s(&corrupt), "-o", o], "not a valid tokenizer.json", dir.path(), &["corrupt.json"]);
+    assert_refused(&["inspect", s(&corrupt)], "not a valid tokenizer.json", dir.path(), &["corrupt.json"]);
+    std::fs::remove_file(&corrupt).unwrap();
+
+    let tokens = dir.path().join("tokens.parquet");
+    ok(&["encode", sp, "--tokenizer", tok, "-o", s(&tokens), "-q"]);
+    let other = dir.path().join("other.json");
+    ok(&["train", s(&testdata("pretrain_c4_sample.parquet")), "--vocab-size", "1000", "-o", s(&other), "-q"]);
+    assert_refused(&["decode", s(&tokens), "--tokenizer", s(&other), "-o", o], "written with tokenizer sha256", dir.path(), &["tokens.parquet", "other.json"]);
+    std::fs::remove_file(&other).unwrap();
+
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(&recipe, "vocab_size = 600\nvocab_sise = 3\n").unwrap();
+    assert_refused(&["train", sp, "--config", s(&recipe), "-o", o], "unknown key `vocab_sise`", dir.path(), &["tokens.parquet", "r.toml"]);
+
+    assert_refused(&["train", sp, "--vocab-size", "100", "-o", o], "at least 260", dir.path(), &["tokens.parquet", "r.toml"]);
+    assert_refused(&["train", sp, "--vocab-size", "1000", "-o", "/no/such/dir/tok.json"], "does not exist", dir.path(), &["tokens.parquet", "r.toml"]);
+}
+
+#[test]
+fn interrupt_exits_130_and_leaves_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = trained_tokenizer(dir.path());
+    // ~40 MB of text on one thread takes seconds to encode: long enough to interrupt.
+    let big = dir.path().join("big.txt");
+    let text: String = read_texts(&testdata("pretrain_tinyshakespeare.parquet")).join("\n");
+    let mut content = String::new();
+    while content.len() < 40_000_000 {
+        content.push_str(&text);
+        content.push('\n');
+    }
+    std::fs::write(&big, content).unwrap();
+    let out = dir.path().join("tokens.parquet");
+    let child = bin()
+        .args(["encode", s(&big), "--tokenizer", s(&tokenizer), "--threads", "1", "-q", "-o", s(&out)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let result = child.wait_with_output().unwrap();
+    assert_eq!(result.status.code(), Some(130), "{}", String::from_utf8_lossy(&result.stderr));
+    let mut left: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, vec!["big.txt", "tokenizer.json"]);
+}
