@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use arrow::array::ArrayRef;
 use arrow::datatypes::Field;
+use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -102,9 +103,12 @@ impl LoadedTokenizer {
     /// Encode documents in parallel. Special-token strings inside the text are encoded as
     /// ordinary text, so a document can never forge an EOS or a chat marker.
     pub fn encode_documents(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
-        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let encodings = self.literal.encode_batch_fast(inputs, false)?;
-        Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        // Each `Encoding` (a string per token, several vectors) is dropped as soon as its ids
+        // are copied out, so memory stays small and is reused instead of freshly paged in.
+        texts
+            .par_iter()
+            .map(|text| Ok(self.literal.encode_fast(text.as_str(), false)?.get_ids().to_vec()))
+            .collect()
     }
 
     /// Encode text in which special-token strings (chat markers) are meant as special tokens.
@@ -523,7 +527,23 @@ fn inspect_parquet(path: &Path) -> Result<Value> {
     if source.has_column("input_ids") && ColumnType::IntList.accepts(source.schema().field_with_name("input_ids")?.data_type()) {
         summary["tokens"] = token_statistics(&source)?;
     }
+    if source.has_column("text") && ColumnType::Str.accepts(source.schema().field_with_name("text")?.data_type()) {
+        summary["text"] = text_statistics(&source)?;
+    }
     Ok(summary)
+}
+
+fn text_statistics(source: &ParquetSource) -> Result<Value> {
+    let (mut bytes, mut characters, mut rows) = (0u64, 0u64, 0u64);
+    for batch in source.batches(Some(&["text"]), DEFAULT_BATCH_ROWS)? {
+        let texts = batch?.optional_strings("text")?;
+        for text in texts.iter().flatten() {
+            bytes += text.len() as u64;
+            characters += text.chars().count() as u64;
+            rows += 1;
+        }
+    }
+    Ok(json!({"bytes": bytes, "characters": characters, "non_null_rows": rows}))
 }
 
 fn token_statistics(source: &ParquetSource) -> Result<Value> {
@@ -576,7 +596,7 @@ fn length_histogram(lengths: &[u64]) -> Vec<Value> {
 /// The summary as lines for people.
 pub fn render_inspection(summary: &Value) -> String {
     let mut out = String::new();
-    let line = |out: &mut String, key: &str, value: String| out.push_str(&format!("{key:<16} {value}\n"));
+    let line = |out: &mut String, key: &str, value: String| out.push_str(&format!("{key:<20} {value}\n"));
     let show = |v: &Value| match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -594,6 +614,11 @@ pub fn render_inspection(summary: &Value) -> String {
             ("metadata", Value::Object(entries)) => {
                 for (k, v) in entries {
                     line(&mut out, k, show(v));
+                }
+            }
+            ("text", Value::Object(stats)) => {
+                for (k, v) in stats {
+                    line(&mut out, &format!("text.{k}"), show(v));
                 }
             }
             ("tokens", Value::Object(stats)) => {
