@@ -65,9 +65,13 @@ pub fn parse_from<T: CommandFactory + FromArgMatches>(argv: Vec<OsString>) -> Re
     let command = T::command();
     // A lenient first pass (nothing required) finds the subcommand, `--config`, and which
     // flags the user typed, even when the recipe is what supplies a required argument.
-    let lenient = relax_required(command.clone())
-        .try_get_matches_from(&argv)
-        .map_err(ParseError::Clap)?;
+    let lenient = match relax_required(command.clone()).try_get_matches_from(&argv) {
+        Ok(matches) => matches,
+        // Help, version and real usage errors come from the strict command, with its markers.
+        Err(lenient_error) => {
+            return Err(ParseError::Clap(command.try_get_matches_from(&argv).err().unwrap_or(lenient_error)));
+        }
+    };
     let (leaf_command, leaf_matches) = leaf(&command, &lenient);
     let config_path = leaf_matches
         .try_get_one::<PathBuf>("config")

@@ -157,11 +157,44 @@ impl Write for Sink {
     }
 }
 
-/// Standard input copied to a temporary file, for formats that need to seek (Parquet's footer).
-pub fn buffer_stdin() -> Result<tempfile::NamedTempFile> {
-    let mut temp = tempfile::NamedTempFile::new()?;
-    io::copy(&mut io::stdin().lock(), temp.as_file_mut())?;
-    Ok(temp)
+/// An input path; `-` (standard input) is copied to a temporary file first, because Parquet
+/// needs to seek to its footer.
+pub struct InputFile {
+    shown: PathBuf,
+    data: PathBuf,
+    _stdin: Option<tempfile::NamedTempFile>,
+}
+
+impl InputFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        if !is_stdio(path) {
+            return Ok(InputFile { shown: path.to_path_buf(), data: path.to_path_buf(), _stdin: None });
+        }
+        let mut temp = tempfile::NamedTempFile::new()?;
+        io::copy(&mut io::stdin().lock(), temp.as_file_mut())?;
+        Ok(InputFile { shown: PathBuf::from("<stdin>"), data: temp.path().to_path_buf(), _stdin: Some(temp) })
+    }
+
+    /// The name to show in messages.
+    pub fn shown(&self) -> &Path {
+        &self.shown
+    }
+
+    /// Where the bytes are.
+    pub fn data_path(&self) -> &Path {
+        &self.data
+    }
+
+    /// Open for reading; bad input if missing, a folder, or unreadable.
+    pub fn file(&self) -> Result<File> {
+        if self.data.is_dir() {
+            return Err(bad_input(&self.shown, "is a directory, expected a file"));
+        }
+        File::open(&self.data).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => bad_input(&self.shown, "no such file"),
+            _ => bad_input(&self.shown, format!("cannot open: {e}")),
+        })
+    }
 }
 
 /// At most one input may be `-`.

@@ -267,7 +267,7 @@ fn bad_inputs_exit_2_with_one_line_and_no_output() {
 }
 
 #[test]
-fn interrupt_exits_130_and_leaves_no_output() {
+fn sigint_and_sigterm_exit_130_and_leave_no_output() {
     let dir = tempfile::tempdir().unwrap();
     let tokenizer = trained_tokenizer(dir.path());
     // ~40 MB of text on one thread takes seconds to encode: long enough to interrupt.
@@ -280,18 +280,20 @@ fn interrupt_exits_130_and_leaves_no_output() {
     }
     std::fs::write(&big, content).unwrap();
     let out = dir.path().join("tokens.parquet");
-    let child = bin()
-        .args(["encode", s(&big), "--tokenizer", s(&tokenizer), "--threads", "1", "-q", "-o", s(&out)])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
-    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(killed.success());
-    let result = child.wait_with_output().unwrap();
-    assert_eq!(result.status.code(), Some(130), "{}", String::from_utf8_lossy(&result.stderr));
-    let mut left: Vec<String> =
-        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    left.sort();
-    assert_eq!(left, vec!["big.txt", "tokenizer.json"]);
+    for signal in ["-INT", "-TERM"] {
+        let child = bin()
+            .args(["encode", s(&big), "--tokenizer", s(&tokenizer), "--threads", "1", "-q", "-o", s(&out)])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let killed = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+        assert!(killed.success());
+        let result = child.wait_with_output().unwrap();
+        assert_eq!(result.status.code(), Some(130), "{signal}: {}", String::from_utf8_lossy(&result.stderr));
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, vec!["big.txt", "tokenizer.json"], "{signal} left files behind");
+    }
 }

@@ -1,8 +1,7 @@
 //! Parquet in and out: a source that checks before it streams, a sink that writes atomically.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
@@ -19,17 +18,14 @@ use parquet::file::properties::WriterProperties;
 use super::records::Message;
 use super::{ColumnType, Kind, describe_type, meta};
 use crate::error::{Error, Result, bad_input};
-use crate::output::{self, Sink};
+use crate::output::{InputFile, Sink};
 
 /// Rows per record batch when reading: bounded memory, big enough to amortise per-batch work.
 pub const DEFAULT_BATCH_ROWS: usize = 4096;
 
 /// A Parquet file opened and checked, ready to stream record batches.
 pub struct ParquetSource {
-    path: PathBuf,
-    /// Where the bytes are: the file itself, or standard input buffered to a temporary file.
-    data_path: PathBuf,
-    _stdin: Option<tempfile::NamedTempFile>,
+    input: InputFile,
     schema: SchemaRef,
     metadata: BTreeMap<String, String>,
     file_metadata: Arc<ParquetMetaData>,
@@ -39,19 +35,16 @@ pub struct ParquetSource {
 impl ParquetSource {
     /// Open `path` (`-` for standard input); bad input if missing, empty or not Parquet.
     pub fn open(path: &Path) -> Result<Self> {
-        let (data_path, stdin) = if output::is_stdio(path) {
-            let temp = output::buffer_stdin()?;
-            (temp.path().to_path_buf(), Some(temp))
-        } else {
-            (path.to_path_buf(), None)
-        };
-        let shown = if stdin.is_some() { PathBuf::from("<stdin>") } else { path.to_path_buf() };
-        let file = open_input_file(&data_path, &shown)?;
+        Self::from_input(InputFile::open(path)?)
+    }
+
+    pub fn from_input(input: InputFile) -> Result<Self> {
+        let file = input.file()?;
         if file.metadata()?.len() == 0 {
-            return Err(bad_input(&shown, "empty file, expected a Parquet file"));
+            return Err(bad_input(input.shown(), "empty file, expected a Parquet file"));
         }
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| bad_input(&shown, format!("not a readable Parquet file ({e})")))?;
+            .map_err(|e| bad_input(input.shown(), format!("not a readable Parquet file ({e})")))?;
         let file_metadata = builder.metadata().file_metadata();
         let metadata = file_metadata
             .key_value_metadata()
@@ -62,9 +55,7 @@ impl ParquetSource {
             })
             .unwrap_or_default();
         Ok(ParquetSource {
-            path: shown,
-            data_path,
-            _stdin: stdin,
+            input,
             schema: builder.schema().clone(),
             metadata,
             rows: file_metadata.num_rows().max(0) as u64,
@@ -73,7 +64,7 @@ impl ParquetSource {
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.input.shown()
     }
 
     pub fn schema(&self) -> &SchemaRef {
@@ -120,11 +111,11 @@ impl ParquetSource {
     pub fn require(&self, name: &str, expected: ColumnType) -> Result<()> {
         match self.schema.field_with_name(name) {
             Err(_) => Err(bad_input(
-                &self.path,
+                self.path(),
                 format!("no column `{name}` (expected {}; columns: {})", expected.describe(), self.column_names()),
             )),
             Ok(field) if !expected.accepts(field.data_type()) => Err(bad_input(
-                &self.path,
+                self.path(),
                 format!(
                     "column `{name}`: expected {}, found {}",
                     expected.describe(),
@@ -146,11 +137,11 @@ impl ParquetSource {
         let (name, version) = tag.split_once('/').unwrap_or((tag, "1"));
         let written = Kind::from_name(name);
         if written.is_some_and(|w| !kind.accepts(w)) {
-            return Err(bad_input(&self.path, format!("holds {name} data ({tag}), expected {} data", kind.name())));
+            return Err(bad_input(self.path(), format!("holds {name} data ({tag}), expected {} data", kind.name())));
         }
         if version.parse::<u32>().map_or(true, |v| v > Kind::VERSION) {
             return Err(bad_input(
-                &self.path,
+                self.path(),
                 format!("written with layout {tag}, this lathe reads {}", kind.tag()),
             ));
         }
@@ -168,9 +159,8 @@ impl ParquetSource {
 
     /// Stream record batches of the named columns (all columns when `columns` is `None`).
     pub fn batches(&self, columns: Option<&[&str]>, batch_rows: usize) -> Result<Batches> {
-        let file = open_input_file(&self.data_path, &self.path)?;
-        let mut builder = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| bad_input(&self.path, format!("not a readable Parquet file ({e})")))?
+        let mut builder = ParquetRecordBatchReaderBuilder::try_new(self.input.file()?)
+            .map_err(|e| bad_input(self.path(), format!("not a readable Parquet file ({e})")))?
             .with_batch_size(batch_rows.max(1));
         if let Some(columns) = columns {
             let indices = columns
@@ -178,24 +168,14 @@ impl ParquetSource {
                 .map(|name| {
                     self.schema
                         .index_of(name)
-                        .map_err(|_| bad_input(&self.path, format!("no column `{name}` (columns: {})", self.column_names())))
+                        .map_err(|_| bad_input(self.path(), format!("no column `{name}` (columns: {})", self.column_names())))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
             builder = builder.with_projection(mask);
         }
-        Ok(Batches { reader: builder.build()?, path: Arc::from(self.path.as_path()), next_row: 0 })
+        Ok(Batches { reader: builder.build()?, path: Arc::from(self.path()), next_row: 0 })
     }
-}
-
-fn open_input_file(path: &Path, shown: &Path) -> Result<File> {
-    if path.is_dir() {
-        return Err(bad_input(shown, "is a directory, expected a file"));
-    }
-    File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => bad_input(shown, "no such file"),
-        _ => bad_input(shown, format!("cannot open: {e}")),
-    })
 }
 
 /// Record batches of one file, numbered so errors can name the row.

@@ -11,7 +11,7 @@ use arrow::datatypes::Field;
 use super::ColumnType;
 use super::parquet_io::{Batches, ParquetSource};
 use crate::error::{Result, bad_input, usage};
-use crate::output;
+use crate::output::{self, InputFile};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TextFormat {
@@ -45,13 +45,17 @@ pub struct DocBatch {
     pub bytes: u64,
 }
 
+/// Where an input's documents come from.
+enum Source {
+    Parquet(ParquetSource),
+    Lines(InputFile),
+}
+
 /// One checked input.
 pub struct TextInput {
     shown: PathBuf,
-    data_path: PathBuf,
-    _stdin: Option<tempfile::NamedTempFile>,
     format: TextFormat,
-    parquet: Option<ParquetSource>,
+    source: Source,
     options: TextOptions,
     carried: Option<Field>,
     size: u64,
@@ -99,47 +103,28 @@ fn describe_carried(field: &Option<Field>) -> String {
 
 impl TextInput {
     pub fn open(path: &Path, options: &TextOptions) -> Result<Self> {
-        let (data_path, stdin) = if output::is_stdio(path) {
-            let temp = output::buffer_stdin()?;
-            (temp.path().to_path_buf(), Some(temp))
-        } else {
-            (path.to_path_buf(), None)
-        };
-        let shown = if stdin.is_some() { PathBuf::from("<stdin>") } else { path.to_path_buf() };
-        if data_path.is_dir() {
-            return Err(bad_input(&shown, "is a directory, expected a file"));
-        }
-        let size = std::fs::metadata(&data_path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => bad_input(&shown, "no such file"),
-                _ => bad_input(&shown, format!("cannot open: {e}")),
-            })?
-            .len();
+        let input = InputFile::open(path)?;
+        let shown = input.shown().to_path_buf();
+        let size = input.file()?.metadata()?.len();
         if size == 0 {
             return Err(bad_input(&shown, "empty file, expected text (Parquet, .txt or .jsonl)"));
         }
-        let format = detect_format(&data_path, &shown, options.paragraphs)?;
-        let (parquet, carried) = if format == TextFormat::Parquet {
-            let source = if stdin.is_some() {
-                ParquetSource::open(&data_path)?
-            } else {
-                ParquetSource::open(path)?
-            };
-            source.expect_kind(super::Kind::Text)?;
-            source.require(&options.column, ColumnType::Str)?;
-            if source.num_rows() == 0 {
-                return Err(bad_input(&shown, "no rows"));
-            }
-            let carried = options
-                .carry
-                .as_ref()
-                .filter(|c| *c != &options.column)
-                .and_then(|c| source.schema().field_with_name(c).ok().cloned());
-            (Some(source), carried)
-        } else {
-            (None, None)
-        };
-        Ok(TextInput { shown, data_path, _stdin: stdin, format, parquet, options: options.clone(), carried, size })
+        let format = detect_format(&input, options.paragraphs)?;
+        if format != TextFormat::Parquet {
+            return Ok(TextInput { shown, format, source: Source::Lines(input), options: options.clone(), carried: None, size });
+        }
+        let source = ParquetSource::from_input(input)?;
+        source.expect_kind(super::Kind::Text)?;
+        source.require(&options.column, ColumnType::Str)?;
+        if source.num_rows() == 0 {
+            return Err(bad_input(&shown, "no rows"));
+        }
+        let carried = options
+            .carry
+            .as_ref()
+            .filter(|c| *c != &options.column)
+            .and_then(|c| source.schema().field_with_name(c).ok().cloned());
+        Ok(TextInput { shown, format, source: Source::Parquet(source), options: options.clone(), carried, size })
     }
 
     pub fn path(&self) -> &Path {
@@ -157,17 +142,16 @@ impl TextInput {
 
     /// Roughly how many text bytes this input holds (for progress and ETA).
     pub fn text_bytes(&self) -> u64 {
-        match &self.parquet {
-            Some(source) => source.column_data_bytes(&self.options.column).unwrap_or(self.size),
-            None => self.size,
+        match &self.source {
+            Source::Parquet(source) => source.column_data_bytes(&self.options.column).unwrap_or(self.size),
+            Source::Lines(_) => self.size,
         }
     }
 
     /// Stream documents in batches of about `target_bytes` of text.
     pub fn batches(&self, target_bytes: usize) -> Result<Box<dyn Iterator<Item = Result<DocBatch>> + Send + '_>> {
-        match self.format {
-            TextFormat::Parquet => {
-                let source = self.parquet.as_ref().expect("Parquet inputs keep their source");
+        match &self.source {
+            Source::Parquet(source) => {
                 let mut columns = vec![self.options.column.as_str()];
                 if let Some(field) = &self.carried {
                     columns.push(field.name());
@@ -176,12 +160,11 @@ impl TextInput {
                 let batches = source.batches(Some(&columns), rows)?;
                 Ok(Box::new(ParquetDocs { batches, column: self.options.column.clone(), carried: self.carried.clone() }))
             }
-            format => {
-                let file = File::open(&self.data_path).map_err(|e| bad_input(&self.shown, format!("cannot open: {e}")))?;
+            Source::Lines(input) => {
                 Ok(Box::new(LineDocs {
-                    reader: BufReader::with_capacity(1 << 20, file),
+                    reader: BufReader::with_capacity(1 << 20, input.file()?),
                     shown: self.shown.clone(),
-                    format,
+                    format: self.format,
                     field: self.options.column.clone(),
                     line_number: 0,
                     target_bytes,
@@ -192,11 +175,10 @@ impl TextInput {
     }
 }
 
-fn detect_format(path: &Path, shown: &Path, paragraphs: bool) -> Result<TextFormat> {
+fn detect_format(input: &InputFile, paragraphs: bool) -> Result<TextFormat> {
     let mut magic = [0u8; 4];
-    let mut file = File::open(path).map_err(|e| bad_input(shown, format!("cannot open: {e}")))?;
-    let read = file.read(&mut magic).unwrap_or(0);
-    let extension = shown.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let read = input.file()?.read(&mut magic).unwrap_or(0);
+    let extension = input.shown().extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     if (read == 4 && &magic == PARQUET_MAGIC) || extension == "parquet" || extension == "pq" {
         return Ok(TextFormat::Parquet);
     }
