@@ -5,7 +5,7 @@
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::config::{LlamaConfig, RopeScaling};
-use super::ops::{apply_rope, rms_norm, softmax_last_dim, swiglu};
+use super::ops::{attention_softmax, rms_norm, rope_heads_first, swiglu};
 use super::weights::Params;
 
 /// Added to attention scores a query must not see. Finite, so a fully masked row (a padding
@@ -38,7 +38,7 @@ impl Rope {
     }
 
     /// Tables for `t` tokens after `past` cached ones, or at explicit `[B, T]` positions:
-    /// `[1 or B, 1, T, head_dim]`.
+    /// `[1 or B, T, head_dim]`.
     fn at(&self, past: usize, t: usize, positions: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let max = self.cos.dim(0)?;
         match positions {
@@ -46,7 +46,7 @@ impl Rope {
                 if past + t > max {
                     candle_core::bail!("sequence of {} tokens is longer than max_position_embeddings {max}", past + t)
                 }
-                let take = |table: &Tensor| table.narrow(0, past, t)?.unsqueeze(0)?.unsqueeze(0);
+                let take = |table: &Tensor| table.narrow(0, past, t)?.unsqueeze(0);
                 Ok((take(&self.cos)?, take(&self.sin)?))
             }
             Some(positions) => {
@@ -56,7 +56,7 @@ impl Rope {
                 if highest >= max {
                     candle_core::bail!("position {highest} is beyond max_position_embeddings {max}")
                 }
-                let take = |table: &Tensor| table.index_select(&flat, 0)?.reshape((b, 1, t, table.dim(1)?));
+                let take = |table: &Tensor| table.index_select(&flat, 0)?.reshape((b, t, table.dim(1)?));
                 Ok((take(&self.cos)?, take(&self.sin)?))
             }
         }
@@ -149,10 +149,10 @@ impl Attention {
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, d) = (self.heads, self.kv_heads, self.head_dim);
-        let split = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
-        let q = apply_rope(&split(self.q_proj.forward(x)?, heads)?, cos, sin)?;
-        let mut k = apply_rope(&split(self.k_proj.forward(x)?, kv_heads)?, cos, sin)?;
-        let mut v = split(self.v_proj.forward(x)?, kv_heads)?.contiguous()?;
+        // Projections are [B, T, heads, D]; rotary embedding writes them heads-first.
+        let q = rope_heads_first(&self.q_proj.forward(x)?.reshape((b, t, heads, d))?, cos, sin)?;
+        let mut k = rope_heads_first(&self.k_proj.forward(x)?.reshape((b, t, kv_heads, d))?, cos, sin)?;
+        let mut v = self.v_proj.forward(x)?.reshape((b, t, kv_heads, d))?.transpose(1, 2)?.contiguous()?;
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.take() {
                 k = Tensor::cat(&[&past_k, &k], 2)?;
@@ -165,12 +165,8 @@ impl Attention {
         // per kv head serves the whole group without copying keys and values.
         let groups = heads / kv_heads;
         let q = q.reshape((b, kv_heads, groups * t, d))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.reshape((b, kv_heads, groups, t, keys))?;
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
-        };
-        let probs = softmax_last_dim(&scores)?.reshape((b, kv_heads, groups * t, keys))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads * groups, t, keys))?;
+        let probs = attention_softmax(&scores, mask, 1.0 / (d as f64).sqrt())?.reshape((b, kv_heads, groups * t, keys))?;
         let out = probs.matmul(&v)?.reshape((b, heads, t, d))?.transpose(1, 2)?.contiguous()?;
         self.o_proj.forward(&out.reshape((b, t, heads * d))?)
     }
@@ -353,7 +349,7 @@ fn project(hidden: &Tensor, weight: &Tensor) -> Result<Tensor> {
     hidden.reshape((b * t, h))?.matmul(&weight.t()?)?.reshape((b, t, weight.dim(0)?))
 }
 
-/// The additive mask `[1 or B, 1, 1, T, T_cached + T]`: causal, minus padding, minus other
+/// The additive mask `[1 or B, T, T_cached + T]`: causal, minus padding, minus other
 /// samples of a packed row. `None` when a single new token may see everything cached.
 fn attention_mask(b: usize, t: usize, past: usize, options: &ForwardOptions, device: &Device) -> Result<Option<Tensor>> {
     let keys = past + t;
@@ -388,7 +384,7 @@ fn attention_mask(b: usize, t: usize, past: usize, options: &ForwardOptions, dev
             }
         }
     }
-    Ok(Some(Tensor::from_vec(values, (rows, 1, 1, t, keys), device)?))
+    Ok(Some(Tensor::from_vec(values, (rows, t, keys), device)?))
 }
 
 /// Log-probability of each next token: `[B, T-1]` for ids `[B, T]` and logits `[B, T, V]`.

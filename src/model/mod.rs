@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod config;
 pub mod folder;
+pub mod fused;
 pub mod llama;
 pub mod ops;
 pub mod weights;

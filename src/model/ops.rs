@@ -1,56 +1,127 @@
-//! The model's numerical building blocks, written with candle ops that all have a backward.
+//! The model's numerical building blocks. On CPU (f32) they run as fused kernels with a real
+//! backward ([`super::fused`]); elsewhere as the composite candle ops in [`composite`], which are
+//! also the reference the fused kernels are tested against.
 //!
 //! candle's own `softmax_last_dim`, `rms_norm` and `rope` kernels have no backward and silently
-//! cut the graph, so training code must not use them. These composites are the reference the
-//! fused kernels (training engine) are checked against.
+//! cut the graph, so nothing here uses them.
 
-use candle_core::{D, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-/// `x / sqrt(mean(x²) + eps) * weight` over the last dimension, as transformers computes it.
+use super::fused::{self, IGNORE_INDEX};
+
+/// RMSNorm over the last dimension.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inverse_rms = (variance + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inverse_rms)?.broadcast_mul(weight)
+    if fused::supported(x) { fused::rms_norm(x, weight, eps) } else { composite::rms_norm(x, weight, eps) }
 }
 
-/// Softmax over the last dimension. The max is subtracted for stability and detached: the
-/// result does not depend on it, so no gradient needs to flow through it.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let exp = x.broadcast_sub(&max)?.exp()?;
-    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+/// `softmax(scale·scores + mask)` over the last dimension; `scores` `[B, …, T, keys]`, `mask`
+/// `[1 or B, T, keys]` (additive, a constant: no gradient).
+pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    if fused::supported(scores) {
+        return fused::attention_softmax(scores, mask, scale);
+    }
+    let dims = scores.dims().to_vec();
+    let (b, keys) = (dims[0], dims[dims.len() - 1]);
+    let t = dims[dims.len() - 2];
+    let scaled = (scores * scale)?.reshape((b, (), t, keys))?;
+    let masked = match mask {
+        Some(mask) => scaled.broadcast_add(&mask.unsqueeze(1)?)?,
+        None => scaled,
+    };
+    composite::softmax_last_dim(&masked)?.reshape(dims)
 }
 
-/// Log-softmax over the last dimension.
-pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&log_sum)
+/// Rotary embedding of `x` `[B, T, H, D]` with tables `[1 or B, T, D]`, returned heads-first
+/// `[B, H, T, D]`.
+pub fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused::supported(x) {
+        return fused::rope_heads_first(x, cos, sin);
+    }
+    composite::apply_rope(&x.transpose(1, 2)?, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)?.contiguous()
 }
 
-/// `[x1, x2] -> [-x2, x1]` over the last dimension (transformers' `rotate_half`).
-pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
-}
-
-/// Rotary position embedding, rotate-half layout: `x·cos + rotate_half(x)·sin`.
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
-}
-
-/// SwiGLU's gate: `silu(gate) * up`.
+/// SwiGLU's gate: `silu(gate) ⊙ up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.silu()? * up
+    if fused::supported(gate) { fused::swiglu(gate, up) } else { composite::swiglu(gate, up) }
+}
+
+/// Cross-entropy per row of `logits` `[N, V]` against `targets` `[N]`; rows whose target is
+/// [`IGNORE_INDEX`] give 0 and no gradient.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let targets = targets.to_dtype(DType::U32)?;
+    if fused::supported(logits) {
+        return fused::cross_entropy_rows(logits, &targets);
+    }
+    let keep = targets.ne(IGNORE_INDEX)?;
+    let safe = keep.where_cond(&targets, &targets.zeros_like()?)?;
+    let picked = composite::log_softmax_last_dim(logits)?.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
+    picked.neg()? * keep.to_dtype(logits.dtype())?
+}
+
+/// Log-softmax over the last dimension (inference: sampling log-probabilities).
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    composite::log_softmax_last_dim(x)
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused::supported(x) && x.rank() >= 2 {
+        return fused::attention_softmax(x, None, 1.0);
+    }
+    composite::softmax_last_dim(x)
+}
+
+/// Chains of candle ops with a backward: the reference for the fused kernels, and the
+/// implementation on devices without them.
+pub mod composite {
+    use candle_core::{D, Result, Tensor};
+
+    /// `x / sqrt(mean(x²) + eps) * weight` over the last dimension, as transformers computes it.
+    pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inverse_rms = (variance + eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inverse_rms)?.broadcast_mul(weight)
+    }
+
+    /// Softmax over the last dimension. The max is subtracted for stability and detached: the
+    /// result does not depend on it, so no gradient needs to flow through it.
+    pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let exp = x.broadcast_sub(&max)?.exp()?;
+        exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+    }
+
+    /// Log-softmax over the last dimension.
+    pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let shifted = x.broadcast_sub(&max)?;
+        let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        shifted.broadcast_sub(&log_sum)
+    }
+
+    /// `[x1, x2] -> [-x2, x1]` over the last dimension (transformers' `rotate_half`).
+    pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+    }
+
+    /// Rotary position embedding, rotate-half layout: `x·cos + rotate_half(x)·sin`.
+    pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+    }
+
+    /// SwiGLU's gate: `silu(gate) * up`.
+    pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        gate.silu()? * up
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
+    use super::composite::*;
+    use candle_core::{Device, Tensor, Var};
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
         let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();

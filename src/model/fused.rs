@@ -1,0 +1,633 @@
+//! Fused CPU kernels with a real backward, each forward and backward side by side (as llm.c
+//! writes them) and checked against the composite version in [`super::ops`] by the tests below.
+//!
+//! A chain of small candle ops walks memory once per op and allocates once per op; these walk
+//! it once. Rows are processed in parallel; every reduction runs in a fixed order, so results
+//! do not depend on the thread count's scheduling (exact resume needs that).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
+use rayon::prelude::*;
+
+/// Fused kernels run on CPU f32 tensors; other devices use the composite ops.
+pub fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { bail!("{op}: expected f32") };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+fn u32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [u32]> {
+    let CpuStorage::U32(data) = storage else { bail!("{op}: expected u32 targets") };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: expected contiguous targets"),
+    }
+}
+
+/// Run `f` on the f32 contents of a (made contiguous) CPU tensor.
+fn with_data<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(slice(cpu, layout, op)?),
+        _ => bail!("{op}: expected a CPU tensor"),
+    }
+}
+
+fn tensor(values: Vec<f32>, shape: &Shape, like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(values, shape.clone(), like.device())
+}
+
+/// Rows per parallel task: enough work per task to amortise scheduling.
+fn rows_per_task(row_len: usize) -> usize {
+    (16_384 / row_len.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------- softmax (scaled, masked)
+
+/// `softmax(scale·x + mask)` over the last dimension. `mask` rows are `[mask_batches, t, keys]`
+/// and broadcast over the `rows_per_batch / t` head rows of each batch.
+#[derive(Clone, Copy)]
+struct AttentionSoftmax {
+    scale: f32,
+    t: usize,
+    rows_per_batch: usize,
+    mask_batches: usize,
+}
+
+fn softmax_row(x: &[f32], mask: Option<&[f32]>, scale: f32, y: &mut [f32]) {
+    let mut max = f32::NEG_INFINITY;
+    for (j, (yj, &xj)) in y.iter_mut().zip(x).enumerate() {
+        *yj = scale * xj + mask.map_or(0.0, |m| m[j]);
+        max = max.max(*yj);
+    }
+    let mut sum = 0f32;
+    for yj in y.iter_mut() {
+        *yj = (*yj - max).exp();
+        sum += *yj;
+    }
+    let inverse = 1.0 / sum;
+    y.iter_mut().for_each(|yj| *yj *= inverse);
+}
+
+/// `dx = scale · y ⊙ (dy − Σ dy⊙y)`
+fn softmax_row_backward(y: &[f32], dy: &[f32], scale: f32, dx: &mut [f32]) {
+    let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+    for ((dxj, &yj), &dyj) in dx.iter_mut().zip(y).zip(dy) {
+        *dxj = scale * yj * (dyj - dot);
+    }
+}
+
+impl AttentionSoftmax {
+    fn forward(&self, x: &[f32], mask: Option<&[f32]>, keys: usize) -> Vec<f32> {
+        let mut y = vec![0f32; x.len()];
+        let per_task = rows_per_task(keys);
+        y.par_chunks_mut(keys * per_task)
+            .zip(x.par_chunks(keys * per_task))
+            .enumerate()
+            .for_each(|(task, (y, x))| {
+                for (i, (y, x)) in y.chunks_mut(keys).zip(x.chunks(keys)).enumerate() {
+                    let row = task * per_task + i;
+                    let mask_row = mask.map(|m| {
+                        let batch = if self.mask_batches == 1 { 0 } else { row / self.rows_per_batch };
+                        let at = (batch * self.t + row % self.t) * keys;
+                        &m[at..at + keys]
+                    });
+                    softmax_row(x, mask_row, self.scale, y);
+                }
+            });
+        y
+    }
+
+    fn backward(&self, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let keys = res.dim(candle_core::D::Minus1)?;
+        with_data(res, "softmax backward", |y| {
+            with_data(grad, "softmax backward", |dy| {
+                let mut dx = vec![0f32; y.len()];
+                let per_task = rows_per_task(keys);
+                dx.par_chunks_mut(keys * per_task)
+                    .zip(y.par_chunks(keys * per_task).zip(dy.par_chunks(keys * per_task)))
+                    .for_each(|(dx, (y, dy))| {
+                        for ((dx, y), dy) in dx.chunks_mut(keys).zip(y.chunks(keys)).zip(dy.chunks(keys)) {
+                            softmax_row_backward(y, dy, self.scale, dx);
+                        }
+                    });
+                tensor(dx, res.shape(), res)
+            })
+        })
+    }
+}
+
+struct ScaledSoftmax(AttentionSoftmax);
+
+impl CustomOp1 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout, self.name())?;
+        let keys = layout.dims().last().copied().unwrap_or(1);
+        Ok((CpuStorage::F32(self.0.forward(x, None, keys)), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        self.0.backward(res, grad).map(Some)
+    }
+}
+
+struct MaskedSoftmax(AttentionSoftmax);
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let mask = slice(s2, l2, self.name())?;
+        let keys = l1.dims().last().copied().unwrap_or(1);
+        Ok((CpuStorage::F32(self.0.forward(x, Some(mask), keys)), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _mask: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.0.backward(res, grad)?), None))
+    }
+}
+
+/// `softmax(scale·scores + mask)` over the last dimension of `scores` `[B, …, T, keys]`;
+/// `mask` is `[1 or B, T, keys]`, shared by every head row of a batch entry.
+pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let dims = scores.dims();
+    let (b, t) = (dims[0], dims[dims.len() - 2]);
+    let rows_per_batch = scores.elem_count() / dims[dims.len() - 1] / b;
+    let scores = scores.contiguous()?;
+    match mask {
+        None => {
+            let op = AttentionSoftmax { scale: scale as f32, t, rows_per_batch, mask_batches: 1 };
+            scores.apply_op1(ScaledSoftmax(op))
+        }
+        Some(mask) => {
+            let mask_batches = mask.dim(0)?;
+            if mask.dims() != [mask_batches, t, dims[dims.len() - 1]] || (mask_batches != 1 && mask_batches != b) {
+                bail!("attention mask {:?} does not fit scores {:?}", mask.dims(), dims)
+            }
+            let op = AttentionSoftmax { scale: scale as f32, t, rows_per_batch, mask_batches };
+            scores.apply_op2(&mask.contiguous()?, MaskedSoftmax(op))
+        }
+    }
+}
+
+// ---------------------------------------------------------------- cross-entropy
+
+/// Targets equal to this are ignored: no loss, no gradient.
+pub const IGNORE_INDEX: u32 = u32::MAX;
+
+/// Per-row cross-entropy `logsumexp(logits) − logits[target]` for logits `[N, V]`.
+struct CrossEntropy;
+
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln()
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let logits = slice(s1, l1, self.name())?;
+        let targets = u32_slice(s2, l2, self.name())?;
+        let vocab = l1.dims()[1];
+        let mut losses = vec![0f32; targets.len()];
+        losses.par_iter_mut().zip(logits.par_chunks(vocab)).zip(targets.par_iter()).try_for_each(
+            |((loss, row), &target)| -> Result<()> {
+                if target == IGNORE_INDEX {
+                    return Ok(());
+                }
+                let Some(&picked) = row.get(target as usize) else {
+                    bail!("cross-entropy: target {target} outside a vocabulary of {vocab}")
+                };
+                *loss = log_sum_exp(row) - picked;
+                Ok(())
+            },
+        )?;
+        Ok((CpuStorage::F32(losses), Shape::from(targets.len())))
+    }
+
+    /// `dlogits = (softmax(logits) − onehot(target)) · dloss`
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let vocab = logits.dim(1)?;
+        let targets: Vec<u32> = targets.to_vec1()?;
+        let dlogits = with_data(logits, "cross-entropy backward", |values| {
+            with_data(grad, "cross-entropy backward", |dloss| {
+                let mut dlogits = vec![0f32; values.len()];
+                dlogits
+                    .par_chunks_mut(vocab)
+                    .zip(values.par_chunks(vocab))
+                    .zip(targets.par_iter().zip(dloss.par_iter()))
+                    .for_each(|((d, row), (&target, &scale))| {
+                        if target == IGNORE_INDEX {
+                            return;
+                        }
+                        let lse = log_sum_exp(row);
+                        for (dj, &xj) in d.iter_mut().zip(row) {
+                            *dj = (xj - lse).exp() * scale;
+                        }
+                        d[target as usize] -= scale;
+                    });
+                tensor(dlogits, logits.shape(), logits)
+            })
+        })?;
+        Ok((Some(dlogits), None))
+    }
+}
+
+/// Cross-entropy of each row of `logits` `[N, V]` against `targets` `[N]` (u32); rows whose
+/// target is [`IGNORE_INDEX`] give 0.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+/// `y = x / rms(x) · w` over rows of `[N, D]`.
+struct RmsNorm {
+    eps: f32,
+}
+
+fn inverse_rms(row: &[f32], eps: f32) -> f32 {
+    let mean_square = row.iter().map(|x| x * x).sum::<f32>() / row.len() as f32;
+    1.0 / (mean_square + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        let per_task = rows_per_task(d);
+        y.par_chunks_mut(d * per_task).zip(x.par_chunks(d * per_task)).for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                let r = inverse_rms(x, self.eps);
+                for ((yj, &xj), &wj) in y.iter_mut().zip(x).zip(w) {
+                    *yj = xj * r * wj;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// With `x̂ = x·r` and `g = dy ⊙ w`: `dx = r·(g − x̂·mean(g ⊙ x̂))`, `dw = Σ_rows dy ⊙ x̂`.
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let rows_per_chunk = rows_per_task(d);
+        let (dx, dw) = with_data(x, "rms-norm backward", |x| {
+            with_data(w, "rms-norm backward", |w| {
+                with_data(grad, "rms-norm backward", |dy| {
+                    let mut dx = vec![0f32; x.len()];
+                    // One partial dw per fixed chunk of rows, summed in chunk order: the same
+                    // result whatever the number of threads.
+                    let partials: Vec<Vec<f32>> = dx
+                        .par_chunks_mut(d * rows_per_chunk)
+                        .zip(x.par_chunks(d * rows_per_chunk).zip(dy.par_chunks(d * rows_per_chunk)))
+                        .map(|(dx, (x, dy))| {
+                            let mut dw = vec![0f32; d];
+                            for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+                                let r = inverse_rms(x, self.eps);
+                                let mean: f32 =
+                                    x.iter().zip(dy).zip(w).map(|((&xj, &gj), &wj)| gj * wj * xj * r).sum::<f32>() / d as f32;
+                                for j in 0..d {
+                                    let normed = x[j] * r;
+                                    dx[j] = r * (dy[j] * w[j] - normed * mean);
+                                    dw[j] += dy[j] * normed;
+                                }
+                            }
+                            dw
+                        })
+                        .collect();
+                    let mut dw = vec![0f32; d];
+                    for partial in partials {
+                        dw.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
+                    }
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((Some(tensor(dx, x.shape(), x)?), Some(tensor(dw, w.shape(), w)?)))
+    }
+}
+
+/// RMSNorm over the last dimension of `x` with weight `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------- RoPE (rotate-half), heads first
+
+/// `x` `[B, T, H, D]` → `[B, H, T, D]` with `y = x·cos + rotate_half(x)·sin`; `cos`, `sin`
+/// are `[1 or B, T, D]`. Writing heads-first saves the transpose copy attention needs anyway.
+struct Rope;
+
+struct RopeShape {
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    table_batches: usize,
+}
+
+impl RopeShape {
+    fn new(x: &[usize], table: &[usize]) -> Result<Self> {
+        let (&[b, t, h, d], &[tb, tt, td]) = (x, table) else { bail!("rope: expected x [B,T,H,D] and tables [B,T,D]") };
+        if tt != t || td != d || (tb != 1 && tb != b) || d % 2 != 0 {
+            bail!("rope: tables {table:?} do not fit x {x:?}")
+        }
+        Ok(RopeShape { b, t, h, d, table_batches: tb })
+    }
+
+    /// Offset of row (b, t) in the tables.
+    fn table_row(&self, b: usize, t: usize) -> usize {
+        (if self.table_batches == 1 { t } else { b * self.t + t }) * self.d
+    }
+}
+
+/// y1 = x1·c1 − x2·s1, y2 = x2·c2 + x1·s2 (halves of one head vector).
+fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
+    let half = x.len() / 2;
+    for j in 0..half {
+        y[j] = x[j] * cos[j] - x[j + half] * sin[j];
+        y[j + half] = x[j + half] * cos[j + half] + x[j] * sin[j + half];
+    }
+}
+
+/// The transpose of [`rope_row`]: dx1 = dy1·c1 + dy2·s2, dx2 = dy2·c2 − dy1·s1.
+fn rope_row_backward(dy: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
+    let half = dy.len() / 2;
+    for j in 0..half {
+        dx[j] = dy[j] * cos[j] + dy[j + half] * sin[j + half];
+        dx[j + half] = dy[j + half] * cos[j + half] - dy[j] * sin[j];
+    }
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-heads-first"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, cos, sin) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
+        let s = RopeShape::new(l1.dims(), l2.dims())?;
+        let mut y = vec![0f32; x.len()];
+        // Output is [B, H, T, D]: each (b, h) block of T rows is written by one task.
+        y.par_chunks_mut(s.t * s.d).enumerate().for_each(|(bh, block)| {
+            let (b, h) = (bh / s.h, bh % s.h);
+            for (t, out) in block.chunks_mut(s.d).enumerate() {
+                let at = ((b * s.t + t) * s.h + h) * s.d;
+                let table = s.table_row(b, t);
+                rope_row(&x[at..at + s.d], &cos[table..table + s.d], &sin[table..table + s.d], out);
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((s.b, s.h, s.t, s.d))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = RopeShape::new(x.dims(), cos.dims())?;
+        let dx = with_data(grad, "rope backward", |dy| {
+            with_data(cos, "rope backward", |cos| {
+                with_data(sin, "rope backward", |sin| {
+                    let mut dx = vec![0f32; dy.len()];
+                    // dx is [B, T, H, D]: each (b, t) row of H heads is written by one task.
+                    dx.par_chunks_mut(s.h * s.d).enumerate().for_each(|(bt, row)| {
+                        let (b, t) = (bt / s.t, bt % s.t);
+                        let table = s.table_row(b, t);
+                        for (h, out) in row.chunks_mut(s.d).enumerate() {
+                            let at = ((b * s.h + h) * s.t + t) * s.d;
+                            rope_row_backward(&dy[at..at + s.d], &cos[table..table + s.d], &sin[table..table + s.d], out);
+                        }
+                    });
+                    tensor(dx, x.shape(), x)
+                })
+            })
+        })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotary embedding of `x` `[B, T, H, D]`, returned heads-first `[B, H, T, D]`.
+pub fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+/// `silu(gate) ⊙ up`.
+struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gate, up) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        if gate.len() != up.len() {
+            bail!("swiglu: gate and up differ in size")
+        }
+        let mut y = vec![0f32; gate.len()];
+        y.par_chunks_mut(16_384).zip(gate.par_chunks(16_384).zip(up.par_chunks(16_384))).for_each(|(y, (g, u))| {
+            for ((yj, &gj), &uj) in y.iter_mut().zip(g).zip(u) {
+                *yj = gj * sigmoid(gj) * uj;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// `dgate = dy·up·σ(g)(1 + g(1 − σ(g)))`, `dup = dy·silu(g)`.
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dgate, dup) = with_data(gate, "swiglu backward", |g| {
+            with_data(up, "swiglu backward", |u| {
+                with_data(grad, "swiglu backward", |dy| {
+                    let mut dgate = vec![0f32; g.len()];
+                    let mut dup = vec![0f32; g.len()];
+                    dgate
+                        .par_chunks_mut(16_384)
+                        .zip(dup.par_chunks_mut(16_384))
+                        .zip(g.par_chunks(16_384).zip(u.par_chunks(16_384)).zip(dy.par_chunks(16_384)))
+                        .for_each(|((dg, du), ((g, u), dy))| {
+                            for j in 0..g.len() {
+                                let s = sigmoid(g[j]);
+                                du[j] = dy[j] * g[j] * s;
+                                dg[j] = dy[j] * u[j] * s * (1.0 + g[j] * (1.0 - s));
+                            }
+                        });
+                    Ok((dgate, dup))
+                })
+            })
+        })?;
+        Ok((Some(tensor(dgate, gate.shape(), gate)?), Some(tensor(dup, up.shape(), up)?)))
+    }
+}
+
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::composite;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// Value and gradients of `f` (fused) and `g` (composite) agree for a random upstream
+    /// gradient: `Σ out ⊙ probe` is differentiated with respect to every input.
+    fn same_value_and_gradients(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        composite: impl Fn(&[Tensor]) -> Tensor,
+        tolerance: f32,
+    ) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&tensors), composite(&tensors));
+        assert_eq!(a.dims(), b.dims());
+        assert!(max_diff(&a, &b) <= tolerance, "values differ by {}", max_diff(&a, &b));
+        let probe = random(a.dims(), 99);
+        let grads_a = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads_b = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, var) in vars.iter().enumerate() {
+            match (grads_a.get(var.as_tensor()), grads_b.get(var.as_tensor())) {
+                (Some(ga), Some(gb)) => assert!(max_diff(ga, gb) <= tolerance, "input {i}: gradients differ by {}", max_diff(ga, gb)),
+                (None, None) => {}
+                (ga, gb) => panic!("input {i}: gradient present in fused {} vs composite {}", ga.is_some(), gb.is_some()),
+            }
+        }
+    }
+
+    #[test]
+    fn attention_softmax_matches_composite() {
+        let scores = random(&[2, 3, 5, 7], 1);
+        let mask_values: Vec<f32> =
+            (0..2 * 5 * 7).map(|i| if (i % 7) > (i / 7) % 5 + 1 { -1e30 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask_values, (2, 5, 7), &Device::Cpu).unwrap();
+        let reference = |t: &[Tensor], mask: Option<&Tensor>| {
+            let scaled = (&t[0] * 0.5).unwrap();
+            let masked = match mask {
+                Some(m) => scaled.broadcast_add(&m.unsqueeze(1).unwrap()).unwrap(),
+                None => scaled,
+            };
+            composite::softmax_last_dim(&masked).unwrap()
+        };
+        same_value_and_gradients(&[scores.clone()], |t| attention_softmax(&t[0], Some(&mask), 0.5).unwrap(), |t| reference(t, Some(&mask)), 1e-5);
+        same_value_and_gradients(&[scores], |t| attention_softmax(&t[0], None, 0.5).unwrap(), |t| reference(t, None), 1e-5);
+    }
+
+    #[test]
+    fn cross_entropy_matches_composite_and_ignores() {
+        let logits = random(&[6, 11], 2);
+        let targets = Tensor::new(&[3u32, 0, IGNORE_INDEX, 10, 5, 5], &Device::Cpu).unwrap();
+        let keep = Tensor::new(&[1f32, 1.0, 0.0, 1.0, 1.0, 1.0], &Device::Cpu).unwrap();
+        let safe_targets = Tensor::new(&[3u32, 0, 0, 10, 5, 5], &Device::Cpu).unwrap();
+        same_value_and_gradients(
+            &[logits],
+            |t| cross_entropy_rows(&t[0], &targets).unwrap(),
+            |t| {
+                let logp = composite::log_softmax_last_dim(&t[0]).unwrap();
+                let picked = logp.gather(&safe_targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap();
+                (picked.neg().unwrap() * &keep).unwrap()
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_composite() {
+        let x = random(&[9, 16], 3);
+        let w = random(&[16], 4);
+        same_value_and_gradients(&[x, w], |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(), |t| composite::rms_norm(&t[0], &t[1], 1e-5).unwrap(), 1e-4);
+    }
+
+    #[test]
+    fn rope_matches_composite_for_shared_and_per_row_tables() {
+        for table_batches in [1, 2] {
+            let x = random(&[2, 5, 3, 8], 5);
+            let angles = random(&[table_batches, 5, 4], 6);
+            let angles = Tensor::cat(&[&angles, &angles], 2).unwrap();
+            let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+            same_value_and_gradients(
+                &[x],
+                |t| rope_heads_first(&t[0], &cos, &sin).unwrap(),
+                |t| {
+                    let heads_first = t[0].transpose(1, 2).unwrap();
+                    composite::apply_rope(&heads_first, &cos.unsqueeze(1).unwrap(), &sin.unsqueeze(1).unwrap()).unwrap()
+                },
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_composite() {
+        let (gate, up) = (random(&[4, 33], 7), random(&[4, 33], 8));
+        same_value_and_gradients(&[gate, up], |t| swiglu(&t[0], &t[1]).unwrap(), |t| composite::swiglu(&t[0], &t[1]).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let x = random(&[4096, 64], 9);
+        let w = random(&[64], 10);
+        let grads = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+                let y = rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-5).unwrap();
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                g.get(wv.as_tensor()).unwrap().to_vec1::<f32>().unwrap()
+            })
+        };
+        let (one, three) = (grads(1), grads(3));
+        assert!(one.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
