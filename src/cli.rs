@@ -17,8 +17,8 @@ use crate::{output, progress};
 #[derive(clap::Args, Serialize, Debug, Clone, Default)]
 pub struct CommonArgs {
     /// Read flags from a TOML recipe; flags given on the command line win.
-    /// Top-level keys are flag names (`vocab_size = 4096`); a table `[model]` with key
-    /// `hidden_size` sets `--model-hidden-size`. Unknown keys are refused.
+    /// Keys are flag names (`vocab_size = 4096`); tables group them for people: a key `k` in
+    /// `[t]` sets `--t-k` if that flag exists, else `--k`. Unknown keys are refused.
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
     /// Seed for every random choice.
@@ -129,13 +129,15 @@ fn recipe_arguments(path: &Path, command: &Command, matches: &ArgMatches) -> Res
 
     let mut injected = Injected { flags: Vec::new(), positionals: Vec::new() };
     for (key, value) in entries {
-        let id = key.replace('-', "_");
-        let Some(arg) = command
-            .get_arguments()
-            .find(|a| a.get_id().as_str() == id && id != "config")
-        else {
+        let find = |name: &str| {
+            let id = name.replace('-', "_");
+            command.get_arguments().find(|a| a.get_id().as_str() == id && id != "config")
+        };
+        let bare = key.rsplit('.').next().unwrap_or(&key);
+        let Some(arg) = find(&key.replace('.', "_")).or_else(|| find(bare)) else {
             return Err(bad_input(path, format!("unknown key `{key}` (known keys: {})", known_keys(command))));
         };
+        let id = arg.get_id().as_str().to_string();
         if matches!(
             matches.value_source(&id),
             Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable)
@@ -172,7 +174,7 @@ fn recipe_arguments(path: &Path, command: &Command, matches: &ArgMatches) -> Res
 
 fn flatten_table(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
     for (key, value) in table {
-        let name = if prefix.is_empty() { key.clone() } else { format!("{prefix}_{key}") };
+        let name = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
         match value {
             toml::Value::Table(inner) => flatten_table(&name, inner, out),
             other => out.push((name, other.clone())),
@@ -352,7 +354,7 @@ mod tests {
 
     #[test]
     fn recipe_fills_flags_and_command_line_wins() {
-        let recipe = "vocab_size = 512\nmin_frequency = 5\nno_eos = true\n[model]\nhidden_size = 64\n";
+        let recipe = "vocab_size = 512\nno_eos = true\n[model]\nhidden_size = 64\n[train]\nmin_frequency = 5\n";
         let t = parse_with(recipe, &["a.txt", "--min-frequency", "3"]).unwrap();
         assert_eq!(t.vocab_size, 512);
         assert_eq!(t.min_frequency, 3);

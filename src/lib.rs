@@ -9,8 +9,10 @@ pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod output;
+pub mod pretrain;
 pub mod progress;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};
 

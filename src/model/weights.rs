@@ -111,12 +111,32 @@ impl Params {
 
     /// Save as one safetensors file (`{"format": "pt"}` metadata, as transformers writes).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tensors: Vec<(&str, &Tensor)> = self.vars.iter().map(|(k, v)| (k.as_str(), v.as_tensor())).collect();
-        let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-        let file = AtomicFile::create(path)?;
-        safetensors::serialize_to_file(tensors, Some(metadata), file.path())?;
-        file.commit()
+        save_tensors(path, self.vars.iter().map(|(k, v)| (k.as_str(), v.as_tensor())))
     }
+
+    /// Overwrite every parameter with the tensor of the same name in `file` (exact bits).
+    pub fn load_values(&self, file: &Path) -> Result<()> {
+        let device = self.vars.values().next().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
+        let tensors = candle_core::safetensors::load(file, &device)
+            .map_err(|e| bad_input(file, format!("not a readable safetensors file ({e})")))?;
+        for (name, var) in &self.vars {
+            let tensor = tensors.get(name).ok_or_else(|| bad_input(file, format!("missing tensor `{name}`")))?;
+            if tensor.dims() != var.dims() {
+                return Err(bad_input(file, format!("tensor `{name}` has shape {:?}, expected {:?}", tensor.dims(), var.dims())));
+            }
+            var.set(&tensor.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Write named tensors to a safetensors file atomically, with transformers' metadata.
+pub fn save_tensors<'a>(path: &Path, tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>) -> Result<()> {
+    let tensors: Vec<(&str, &Tensor)> = tensors.into_iter().collect();
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let file = AtomicFile::create(path)?;
+    safetensors::serialize_to_file(tensors, Some(metadata), file.path())?;
+    file.commit()
 }
 
 /// Every tensor a Llama model of `config` has, with its shape, by Hugging Face name.

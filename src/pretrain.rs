@@ -1,0 +1,450 @@
+//! Pretraining: token Parquet concatenated (every document ends with EOS), cut into fixed-length
+//! blocks, shuffled by seed each epoch, and trained on next-token cross-entropy by the engine.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde_json::{Map, Value, json};
+
+use crate::data::{ColumnType, Kind, ParquetSource, meta};
+use crate::error::{Result, bad_input, usage};
+use crate::model::folder::{self, ModelFiles, ModelFolder};
+use crate::model::{ForwardOptions, Llama, LlamaConfig, Params};
+use crate::progress;
+use crate::tokenizer::{LoadedTokenizer, PAD_TOKEN, check_tokens_match};
+use crate::train::{Evaluation, StepLoss, Task};
+
+/// The shape of a new model (`[model]` in a recipe); the vocabulary comes from the tokenizer.
+#[derive(Clone, Debug)]
+pub struct ModelShape {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Defaults to `num_attention_heads`.
+    pub num_key_value_heads: Option<usize>,
+    /// Defaults to the sequence length.
+    pub max_position_embeddings: Option<usize>,
+    pub tie_word_embeddings: bool,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+}
+
+pub struct PretrainOptions {
+    pub inputs: Vec<PathBuf>,
+    /// The tokenizer the tokens were encoded with (file or model folder); defaults to `--init`'s.
+    pub tokenizer: Option<PathBuf>,
+    /// Continue from this model folder instead of a fresh model.
+    pub init: Option<String>,
+    pub shape: ModelShape,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub init_std: f64,
+    pub seed: u64,
+    pub val: Option<PathBuf>,
+    pub val_fraction: Option<f64>,
+    pub eval_batches: usize,
+    pub device: Device,
+}
+
+/// Fixed-length windows over a token stream: block `i` is `tokens[start..start + len + 1]`
+/// (inputs and their next-token targets).
+#[derive(Clone)]
+struct Blocks {
+    tokens: Arc<Vec<u32>>,
+    starts: Vec<usize>,
+}
+
+impl Blocks {
+    fn cut(tokens: Arc<Vec<u32>>, seq_len: usize) -> Self {
+        let starts = (0..).map(|i| i * seq_len).take_while(|s| s + seq_len < tokens.len()).collect();
+        Blocks { tokens, starts }
+    }
+
+    fn split_tail(mut self, fraction: f64) -> (Blocks, Blocks) {
+        let held = ((self.starts.len() as f64 * fraction).ceil() as usize).clamp(1, self.starts.len().saturating_sub(1).max(1));
+        let tail = self.starts.split_off(self.starts.len() - held);
+        let val = Blocks { tokens: self.tokens.clone(), starts: tail };
+        (self, val)
+    }
+}
+
+/// Files for the model folder besides weights and config.
+struct FolderParts {
+    tokenizer_json: String,
+    tokenizer_config: Map<String, Value>,
+    chat_template: Option<String>,
+    generation_config: Option<Value>,
+}
+
+pub struct PretrainTask {
+    config: LlamaConfig,
+    params: Params,
+    model: Llama,
+    parts: FolderParts,
+    train: Blocks,
+    val: Option<Blocks>,
+    seq_len: usize,
+    batch_size: usize,
+    eval_batches: usize,
+    seed: u64,
+    epoch: u64,
+    position: usize,
+    order: Vec<usize>,
+    device: Device,
+    unigram_entropy: f64,
+}
+
+impl PretrainTask {
+    /// Check every input and build the model; nothing is trained yet.
+    pub fn new(options: PretrainOptions) -> Result<Self> {
+        if options.seq_len == 0 {
+            return Err(usage("--seq-len must be at least 1"));
+        }
+        let init = options.init.as_deref().map(ModelFolder::open).transpose()?;
+        let tokenizer = match (&options.tokenizer, &init) {
+            (Some(path), _) => LoadedTokenizer::load(path)?,
+            (None, Some(folder)) => folder.load_tokenizer()?,
+            (None, None) => {
+                return Err(usage("give --tokenizer (the tokenizer.json the tokens were encoded with) or --init MODEL"));
+            }
+        };
+        let (tokens, eos_id) = read_tokens(&options.inputs, &tokenizer)?;
+        let config = match &init {
+            Some(folder) => {
+                if tokenizer.vocab_size > folder.config.vocab_size {
+                    return Err(bad_input(
+                        &tokenizer.path,
+                        format!(
+                            "vocabulary of {} tokens, but --init model {} has {} embedding rows",
+                            tokenizer.vocab_size,
+                            folder.dir.display(),
+                            folder.config.vocab_size
+                        ),
+                    ));
+                }
+                folder.config.clone()
+            }
+            None => new_config(&options.shape, &tokenizer, eos_id, options.seq_len)?,
+        };
+        if options.seq_len > config.max_position_embeddings {
+            return Err(usage(format!(
+                "--seq-len {} is longer than the model's max_position_embeddings {}",
+                options.seq_len, config.max_position_embeddings
+            )));
+        }
+        let params = match &init {
+            Some(folder) => folder.load_params(&options.device)?,
+            None => Params::init(&config, options.init_std, options.seed, &options.device)?,
+        };
+        let model = Llama::new(&config, &params)?;
+        let parts = folder_parts(&tokenizer, init.as_ref(), options.tokenizer.as_deref(), eos_id)?;
+
+        let tokens = Arc::new(tokens);
+        let unigram_entropy = unigram_entropy(&tokens, config.vocab_size);
+        let blocks = Blocks::cut(tokens.clone(), options.seq_len);
+        if blocks.starts.is_empty() {
+            return Err(bad_input(
+                &options.inputs[0],
+                format!("the inputs hold {} tokens, fewer than one block of --seq-len {} + 1", tokens.len(), options.seq_len),
+            ));
+        }
+        let (train, val) = match (&options.val, options.val_fraction) {
+            (Some(path), _) => {
+                let (val_tokens, _) = read_tokens(std::slice::from_ref(path), &tokenizer)?;
+                let val = Blocks::cut(Arc::new(val_tokens), options.seq_len);
+                if val.starts.is_empty() {
+                    return Err(bad_input(path, format!("fewer tokens than one block of --seq-len {} + 1", options.seq_len)));
+                }
+                (blocks, Some(val))
+            }
+            (None, Some(fraction)) => {
+                if blocks.starts.len() < 2 {
+                    return Err(bad_input(&options.inputs[0], "too few blocks to hold some out for --val-fraction"));
+                }
+                let (train, val) = blocks.split_tail(fraction);
+                (train, Some(val))
+            }
+            (None, None) => (blocks, None),
+        };
+        progress::log(format!(
+            "pretrain: {} parameters; {} training blocks of {} tokens{}; unigram entropy {:.3} nats",
+            params.num_elements(),
+            train.starts.len(),
+            options.seq_len,
+            val.as_ref().map_or(String::new(), |v| format!(", {} held out", v.starts.len())),
+            unigram_entropy
+        ));
+        let mut task = PretrainTask {
+            config,
+            params,
+            model,
+            parts,
+            train,
+            val,
+            seq_len: options.seq_len,
+            batch_size: options.batch_size,
+            eval_batches: options.eval_batches,
+            seed: options.seed,
+            epoch: 0,
+            position: 0,
+            order: Vec::new(),
+            device: options.device,
+            unigram_entropy,
+        };
+        task.order = task.epoch_order(0);
+        Ok(task)
+    }
+
+    /// The order of training blocks in `epoch`: a permutation fixed by the seed.
+    fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.train.starts.len()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        order.shuffle(&mut rng);
+        order
+    }
+
+    fn next_blocks(&mut self) -> Vec<usize> {
+        let mut picked = Vec::with_capacity(self.batch_size);
+        while picked.len() < self.batch_size {
+            if self.position == self.order.len() {
+                self.epoch += 1;
+                self.position = 0;
+                self.order = self.epoch_order(self.epoch);
+            }
+            picked.push(self.order[self.position]);
+            self.position += 1;
+        }
+        picked
+    }
+
+    /// Mean next-token loss over the given blocks of `blocks`.
+    fn loss(&self, blocks: &Blocks, which: &[usize]) -> Result<Tensor> {
+        let s = self.seq_len;
+        let mut inputs = Vec::with_capacity(which.len() * s);
+        let mut targets = Vec::with_capacity(which.len() * s);
+        for &block in which {
+            let start = blocks.starts[block];
+            inputs.extend_from_slice(&blocks.tokens[start..start + s]);
+            targets.extend_from_slice(&blocks.tokens[start + 1..start + s + 1]);
+        }
+        let b = which.len();
+        let inputs = Tensor::from_vec(inputs, (b, s), &self.device)?;
+        let targets = Tensor::from_vec(targets, b * s, &self.device)?;
+        let hidden = self.model.forward(&inputs, ForwardOptions::default(), None)?;
+        let logits = self.model.lm_logits(&hidden)?.reshape((b * s, self.config.vocab_size))?;
+        Ok(crate::model::ops::cross_entropy_rows(&logits, &targets)?.mean_all()?)
+    }
+}
+
+impl Task for PretrainTask {
+    fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn next_loss(&mut self) -> Result<StepLoss> {
+        let blocks = self.next_blocks();
+        let loss = self.loss(&self.train, &blocks)?;
+        let mut metrics = Map::new();
+        metrics.insert("epoch".into(), json!(self.epoch as f64 + self.position as f64 / self.order.len() as f64));
+        Ok(StepLoss { loss, tokens: (blocks.len() * self.seq_len) as u64, metrics })
+    }
+
+    fn evaluate(&mut self) -> Result<Option<Evaluation>> {
+        let Some(val) = &self.val else { return Ok(None) };
+        let count = val.starts.len();
+        let limit = if self.eval_batches == 0 { count } else { (self.eval_batches * self.batch_size).min(count) };
+        let (mut total, mut blocks) = (0f64, 0usize);
+        for chunk in (0..limit).collect::<Vec<_>>().chunks(self.batch_size) {
+            let loss = self.loss(val, chunk)?.detach().to_scalar::<f32>()? as f64;
+            total += loss * chunk.len() as f64;
+            blocks += chunk.len();
+        }
+        Ok(Some(Evaluation { loss: total / blocks as f64, metrics: Map::new() }))
+    }
+
+    fn save_model(&self, dir: &Path) -> Result<()> {
+        folder::save(
+            dir,
+            &ModelFiles {
+                config: &self.config,
+                params: &self.params,
+                tokenizer_json: &self.parts.tokenizer_json,
+                tokenizer_config: &self.parts.tokenizer_config,
+                chat_template: self.parts.chat_template.as_deref(),
+                generation_config: self.parts.generation_config.as_ref(),
+            },
+        )
+    }
+
+    fn data_state(&self) -> Value {
+        json!({"epoch": self.epoch, "position": self.position, "seed": self.seed, "blocks": self.train.starts.len()})
+    }
+
+    fn restore_data_state(&mut self, state: &Value) -> Result<()> {
+        let field = |k: &str| state.get(k).and_then(Value::as_u64);
+        let (Some(epoch), Some(position), Some(blocks)) = (field("epoch"), field("position"), field("blocks")) else {
+            return Err(crate::error::failed(format!("checkpoint data cursor is not readable: {state}")));
+        };
+        if blocks as usize != self.train.starts.len() {
+            return Err(usage(format!(
+                "--resume: the run had {blocks} training blocks, these inputs give {}; resume with the same data and --seq-len",
+                self.train.starts.len()
+            )));
+        }
+        self.seed = field("seed").unwrap_or(self.seed);
+        self.epoch = epoch;
+        self.order = self.epoch_order(epoch);
+        self.position = position as usize;
+        Ok(())
+    }
+
+    fn signature(&self) -> Value {
+        let c = &self.config;
+        json!({
+            "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads, "tie_word_embeddings": c.tie_word_embeddings,
+            "seq_len": self.seq_len,
+        })
+    }
+
+    fn summary(&self) -> Map<String, Value> {
+        let mut out = Map::new();
+        out.insert("unigram_entropy".into(), json!(self.unigram_entropy));
+        out.insert("parameters".into(), json!(self.params.num_elements()));
+        out.insert("seq_len".into(), json!(self.seq_len));
+        out
+    }
+}
+
+/// All token ids of the inputs, checked against the tokenizer; and the EOS id they used.
+fn read_tokens(paths: &[PathBuf], tokenizer: &LoadedTokenizer) -> Result<(Vec<u32>, Option<u32>)> {
+    if paths.is_empty() {
+        return Err(usage("no token files given"));
+    }
+    crate::output::check_single_stdin(paths)?;
+    let mut tokens = Vec::new();
+    let mut eos = None;
+    for path in paths {
+        let source = ParquetSource::open(path)?;
+        source.expect_kind(Kind::Tokens)?;
+        source.require("input_ids", ColumnType::IntList)?;
+        check_tokens_match(&source, tokenizer)?;
+        if source.num_rows() == 0 {
+            return Err(bad_input(source.path(), "no rows: an empty tokens file"));
+        }
+        eos = eos.or(source.meta(meta::EOS_ID).and_then(|v| v.parse().ok()));
+        for batch in source.batches(Some(&["input_ids"]), crate::data::parquet_io::DEFAULT_BATCH_ROWS)? {
+            let batch = batch?;
+            let lists = batch.int_lists("input_ids")?;
+            for i in 0..lists.len() {
+                let row = lists.row(i);
+                if let Some(bad) = row.iter().find(|&&id| id < 0 || id as usize >= tokenizer.vocab_size) {
+                    return Err(batch.error_at(i, "input_ids", format!("token id {bad} outside the vocabulary of {}", tokenizer.vocab_size)));
+                }
+                tokens.extend(row.iter().map(|&id| id as u32));
+            }
+        }
+    }
+    Ok((tokens, eos.or(tokenizer.eos_id())))
+}
+
+fn new_config(shape: &ModelShape, tokenizer: &LoadedTokenizer, eos_id: Option<u32>, seq_len: usize) -> Result<LlamaConfig> {
+    let heads = shape.num_attention_heads;
+    let kv_heads = shape.num_key_value_heads.unwrap_or(heads);
+    if heads == 0 || shape.hidden_size % heads != 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(usage(format!(
+            "model shape: hidden_size {} must divide into num_attention_heads {heads}, which must be a multiple of num_key_value_heads {kv_heads}",
+            shape.hidden_size
+        )));
+    }
+    if (shape.hidden_size / heads) % 2 != 0 {
+        return Err(usage("model shape: the head dimension (hidden_size / heads) must be even for rotary embeddings"));
+    }
+    let mut config = LlamaConfig::new(
+        tokenizer.vocab_size,
+        shape.hidden_size,
+        shape.intermediate_size,
+        shape.num_hidden_layers,
+        heads,
+        kv_heads,
+        shape.max_position_embeddings.unwrap_or(seq_len),
+        shape.tie_word_embeddings,
+    );
+    config.rope_theta = shape.rope_theta;
+    config.rms_norm_eps = shape.rms_norm_eps;
+    config.eos_token_ids = eos_id.into_iter().collect();
+    config.pad_token_id = tokenizer.tokenizer.token_to_id(PAD_TOKEN);
+    Ok(config)
+}
+
+fn folder_parts(
+    tokenizer: &LoadedTokenizer,
+    init: Option<&ModelFolder>,
+    tokenizer_arg: Option<&Path>,
+    eos_id: Option<u32>,
+) -> Result<FolderParts> {
+    let tokenizer_json = tokenizer.tokenizer.to_string(false)?;
+    // A tokenizer folder or the --init folder knows its tokenizer config; a bare
+    // tokenizer.json gets ours, naming its EOS.
+    let from_folder = tokenizer_arg.filter(|p| p.is_dir()).map(|p| p.to_string_lossy().into_owned());
+    let source_folder = match from_folder {
+        Some(dir) if Path::new(&dir).join(folder::CONFIG).exists() => Some(ModelFolder::open(&dir)?),
+        _ => None,
+    };
+    let folder = source_folder.as_ref().or(init);
+    let mut tokenizer_config = match folder {
+        Some(f) if !f.tokenizer_config.is_empty() => f.tokenizer_config.clone(),
+        _ => folder::tokenizer_config_for_trained(),
+    };
+    if folder.is_none() {
+        if let Some(eos) = eos_id.and_then(|id| tokenizer.tokenizer.id_to_token(id)) {
+            tokenizer_config.insert("eos_token".into(), json!(eos));
+        }
+        if tokenizer.tokenizer.token_to_id(PAD_TOKEN).is_none() {
+            tokenizer_config.insert("pad_token".into(), Value::Null);
+        }
+    }
+    Ok(FolderParts {
+        tokenizer_json,
+        tokenizer_config,
+        chat_template: init.and_then(|f| f.chat_template.clone()),
+        generation_config: init.and_then(|f| f.generation_config.clone()),
+    })
+}
+
+/// Entropy (nats) of the token frequency distribution: the loss of the best model that ignores
+/// context, so a model that learned anything must go below it.
+pub fn unigram_entropy(tokens: &[u32], vocab: usize) -> f64 {
+    let mut counts = vec![0u64; vocab];
+    for &t in tokens {
+        counts[t as usize] += 1;
+    }
+    let n = tokens.len() as f64;
+    counts.iter().filter(|&&c| c > 0).map(|&c| -(c as f64 / n) * (c as f64 / n).ln()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_cover_the_stream_with_next_token_targets() {
+        let tokens: Arc<Vec<u32>> = Arc::new((0..23).collect());
+        let blocks = Blocks::cut(tokens, 5);
+        assert_eq!(blocks.starts, vec![0, 5, 10, 15]);
+        let (train, val) = blocks.split_tail(0.25);
+        assert_eq!(train.starts, vec![0, 5, 10]);
+        assert_eq!(val.starts, vec![15]);
+    }
+
+    #[test]
+    fn entropy_of_a_uniform_stream_is_log_vocab() {
+        let tokens: Vec<u32> = (0..4).cycle().take(400).collect();
+        assert!((unigram_entropy(&tokens, 8) - 4f64.ln()).abs() < 1e-12);
+    }
+}
