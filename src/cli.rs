@@ -62,7 +62,8 @@ impl std::fmt::Debug for ParseError {
 
 /// The testable core of [`parse`].
 pub fn parse_from<T: CommandFactory + FromArgMatches>(argv: Vec<OsString>) -> Result<T, ParseError> {
-    let command = T::command();
+    // A flag given twice takes its last value, so scripts can append overrides.
+    let command = T::command().args_override_self(true);
     // A lenient first pass (nothing required) finds the subcommand, `--config`, and which
     // flags the user typed, even when the recipe is what supplies a required argument.
     let lenient = match relax_required(command.clone()).try_get_matches_from(&argv) {
@@ -361,6 +362,14 @@ mod tests {
         assert_eq!(t.model_hidden_size, Some(64));
         assert!(t.no_eos);
         assert_eq!(t.inputs, vec!["a.txt"]);
+    }
+
+    #[test]
+    fn a_repeated_flag_takes_its_last_value_and_positionals_accumulate() {
+        let argv: Vec<OsString> = ["t", "train", "a", "b", "--vocab-size", "8", "--vocab-size", "9"].iter().map(OsString::from).collect();
+        let Cmd::Train(t) = parse_from::<Cli>(argv).unwrap().command;
+        assert_eq!(t.vocab_size, 9);
+        assert_eq!(t.inputs, vec!["a", "b"]);
     }
 
     #[test]

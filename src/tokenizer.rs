@@ -111,6 +111,12 @@ impl LoadedTokenizer {
             .collect()
     }
 
+    /// Encode a plain-text prompt as transformers' `tokenizer(prompt)` does: special-token
+    /// strings are special, and the post-processor adds what it adds (a BOS for Llama 2, …).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode_fast(text, true)?.get_ids().to_vec())
+    }
+
     /// Encode text in which special-token strings (chat markers) are meant as special tokens.
     pub fn encode_with_specials(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.tokenizer.encode_fast(text, false)?.get_ids().to_vec())

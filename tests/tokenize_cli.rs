@@ -1,46 +1,29 @@
 //! The `tokenize` binary as a user runs it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
+
+use common::{files_in, read_texts, s, testdata, write_texts};
 
 use arrow::array::{ArrayRef, Int64Array};
 use arrow::datatypes::{DataType, Field};
 use lathe::data::records::{ChatRecord, RecordReader, RecordWriter, TextRecord, TokensRecord};
-use lathe::data::{ParquetSource, meta};
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tokenize"))
+    common::stage("tokenize")
 }
 
-fn testdata(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
+fn ok(args: &[&str]) -> std::process::Output {
+    common::ok("tokenize", args)
 }
 
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("tokenize runs")
+fn assert_refused(args: &[&str], needle: &str, dir: &Path, keep: &[&str]) {
+    common::assert_refused("tokenize", args, needle, dir, keep)
 }
-
-fn ok(args: &[&str]) -> Output {
-    let out = run(args);
-    assert!(out.status.success(), "tokenize {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn write_texts(path: &Path, texts: &[String]) {
-    let rows: Vec<TextRecord> = texts.iter().map(|t| TextRecord { text: t.clone() }).collect();
-    let mut writer = RecordWriter::<TextRecord>::create(path, "test", vec![], vec![]).unwrap();
-    writer.write(&rows, vec![]).unwrap();
-    writer.finish().unwrap();
-}
-
-fn read_texts(path: &Path) -> Vec<String> {
-    RecordReader::<TextRecord>::open(path).unwrap().read_all().unwrap().into_iter().map(|r| r.text).collect()
-}
+use lathe::data::{ParquetSource, meta};
 
 /// A tokenizer trained on Shakespeare only, so other corpora hold bytes it never saw.
 fn trained_tokenizer(dir: &Path) -> PathBuf {
@@ -195,22 +178,6 @@ fn help_and_version_exit_zero() {
     assert!(String::from_utf8_lossy(&ok(&["--version"]).stdout).contains(env!("CARGO_PKG_VERSION")));
 }
 
-/// Exit 2, exactly one line on stderr mentioning `needle`, and nothing left in `dir` but `keep`.
-fn assert_refused(args: &[&str], needle: &str, dir: &Path, keep: &[&str]) {
-    let out = run(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "tokenize {args:?}: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr}");
-    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let mut left: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    left.sort();
-    let mut expected: Vec<String> = keep.iter().map(|k| k.to_string()).collect();
-    expected.sort();
-    assert_eq!(left, expected, "tokenize {args:?} left files behind");
-}
-
 #[test]
 fn bad_inputs_exit_2_with_one_line_and_no_output() {
     let work = tempfile::tempdir().unwrap();
@@ -291,9 +258,6 @@ fn sigint_and_sigterm_exit_130_and_leave_no_output() {
         assert!(killed.success());
         let result = child.wait_with_output().unwrap();
         assert_eq!(result.status.code(), Some(130), "{signal}: {}", String::from_utf8_lossy(&result.stderr));
-        let mut left: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        left.sort();
-        assert_eq!(left, vec!["big.txt", "tokenizer.json"], "{signal} left files behind");
+        assert_eq!(files_in(dir.path()), vec!["big.txt", "tokenizer.json"], "{signal} left files behind");
     }
 }

@@ -90,10 +90,10 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(params: &Params, prefix: &str, bias: bool) -> Result<Self> {
+    fn load(params: &Weights, prefix: &str, bias: bool) -> Result<Self> {
         Ok(Linear {
-            weight: param(params, &format!("{prefix}.weight"))?,
-            bias: if bias { Some(param(params, &format!("{prefix}.bias"))?) } else { None },
+            weight: params.get(&format!("{prefix}.weight"))?,
+            bias: if bias { Some(params.get(&format!("{prefix}.bias"))?) } else { None },
         })
     }
 
@@ -111,11 +111,21 @@ impl Linear {
     }
 }
 
-fn param(params: &Params, name: &str) -> Result<Tensor> {
-    params
-        .get(name)
-        .map(|v| v.as_tensor().clone())
-        .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{name}`")))
+/// Weights by Hugging Face name, shared with the optimizer's `Var`s or detached from them.
+struct Weights<'a> {
+    params: &'a Params,
+    detach: bool,
+}
+
+impl Weights<'_> {
+    fn optional(&self, name: &str) -> Option<Tensor> {
+        let tensor = self.params.get(name)?.as_tensor();
+        Some(if self.detach { tensor.detach() } else { tensor.clone() })
+    }
+
+    fn get(&self, name: &str) -> Result<Tensor> {
+        self.optional(name).ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{name}`")))
+    }
 }
 
 /// Keys and values of one layer, `[B, kv_heads, T_cached, head_dim]`.
@@ -133,7 +143,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(params: &Params, prefix: &str, config: &LlamaConfig) -> Result<Self> {
+    fn load(params: &Weights, prefix: &str, config: &LlamaConfig) -> Result<Self> {
         let linear = |name: &str| Linear::load(params, &format!("{prefix}.{name}"), config.attention_bias);
         Ok(Attention {
             q_proj: linear("q_proj")?,
@@ -180,7 +190,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(params: &Params, prefix: &str, config: &LlamaConfig) -> Result<Self> {
+    fn load(params: &Weights, prefix: &str, config: &LlamaConfig) -> Result<Self> {
         let linear = |name: &str| Linear::load(params, &format!("{prefix}.{name}"), config.mlp_bias);
         Ok(Mlp { gate_proj: linear("gate_proj")?, up_proj: linear("up_proj")?, down_proj: linear("down_proj")? })
     }
@@ -200,12 +210,12 @@ struct Block {
 }
 
 impl Block {
-    fn load(params: &Params, layer: usize, config: &LlamaConfig) -> Result<Self> {
+    fn load(params: &Weights, layer: usize, config: &LlamaConfig) -> Result<Self> {
         let prefix = format!("model.layers.{layer}");
         Ok(Block {
-            input_layernorm: param(params, &format!("{prefix}.input_layernorm.weight"))?,
+            input_layernorm: params.get(&format!("{prefix}.input_layernorm.weight"))?,
             self_attn: Attention::load(params, &format!("{prefix}.self_attn"), config)?,
-            post_attention_layernorm: param(params, &format!("{prefix}.post_attention_layernorm.weight"))?,
+            post_attention_layernorm: params.get(&format!("{prefix}.post_attention_layernorm.weight"))?,
             mlp: Mlp::load(params, &format!("{prefix}.mlp"), config)?,
             eps: config.rms_norm_eps,
         })
@@ -265,9 +275,20 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Build from parameters already checked with [`Params::check`].
+    /// Build from parameters already checked with [`Params::check`]; training reads the same
+    /// tensors the optimizer updates.
     pub fn new(config: &LlamaConfig, params: &Params) -> Result<Self> {
-        let embed_tokens = param(params, "model.embed_tokens.weight")?;
+        Self::build(config, &Weights { params, detach: false })
+    }
+
+    /// Build for inference: the weights are detached, so no op records a backward graph (a KV
+    /// cache would otherwise keep every step's graph alive). Updates to `params` still show.
+    pub fn new_inference(config: &LlamaConfig, params: &Params) -> Result<Self> {
+        Self::build(config, &Weights { params, detach: true })
+    }
+
+    fn build(config: &LlamaConfig, params: &Weights) -> Result<Self> {
+        let embed_tokens = params.get("model.embed_tokens.weight")?;
         let device = embed_tokens.device().clone();
         let layers = (0..config.num_hidden_layers)
             .map(|layer| Block::load(params, layer, config))
@@ -275,14 +296,14 @@ impl Llama {
         let lm_head = if config.tie_word_embeddings {
             Some(embed_tokens.clone())
         } else {
-            params.get("lm_head.weight").map(|v| v.as_tensor().clone())
+            params.optional("lm_head.weight")
         };
         Ok(Llama {
             config: config.clone(),
             layers,
-            norm: param(params, "model.norm.weight")?,
+            norm: params.get("model.norm.weight")?,
             lm_head,
-            score: params.get("score.weight").map(|v| v.as_tensor().clone()),
+            score: params.optional("score.weight"),
             rope: Rope::new(config, &device)?,
             embed_tokens,
         })

@@ -406,8 +406,8 @@ fn resume<T: Task>(task: &mut T, optimizer: &mut AdamW, checkpoints: &Checkpoint
         return Err(crate::error::bad_input(
             &path,
             format!(
-                "--resume: the run was made with model {} but this command describes {}",
-                restored.state.model_signature, fresh.model_signature
+                "--resume: the run was made with another model shape ({}); resume with the same shape",
+                differences(&restored.state.model_signature, &fresh.model_signature)
             ),
         ));
     }
@@ -422,6 +422,17 @@ fn resume<T: Task>(task: &mut T, optimizer: &mut AdamW, checkpoints: &Checkpoint
     task.restore_data_state(&restored.state.data)?;
     progress::log(format!("resuming from {} (step {})", path.display(), restored.state.step));
     Ok(TrainerState { threads: fresh.threads, ..restored.state })
+}
+
+/// `key: run value → this value` for every key that differs.
+fn differences(run: &Value, now: &Value) -> String {
+    let keys: std::collections::BTreeSet<&String> =
+        run.as_object().into_iter().chain(now.as_object()).flat_map(|o| o.keys()).collect();
+    keys.into_iter()
+        .filter(|k| run.get(*k) != now.get(*k))
+        .map(|k| format!("{k}: {} → {}", run.get(k).unwrap_or(&Value::Null), now.get(k).unwrap_or(&Value::Null)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn non_finite(checkpoints: &Checkpoints, step: u64, what: &str, value: f64) -> Error {

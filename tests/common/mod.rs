@@ -1,0 +1,77 @@
+//! Helpers the binary tests share: running a stage, checking refusals, test data.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use lathe::data::records::{RecordReader, RecordWriter, TextRecord};
+
+pub fn stage(name: &str) -> Command {
+    let path = match name {
+        "tokenize" => env!("CARGO_BIN_EXE_tokenize"),
+        "pretrain" => env!("CARGO_BIN_EXE_pretrain"),
+        "generate" => env!("CARGO_BIN_EXE_generate"),
+        other => panic!("no stage {other}"),
+    };
+    Command::new(path)
+}
+
+pub fn testdata(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+pub fn run(name: &str, args: &[&str]) -> Output {
+    stage(name).args(args).output().expect("the stage runs")
+}
+
+pub fn ok(name: &str, args: &[&str]) -> Output {
+    let out = run(name, args);
+    assert!(out.status.success(), "{name} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// Exit 2, exactly one line on stderr mentioning `needle`, and nothing left in `dir` but `keep`.
+pub fn assert_refused(name: &str, args: &[&str], needle: &str, dir: &Path, keep: &[&str]) {
+    let out = run(name, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{name} {args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.trim_end().lines().filter(|l| !l.starts_with("pretrain: ") || l.contains("error")).collect();
+    assert_eq!(lines.len(), 1, "not one line: {stderr}");
+    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let mut expected: Vec<String> = keep.iter().map(|k| k.to_string()).collect();
+    expected.sort();
+    assert_eq!(files_in(dir), expected, "{name} {args:?} left files behind");
+}
+
+pub fn write_texts(path: &Path, texts: &[String]) {
+    let rows: Vec<TextRecord> = texts.iter().map(|t| TextRecord { text: t.clone() }).collect();
+    let mut writer = RecordWriter::<TextRecord>::create(path, "test", vec![], vec![]).unwrap();
+    writer.write(&rows, vec![]).unwrap();
+    writer.finish().unwrap();
+}
+
+pub fn read_texts(path: &Path) -> Vec<String> {
+    RecordReader::<TextRecord>::open(path).unwrap().read_all().unwrap().into_iter().map(|r| r.text).collect()
+}
+
+/// A tokenizer trained on Shakespeare and the Shakespeare tokens, in `dir`.
+pub fn shakespeare_tokens(dir: &Path, vocab: usize) -> (PathBuf, PathBuf) {
+    let tokenizer = dir.join("tokenizer.json");
+    let tokens = dir.join("tokens.parquet");
+    let text = testdata("pretrain_tinyshakespeare.parquet");
+    ok("tokenize", &["train", s(&text), "--vocab-size", &vocab.to_string(), "-o", s(&tokenizer), "-q"]);
+    ok("tokenize", &["encode", s(&text), "--tokenizer", s(&tokenizer), "-o", s(&tokens), "-q"]);
+    (tokenizer, tokens)
+}
