@@ -133,7 +133,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(common: &CommonArgs, body: impl FnOnce() -> Result<()>) -> ExitCode {
+fn run(common: &CommonArgs, body: impl FnOnce() -> Result<()> + Send) -> ExitCode {
     cli::init(common);
     cli::run(body)
 }
