@@ -44,38 +44,42 @@ impl Sampling {
         if self.temperature <= 0.0 {
             return argmax(logits);
         }
-        let mut scaled: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / self.temperature as f32)).collect();
-        // Most likely first; ties keep the lower id first, as a stable sort by value does.
-        scaled.sort_by(|a, b| b.1.total_cmp(&a.1));
-        if self.top_k > 0 && self.top_k < scaled.len() {
-            let threshold = scaled[self.top_k - 1].1;
-            scaled.retain(|&(_, l)| l >= threshold);
+        let inverse_t = 1.0 / self.temperature as f32;
+        let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inverse_t)).collect();
+        if self.top_k > 0 && self.top_k < candidates.len() {
+            // The k-th largest value in linear time; ties with it are kept, as transformers does.
+            let mut values: Vec<f32> = candidates.iter().map(|c| c.1).collect();
+            let (_, &mut threshold, _) = values.select_nth_unstable_by(self.top_k - 1, |a, b| b.total_cmp(a));
+            candidates.retain(|&(_, l)| l >= threshold);
         }
-        let max = scaled[0].1;
-        let mut probs: Vec<(u32, f32)> = scaled.iter().map(|&(i, l)| (i, (l - max).exp())).collect();
-        let total: f32 = probs.iter().map(|p| p.1).sum();
-        probs.iter_mut().for_each(|p| p.1 /= total);
+        let max = candidates.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0f32;
+        for candidate in &mut candidates {
+            candidate.1 = (candidate.1 - max).exp();
+            total += candidate.1;
+        }
         if self.top_p < 1.0 {
+            // Only the nucleus needs an order: most likely first, ties by id.
+            candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             let mut cumulative = 0f32;
-            let keep = probs
+            let keep = candidates
                 .iter()
-                .position(|p| {
-                    cumulative += p.1;
+                .position(|c| {
+                    cumulative += c.1 / total;
                     cumulative >= self.top_p as f32
                 })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep.max(1));
+                .map_or(candidates.len(), |i| i + 1);
+            candidates.truncate(keep.max(1));
+            total = candidates.iter().map(|c| c.1).sum();
         }
-        let total: f32 = probs.iter().map(|p| p.1).sum();
         let mut draw = rng.random::<f32>() * total;
-        for &(id, p) in &probs {
-            if draw < p {
+        for &(id, weight) in &candidates {
+            if draw < weight {
                 return id;
             }
-            draw -= p;
+            draw -= weight;
         }
-        probs.last().map_or(0, |p| p.0)
+        candidates.last().map_or(0, |c| c.0)
     }
 }
 
@@ -89,11 +93,11 @@ fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// `log softmax(logits)[token]`, in f64.
+/// `log softmax(logits)[token]`: f32 exponentials, summed in f64.
 fn log_prob(logits: &[f32], token: u32) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    logits[token as usize] as f64 - max - sum.ln()
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| (l - max).exp() as f64).sum();
+    (logits[token as usize] - max) as f64 - sum.ln()
 }
 
 /// The random stream of one (prompt, sample): independent of batching.
@@ -146,7 +150,7 @@ impl Generator<'_> {
             mask.extend(std::iter::repeat_n(0u32, pad).chain(std::iter::repeat_n(1, prompt.len())));
             positions.extend((0..longest).map(|j| j.saturating_sub(pad) as u32));
         }
-        let mut cache = self.model.new_cache();
+        let mut cache = self.model.cache_for(longest + self.max_new_tokens);
         let mut mask_tensor = Tensor::from_vec(mask, (b, longest), &device)?;
         let position_tensor = Tensor::from_vec(positions, (b, longest), &device)?;
         let options = if padded {

@@ -85,14 +85,16 @@ fn scale_frequency(inv_freq: f32, scaling: &RopeScaling) -> f32 {
 
 /// `y = x Wᵀ + b` over the last dimension.
 struct Linear {
-    weight: Tensor,
+    /// `Wᵀ`, `[in, out]` (see [`Weights::transposed`]).
+    weight_t: Tensor,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     fn load(params: &Weights, prefix: &str, bias: bool) -> Result<Self> {
+        let weight = params.get(&format!("{prefix}.weight"))?;
         Ok(Linear {
-            weight: params.get(&format!("{prefix}.weight"))?,
+            weight_t: params.transposed(&weight)?,
             bias: if bias { Some(params.get(&format!("{prefix}.bias"))?) } else { None },
         })
     }
@@ -101,12 +103,12 @@ impl Linear {
         let mut dims = x.dims().to_vec();
         let features = dims.pop().unwrap_or(1);
         let rows: usize = dims.iter().product();
-        let y = x.reshape((rows, features))?.matmul(&self.weight.t()?)?;
+        let y = x.reshape((rows, features))?.matmul(&self.weight_t)?;
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
         };
-        dims.push(self.weight.dim(0)?);
+        dims.push(self.weight_t.dim(1)?);
         y.reshape(dims)
     }
 }
@@ -126,10 +128,50 @@ impl Weights<'_> {
     fn get(&self, name: &str) -> Result<Tensor> {
         self.optional(name).ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{name}`")))
     }
+
+    /// `Wᵀ` for `x Wᵀ`: a view of the parameter when training (it changes in place every
+    /// step); a contiguous copy for inference, which gemm multiplies by small row counts twice
+    /// as fast (batch-8 decoding: 2,740 → 5,530 tokens/s).
+    fn transposed(&self, weight: &Tensor) -> Result<Tensor> {
+        if self.detach { weight.t()?.contiguous() } else { weight.t() }
+    }
 }
 
-/// Keys and values of one layer, `[B, kv_heads, T_cached, head_dim]`.
-type LayerCache = Option<(Tensor, Tensor)>;
+/// Keys and values of one layer in buffers `[B, kv_heads, capacity, head_dim]` written in
+/// place, so a decoding step copies only its new token's keys, not the whole history.
+/// Inference only: gradients do not flow through cached keys.
+#[derive(Clone, Default)]
+struct LayerCache {
+    buffers: Option<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Append `k`, `v` `[B, kv_heads, T, head_dim]`; return all keys and values so far.
+    fn append(&mut self, k: &Tensor, v: &Tensor, capacity_hint: usize) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let needed = self.len + t;
+        let capacity = self.buffers.as_ref().map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
+        if needed > capacity {
+            let (b, heads, _, d) = k.dims4()?;
+            let grown = needed.max(capacity * 2).max(capacity_hint);
+            let fresh = |old: Option<&Tensor>| -> Result<Tensor> {
+                let buffer = Tensor::zeros((b, heads, grown, d), k.dtype(), k.device())?;
+                if let Some(old) = old.filter(|_| self.len > 0) {
+                    buffer.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buffer)
+            };
+            let old = self.buffers.take();
+            self.buffers = Some((fresh(old.as_ref().map(|o| &o.0))?, fresh(old.as_ref().map(|o| &o.1))?));
+        }
+        let (kb, vb) = self.buffers.as_ref().expect("allocated above");
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?))
+    }
+}
 
 /// Grouped-query self-attention (`model.layers.{i}.self_attn.*`).
 struct Attention {
@@ -156,19 +198,15 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<(&mut LayerCache, usize)>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, d) = (self.heads, self.kv_heads, self.head_dim);
         // Projections are [B, T, heads, D]; rotary embedding writes them heads-first.
         let q = rope_heads_first(&self.q_proj.forward(x)?.reshape((b, t, heads, d))?, cos, sin)?;
         let mut k = rope_heads_first(&self.k_proj.forward(x)?.reshape((b, t, kv_heads, d))?, cos, sin)?;
         let mut v = self.v_proj.forward(x)?.reshape((b, t, kv_heads, d))?.transpose(1, 2)?.contiguous()?;
-        if let Some(cache) = cache {
-            if let Some((past_k, past_v)) = cache.take() {
-                k = Tensor::cat(&[&past_k, &k], 2)?;
-                v = Tensor::cat(&[&past_v, &v], 2)?;
-            }
-            *cache = Some((k.clone(), v.clone()));
+        if let Some((cache, capacity_hint)) = cache {
+            (k, v) = cache.append(&k, &v, capacity_hint)?;
         }
         let keys = k.dim(2)?;
         // Query heads sharing a key/value head are stacked along the row axis, so one matmul
@@ -221,7 +259,7 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<(&mut LayerCache, usize)>) -> Result<Tensor> {
         let attended = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, cos, sin, mask, cache)?;
         let x = (x + attended)?;
         let fed = self.mlp.forward(&rms_norm(&x, &self.post_attention_layernorm, self.eps)?)?;
@@ -233,11 +271,18 @@ impl Block {
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
+    /// Tokens to make room for at once (the caller's prompt + new tokens, when known).
+    capacity_hint: usize,
 }
 
 impl KvCache {
     pub fn new(layers: usize) -> Self {
-        KvCache { layers: vec![None; layers], len: 0 }
+        KvCache { layers: vec![LayerCache::default(); layers], len: 0, capacity_hint: 0 }
+    }
+
+    /// A cache that will hold `tokens` tokens without growing.
+    pub fn with_capacity(layers: usize, tokens: usize) -> Self {
+        KvCache { capacity_hint: tokens, ..Self::new(layers) }
     }
 
     /// Tokens cached so far.
@@ -269,8 +314,9 @@ pub struct Llama {
     embed_tokens: Tensor,
     layers: Vec<Block>,
     norm: Tensor,
-    lm_head: Option<Tensor>,
-    score: Option<Tensor>,
+    /// Heads as `[hidden, out]` (see [`Linear`]): `lm_head` or the tied embedding, and `score`.
+    lm_head_t: Option<Tensor>,
+    score_t: Option<Tensor>,
     rope: Rope,
 }
 
@@ -302,8 +348,8 @@ impl Llama {
             config: config.clone(),
             layers,
             norm: params.get("model.norm.weight")?,
-            lm_head,
-            score: params.optional("score.weight"),
+            lm_head_t: lm_head.map(|w| params.transposed(&w)).transpose()?,
+            score_t: params.optional("score.weight").map(|w| params.transposed(&w)).transpose()?,
             rope: Rope::new(config, &device)?,
             embed_tokens,
         })
@@ -315,6 +361,11 @@ impl Llama {
 
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+
+    /// A cache sized for `tokens` tokens per row.
+    pub fn cache_for(&self, tokens: usize) -> KvCache {
+        KvCache::with_capacity(self.layers.len(), tokens)
     }
 
     /// Final hidden states `[B, T, hidden]` (after the last norm) for token ids `[B, T]`.
@@ -330,7 +381,7 @@ impl Llama {
         let (cos, sin) = self.rope.at(past, t, options.position_ids)?;
         let mask = attention_mask(b, t, past, &options, self.device())?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], c.capacity_hint));
             x = layer.forward(&x, &cos, &sin, mask.as_ref(), layer_cache)?;
         }
         if let Some(cache) = cache {
@@ -341,20 +392,20 @@ impl Llama {
 
     /// Next-token logits `[B, T, vocab]` from hidden states.
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let weight = self
-            .lm_head
+        let weight_t = self
+            .lm_head_t
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("this model has no language-model head".into()))?;
-        project(hidden, weight)
+        project(hidden, weight_t)
     }
 
     /// Classification scores `[B, T, num_labels]` from hidden states (`score` head).
     pub fn class_scores(&self, hidden: &Tensor) -> Result<Tensor> {
-        let weight = self
-            .score
+        let weight_t = self
+            .score_t
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("this model has no `score` head".into()))?;
-        project(hidden, weight)
+        project(hidden, weight_t)
     }
 
     /// Hidden states and logits of every position.
@@ -365,9 +416,9 @@ impl Llama {
     }
 }
 
-fn project(hidden: &Tensor, weight: &Tensor) -> Result<Tensor> {
+fn project(hidden: &Tensor, weight_t: &Tensor) -> Result<Tensor> {
     let (b, t, h) = hidden.dims3()?;
-    hidden.reshape((b * t, h))?.matmul(&weight.t()?)?.reshape((b, t, weight.dim(0)?))
+    hidden.reshape((b * t, h))?.matmul(weight_t)?.reshape((b, t, weight_t.dim(1)?))
 }
 
 /// The additive mask `[1 or B, T, T_cached + T]`: causal, minus padding, minus other
