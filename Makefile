@@ -22,14 +22,26 @@ demo: build
 	$(BIN)/tokenize inspect $(DEMO)/tokens.parquet
 	@echo "== tokenize: decode back to text"
 	$(BIN)/tokenize decode $(DEMO)/tokens.parquet --tokenizer $(DEMO)/tokenizer.json -o $(DEMO)/decoded.parquet
+	@echo "== pretrain: a small Llama on the tokens (recipes/tiny.toml: ~2 minutes on 2 cores)"
+	rm -rf $(DEMO)/tiny
+	$(BIN)/pretrain $(DEMO)/tokens.parquet --tokenizer $(DEMO)/tokenizer.json --config recipes/tiny.toml -o $(DEMO)/tiny
+	@cat $(DEMO)/tiny/eval.json
+	@echo "   curves: $(DEMO)/tiny/curves.svg"
+	@echo "== generate: sample from it"
+	$(BIN)/generate testdata/demo_prompts.jsonl --model $(DEMO)/tiny -n 2 --max-new-tokens 60 --temperature 0.8 --top-p 0.95 --show 4 -o $(DEMO)/samples.parquet
 
 # One JSON object per line per figure.
+# Set REFERENCE_PYTHON to a python with torch, transformers and tokenizers (../shared/bench's
+# venv) to run the PyTorch / HF references in the same sitting.
+REFERENCE_FLAG = $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON),)
+
 bench: build
-	$(PYTHON) bench/tokenize.py
+	$(PYTHON) bench/bench_tokenize.py $(REFERENCE_FLAG)
+	$(PYTHON) bench/bench_train_generate.py $(REFERENCE_FLAG)
 
 # Also encode a ~1 GB text to show memory stays bounded (writes ~2 GB under bench-out/).
 bench-large: build
-	$(PYTHON) bench/tokenize.py --large-mb 1000
+	$(PYTHON) bench/bench_tokenize.py --large-mb 1000
 
 clean:
 	rm -rf $(DEMO) bench-out

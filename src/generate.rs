@@ -218,6 +218,8 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
     pub device: Device,
     pub config: String,
+    /// Print this many responses to the terminal when done.
+    pub show: usize,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -293,11 +295,13 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
     let started = Instant::now();
     let bar = Progress::new("generating", None, Unit::Items("tokens"));
     let mut report = GenerateReport { prompts: 0, responses: 0, new_tokens: 0, seconds: 0.0 };
+    let mut shown: Vec<ResponseRecord> = Vec::new();
     for batch in prompts.batches()? {
         let batch = batch?;
         let encoded = encode_prompts(&batch, &tokenizer, template.as_ref(), &folder, options)?;
         let completions = complete(&generator, &encoded, batch.first_row, options, &bar)?;
         let responses = to_responses(&batch, &encoded, &completions, &tokenizer, options)?;
+        shown.extend(responses.iter().take(options.show.saturating_sub(shown.len())).cloned());
         let take: Vec<u32> = (0..batch.rows.len() as u32).flat_map(|i| std::iter::repeat_n(i, options.samples)).collect();
         let take = UInt32Array::from(take);
         let mut columns = ResponseRecord::to_arrays(&responses);
@@ -315,6 +319,12 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
     }
     sink.finish()?;
     report.seconds = started.elapsed().as_secs_f64();
+    for response in &shown {
+        crate::progress::log(format!(
+            "── prompt {} sample {} ({}, {} tokens)\n{}\u{2502}{}",
+            response.prompt_id, response.sample, response.finish_reason, response.num_tokens, response.prompt, response.response
+        ));
+    }
     Ok(report)
 }
 
@@ -369,16 +379,12 @@ fn complete(generator: &Generator, encoded: &Encoded, first_row: u64, options: &
         (0..encoded.ids.len()).flat_map(|p| (0..options.samples).map(move |s| (p, s))).collect();
     jobs.sort_by_key(|&(p, _)| encoded.ids[p].len());
     let mut results: Vec<Option<Completion>> = vec![None; jobs.len()];
-    let started = Instant::now();
     for group in jobs.chunks(options.batch_size) {
         cli::check_interrupt()?;
         let prompts: Vec<Vec<u32>> = group.iter().map(|&(p, _)| encoded.ids[p].clone()).collect();
         let mut rngs: Vec<StdRng> =
             group.iter().map(|&(p, s)| sample_rng(options.seed, first_row + p as u64, s as u64)).collect();
-        let completions = generator.run(&prompts, &mut rngs, |n| {
-            bar.inc(n);
-            bar.set_message(format!("{:.0} tok/s", bar.position() as f64 / started.elapsed().as_secs_f64().max(1e-9)));
-        })?;
+        let completions = generator.run(&prompts, &mut rngs, |n| bar.inc(n))?;
         for (&(p, s), completion) in group.iter().zip(completions) {
             results[p * options.samples + s] = Some(completion);
         }

@@ -52,6 +52,9 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Print this many responses on the terminal when done (the prompt, a bar, the response).
+    #[arg(long, default_value_t = 0)]
+    show: usize,
     /// Responses Parquet to write (`-` for standard output).
     #[arg(short, long)]
     output: PathBuf,
@@ -86,6 +89,7 @@ fn run(args: &Args) -> Result<()> {
         ignore_eos: args.ignore_eos,
         device: lathe::model::device(&args.device)?,
         config: cli::resolved_config(args)?,
+        show: args.show,
     })?;
     log_report("generated", &[
         ("prompts", report.prompts.to_string()),

@@ -40,11 +40,17 @@ fn panel(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, title: &str, li
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 18))
         .margin(10)
+        .margin_right(30)
         .x_label_area_size(30)
         .y_label_area_size(60)
         .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)
         .map_err(|e| draw(&e))?;
-    chart.configure_mesh().x_desc("step").draw().map_err(|e| draw(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(|e| draw(&e))?;
     for (label, points, color) in lines {
         if points.is_empty() {
             continue;

@@ -8,13 +8,14 @@ Workloads mirror ../shared/bench/tokenize_ref.py so the figures compare with the
                per non-empty line
 Each figure is the whole command, reading and writing files included; peak RSS is the child's.
 
-  python3 bench/tokenize.py                        # lathe only
-  python3 bench/tokenize.py --large-mb 1000        # also encode a ~1 GB text (memory stays bounded)
-  python3 bench/tokenize.py --reference-python PY  # also run ../shared/bench/tokenize_ref.py with PY
+  python3 bench/bench_tokenize.py                        # lathe only
+  python3 bench/bench_tokenize.py --large-mb 1000        # also encode a ~1 GB text (memory stays bounded)
+  python3 bench/bench_tokenize.py --reference-python PY  # also run ../shared/bench/tokenize_ref.py with PY
 """
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -63,7 +64,7 @@ def repeat_to(source, path, mb):
 
 
 def timed(args):
-    """Run a command; return (seconds, peak RSS of that child in MB)."""
+    """Run a command; return (seconds, peak RSS of that child in MB, its stderr)."""
     start = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -71,7 +72,7 @@ def timed(args):
     stderr = proc.stderr.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"failed: {' '.join(args)}\n{stderr}")
-    return seconds, usage.ru_maxrss / 1024.0
+    return seconds, usage.ru_maxrss / 1024.0, stderr
 
 
 def text_bytes(corpus):
@@ -100,19 +101,22 @@ def bench_corpus(name, corpus, vocab, threads, repeats):
     tokenizer = os.path.join(OUT, f"tok_{name}_{vocab}.json")
     tokens = os.path.join(OUT, f"tokens_{name}.parquet")
     common = ["--threads", str(threads), "-q"]
-    seconds, rss = timed([BIN, "train", corpus, "--vocab-size", str(vocab), "-o", tokenizer] + paragraphs + common)
+    seconds, rss, _ = timed([BIN, "train", corpus, "--vocab-size", str(vocab), "-o", tokenizer] + paragraphs + common)
     emit({"bench": "tokenize_train", "corpus": name, "vocab": vocab, "threads": threads,
           "seconds": round(seconds, 3), "peak_rss_mb": round(rss, 1)})
-    runs = [timed([BIN, "encode", corpus, "--tokenizer", tokenizer, "--no-eos", "-o", tokens] + paragraphs + common)
+    # Without -q the stage reports its own MB/s, timed after loading (as the reference times
+    # encode_batch in memory); the whole command adds process start and the tokenizer load.
+    runs = [timed([BIN, "encode", corpus, "--tokenizer", tokenizer, "--no-eos", "-o", tokens, "--threads", str(threads)] + paragraphs)
             for _ in range(repeats)]
     seconds = sorted(r[0] for r in runs)[len(runs) // 2]
     rss = max(r[1] for r in runs)
+    in_stage = sorted(float(re.search(r"MB/s ([0-9.]+)", r[2]).group(1)) for r in runs)[len(runs) // 2]
     size = text_bytes(corpus)
     summary = json.loads(subprocess.run([BIN, "inspect", tokens, "--json"], capture_output=True, check=True).stdout)
     n_tokens = summary["tokens"]["total"]
     emit({"bench": "tokenize_encode", "corpus": name, "vocab": vocab, "threads": threads,
           "text_mb": round(size / 1e6, 3), "seconds": round(seconds, 3),
-          "mb_per_s": round(size / 1e6 / seconds, 2), "tokens_per_s": round(n_tokens / seconds),
+          "mb_per_s": round(size / 1e6 / seconds, 2), "mb_per_s_in_stage": in_stage, "tokens_per_s": round(n_tokens / seconds),
           "tokens": n_tokens, "peak_rss_mb": round(rss, 1)})
 
 
@@ -120,7 +124,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--synthetic-mb", type=float, default=10.0)
     ap.add_argument("--large-mb", type=float, default=0.0, help="also encode a text of this size")
     ap.add_argument("--reference-python", default=None, help="python with `tokenizers` to run the reference")
@@ -143,7 +147,7 @@ def main():
             repeat_to(synthetic, large, args.large_mb)
         tokenizer = os.path.join(OUT, f"tok_synthetic10MB_lines_{args.vocab}.json")
         tokens = os.path.join(OUT, "tokens_large.parquet")
-        seconds, rss = timed([BIN, "encode", large, "--tokenizer", tokenizer, "--no-eos", "-o", tokens,
+        seconds, rss, _ = timed([BIN, "encode", large, "--tokenizer", tokenizer, "--no-eos", "-o", tokens,
                               "--threads", str(args.threads), "-q"])
         size = os.path.getsize(large)
         emit({"bench": "tokenize_encode", "corpus": f"large{int(args.large_mb)}MB_lines", "threads": args.threads,

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Benchmark `pretrain` and `generate` on the shapes of ../shared/bench/; one JSON object per line.
+
+  pretrain  recipes/bench-tiny.toml (vocab 4096, hidden 256, intermediate 688, 4 layers, 4 heads,
+            tied embeddings, seq 256, batch 8, AdamW lr 3e-4 (0.9, 0.95), wd 0.1, no clipping):
+            3 warm-up steps, then tokens/s over 20 timed steps (the reference's workload), and the
+            peak RSS of the whole command. The token ids are real text (the 10 MB pydoc corpus
+            encoded with a 4096 vocabulary): the compute does not depend on which ids they are.
+  generate  the model that run wrote: 16-ish-token prompts, 128 new tokens each (EOS ignored, as the
+            reference sets min_new_tokens), batch 1 (64 prompts one at a time) and batch 8 (64
+            prompts, 8 at a time), greedy and plain sampling (temperature 1, no top-k/top-p).
+
+  python3 bench/bench_train_generate.py                        # lathe only
+  python3 bench/bench_train_generate.py --reference-python PY  # also ../shared/bench's PyTorch scripts
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "bench-out")
+BIN = os.path.join(ROOT, "target", "release")
+REFERENCE = os.path.join(ROOT, "..", "shared", "bench")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from bench_tokenize import make_synthetic  # noqa: E402
+
+
+def emit(record):
+    print(json.dumps(record), flush=True)
+
+
+def run(args, **kw):
+    """Run a command; return (seconds, peak RSS MB, stderr)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = proc.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(args)}\n{stderr}")
+    return seconds, usage.ru_maxrss / 1024.0, stderr
+
+
+def prepare(threads):
+    synthetic = os.path.join(OUT, "synthetic_pydoc_10MB.txt")
+    if not os.path.exists(synthetic):
+        make_synthetic(synthetic, 10.0)
+    tokenizer = os.path.join(OUT, "tok_bench_4096.json")
+    tokens = os.path.join(OUT, "bench_tokens.parquet")
+    if not os.path.exists(tokens):
+        run([f"{BIN}/tokenize", "train", synthetic, "--vocab-size", "4096", "-o", tokenizer, "-q"])
+        run([f"{BIN}/tokenize", "encode", synthetic, "--tokenizer", tokenizer, "-o", tokens, "-q", "--threads", str(threads)])
+    return tokenizer, tokens
+
+
+def bench_pretrain(tokenizer, tokens, threads):
+    run_dir = os.path.join(OUT, "bench_tiny_run")
+    subprocess.run(["rm", "-rf", run_dir], check=True)
+    _, rss, _ = run([f"{BIN}/pretrain", tokens, "--tokenizer", tokenizer, "--config", os.path.join(ROOT, "recipes", "bench-tiny.toml"),
+                     "-o", run_dir, "--threads", str(threads), "-q"])
+    steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
+    timed = steps[3:23]
+    tokens_total = 8 * 256 * len(timed)
+    seconds = sum(8 * 256 / s["tokens_per_second"] for s in timed)
+    emit({"bench": "pretrain", "recipe": "bench-tiny", "threads": threads, "timed_steps": len(timed),
+          "tokens_per_s": round(tokens_total / seconds, 1), "ms_per_step": round(1000 * seconds / len(timed), 1),
+          "peak_rss_mb": round(rss, 1)})
+    return run_dir
+
+
+def bench_generate(model, threads):
+    prompts = os.path.join(OUT, "bench_prompts.jsonl")
+    base = "The quick brown fox jumps over the lazy dog while the cat sleeps near"
+    with open(prompts, "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"prompt": f"{base} {i}"}) + "\n")
+    for batch in (1, 8):
+        for mode, temperature in (("greedy", "0"), ("sample", "1")):
+            rates = []
+            for _ in range(3):
+                _, _, stderr = run([f"{BIN}/generate", prompts, "--model", model, "--max-new-tokens", "128", "--ignore-eos",
+                                    "--temperature", temperature, "--top-p", "1", "--top-k", "0", "--batch-size", str(batch),
+                                    "-o", os.path.join(OUT, "bench_responses.parquet"), "--threads", str(threads)])
+                rates.append(float(re.search(r"tokens/s ([0-9.]+)", stderr).group(1)))
+            emit({"bench": "generate", "batch": batch, "mode": mode, "new_tokens": 128, "threads": threads,
+                  "tokens_per_s": sorted(rates)[1]})
+
+
+def bench_reference(python, threads):
+    train_json = os.path.join(OUT, "reference_train.json")
+    ckpt = os.path.join(OUT, "reference_tiny_llama")
+    subprocess.run([python, os.path.join(REFERENCE, "train_tiny_llama.py"), "--threads", str(threads), "--save-dir", ckpt,
+                    "--json", train_json], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train = json.load(open(train_json))
+    emit({"bench": "reference_pretrain", "impl": "pytorch-eager", "threads": threads,
+          "tokens_per_s": round(train["tokens_per_s"], 1), "ms_per_step": round(train["ms_per_step_mean"], 1),
+          "peak_rss_mb": round(train["peak_rss_mib"] * 1.048576, 1)})
+    gen_json = os.path.join(OUT, "reference_generate.json")
+    subprocess.run([python, os.path.join(REFERENCE, "generate_ref.py"), "--threads", str(threads), "--model-dir", ckpt,
+                    "--json", gen_json], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for result in json.load(open(gen_json))["results"]:
+        emit({"bench": "reference_generate", "impl": "hf-generate", "batch": result["batch"], "mode": result["mode"],
+              "new_tokens": 128, "threads": threads, "tokens_per_s": round(result["tokens_per_s"], 1)})
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reference-python", default=None, help="python with torch + transformers for ../shared/bench")
+    args = ap.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    tokenizer, tokens = prepare(args.threads)
+    model = bench_pretrain(tokenizer, tokens, args.threads)
+    bench_generate(model, args.threads)
+    if args.reference_python:
+        bench_reference(args.reference_python, args.threads)
+
+
+if __name__ == "__main__":
+    main()
