@@ -19,30 +19,17 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench-out")
 BIN = os.path.join(ROOT, "target", "release")
 REFERENCE = os.path.join(ROOT, "..", "shared", "bench")
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from bench_tokenize import make_synthetic  # noqa: E402
+from bench_tokenize import make_synthetic, timed as run  # noqa: E402
 
 
 def emit(record):
     print(json.dumps(record), flush=True)
-
-
-def run(args, **kw):
-    """Run a command; return (seconds, peak RSS MB, stderr)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = proc.stderr.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(args)}\n{stderr}")
-    return seconds, usage.ru_maxrss / 1024.0, stderr
 
 
 def prepare(threads):

@@ -328,7 +328,9 @@ impl Llama {
     }
 
     /// Build for inference: the weights are detached, so no op records a backward graph (a KV
-    /// cache would otherwise keep every step's graph alive). Updates to `params` still show.
+    /// cache would otherwise keep every step's graph alive), and projections are stored
+    /// transposed. This is a snapshot: after the parameters change (a training step), build a
+    /// new one.
     pub fn new_inference(config: &LlamaConfig, params: &Params) -> Result<Self> {
         Self::build(config, &Weights { params, detach: true })
     }
