@@ -214,3 +214,83 @@ fn a_used_run_folder_needs_resume() {
     assert!(e.to_string().contains("--resume"), "{e}");
     assert!(check_run_dir(dir.path(), true).is_ok());
 }
+
+/// The fixture task, but the loss of step `nan_at` is NaN.
+struct PoisonedTask {
+    inner: FixtureTask,
+    nan_at: usize,
+}
+
+impl Task for PoisonedTask {
+    fn params(&self) -> &Params {
+        self.inner.params()
+    }
+    fn next_loss(&mut self) -> Result<StepLoss> {
+        let mut out = self.inner.next_loss()?;
+        if self.inner.next == self.nan_at {
+            out.loss = (out.loss * f64::NAN)?;
+        }
+        Ok(out)
+    }
+    fn evaluate(&mut self) -> Result<Option<Evaluation>> {
+        Ok(None)
+    }
+    fn save_model(&self, dir: &Path) -> Result<()> {
+        self.inner.save_model(dir)
+    }
+    fn data_state(&self) -> Value {
+        self.inner.data_state()
+    }
+    fn restore_data_state(&mut self, state: &Value) -> Result<()> {
+        self.inner.restore_data_state(state)
+    }
+    fn signature(&self) -> Value {
+        self.inner.signature()
+    }
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_naming_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = fixture_args(8);
+    args.checkpoint_every = 2;
+    let mut task = PoisonedTask { inner: FixtureTask::new(), nan_at: 5 };
+    let e = train(&mut task, &args, &setup(dir.path())).err().unwrap();
+    assert_eq!(e.exit_code(), 1);
+    let message = e.to_string();
+    assert!(message.contains("step 5: loss is NaN") && message.contains("step-4"), "{message}");
+    let steps: Vec<u64> = Checkpoints::new(dir.path(), 2).list().unwrap().iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, vec![2, 4], "the checkpoints before the NaN are intact");
+    assert!(!dir.path().join("model.safetensors").exists(), "no final model from a failed run");
+}
+
+#[test]
+fn pruning_keeps_the_newest_and_the_best() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = Checkpoints::new(dir.path(), 2);
+    let task = FixtureTask::new();
+    let mut state = TrainerState {
+        step: 0,
+        optimizer_steps: 0,
+        tokens_seen: 0,
+        learning_rate: 0.0,
+        data: json!({}),
+        guard: OutlierGuard::default(),
+        eval_loss: None,
+        best: None,
+        model_signature: json!({}),
+        config_sha256: String::new(),
+        seed: 1,
+        threads: 1,
+    };
+    for (step, eval_loss) in [(10, 3.0), (20, 2.0), (30, 2.5), (40, 2.6), (50, 2.7)] {
+        state.step = step;
+        state.eval_loss = Some(eval_loss);
+        if state.best.as_ref().is_none_or(|b| eval_loss < b.eval_loss) {
+            state.best = Some(BestEval { step, eval_loss });
+        }
+        checkpoints.save(&state, &[], |d| task.save_model(d)).unwrap();
+    }
+    let kept: Vec<u64> = checkpoints.list().unwrap().iter().map(|(s, _)| *s).collect();
+    assert_eq!(kept, vec![20, 40, 50]);
+}
