@@ -318,6 +318,12 @@ pub fn check_interrupt() -> Result<()> {
 
 const WORKER_STACK_BYTES: usize = 256 << 20;
 
+/// What every binary's `main` does: set up from the common flags, run the body, exit.
+pub fn start(common: &CommonArgs, body: impl FnOnce() -> Result<()> + Send) -> ExitCode {
+    init(common);
+    run(body)
+}
+
 /// Run a stage body and turn its result into the process exit code, printing one error line.
 ///
 /// The body runs on a rayon worker: a parallel kernel started from a worker runs its first

@@ -65,8 +65,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args: Args = cli::parse();
-    cli::init(&args.common);
-    cli::run(|| run(&args))
+    cli::start(&args.common, || run(&args))
 }
 
 fn run(args: &Args) -> Result<()> {

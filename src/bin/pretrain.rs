@@ -69,8 +69,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args: Args = cli::parse();
-    cli::init(&args.common);
-    cli::run(|| pretrain(&args))
+    cli::start(&args.common, || pretrain(&args))
 }
 
 fn pretrain(args: &Args) -> Result<()> {

@@ -126,16 +126,11 @@ struct InspectArgs {
 fn main() -> ExitCode {
     let parsed: Cli = cli::parse();
     match parsed.command {
-        Command::Train(args) => run(&args.common, || train(&args)),
-        Command::Encode(args) => run(&args.common, || encode(&args)),
-        Command::Decode(args) => run(&args.common, || decode(&args)),
-        Command::Inspect(args) => run(&args.common, || inspect(&args)),
+        Command::Train(args) => cli::start(&args.common, || train(&args)),
+        Command::Encode(args) => cli::start(&args.common, || encode(&args)),
+        Command::Decode(args) => cli::start(&args.common, || decode(&args)),
+        Command::Inspect(args) => cli::start(&args.common, || inspect(&args)),
     }
-}
-
-fn run(common: &CommonArgs, body: impl FnOnce() -> Result<()> + Send) -> ExitCode {
-    cli::init(common);
-    cli::run(body)
 }
 
 fn train(args: &TrainArgs) -> Result<()> {
