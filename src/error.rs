@@ -95,25 +95,3 @@ impl From<tokenizers::Error> for Error {
         Error::Failed(anyhow::anyhow!("{e}"))
     }
 }
-
-/// Attach a file to any error, turning it into bad input (exit 2).
-pub trait InputContext<T> {
-    fn input_context(self, file: impl AsRef<Path>, what: impl Display) -> Result<T>;
-}
-
-impl<T, E: Display> InputContext<T> for std::result::Result<T, E> {
-    fn input_context(self, file: impl AsRef<Path>, what: impl Display) -> Result<T> {
-        self.map_err(|e| bad_input(file, format!("{what}: {e}")))
-    }
-}
-
-/// Attach context to a runtime failure (exit 1).
-pub trait FailContext<T> {
-    fn fail_context(self, what: impl Display) -> Result<T>;
-}
-
-impl<T, E: Display> FailContext<T> for std::result::Result<T, E> {
-    fn fail_context(self, what: impl Display) -> Result<T> {
-        self.map_err(|e| failed(format!("{what}: {e}")))
-    }
-}

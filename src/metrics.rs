@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Map, Value};
 
@@ -11,14 +11,13 @@ use crate::error::Result;
 
 pub struct MetricsWriter {
     file: File,
-    path: PathBuf,
 }
 
 impl MetricsWriter {
     /// Start a fresh file.
     pub fn create(path: &Path) -> Result<Self> {
         let file = File::create(path)?;
-        Ok(MetricsWriter { file, path: path.to_path_buf() })
+        Ok(MetricsWriter { file })
     }
 
     /// Continue an existing file after a resume, dropping lines logged after `step` (they
@@ -50,10 +49,6 @@ impl MetricsWriter {
         writeln!(self.file, "{line}")?;
         self.file.flush()?;
         Ok(())
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

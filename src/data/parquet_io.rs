@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Int32Type, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
@@ -234,10 +234,6 @@ impl IntLists {
 }
 
 impl Batch {
-    pub fn new(data: RecordBatch, first_row: u64, path: &Path) -> Self {
-        Batch { data, first_row, path: Arc::from(path) }
-    }
-
     pub fn len(&self) -> usize {
         self.data.num_rows()
     }
@@ -464,10 +460,4 @@ impl ParquetSink {
         self.writer.into_inner()?.commit()?;
         Ok(self.rows)
     }
-}
-
-/// Build a batch from named columns (schema fields inferred from the arrays, nullable).
-pub fn batch_of(columns: Vec<(Field, ArrayRef)>) -> Result<RecordBatch> {
-    let (fields, arrays): (Vec<Field>, Vec<ArrayRef>) = columns.into_iter().unzip();
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
 }

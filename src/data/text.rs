@@ -131,10 +131,6 @@ impl TextInput {
         &self.shown
     }
 
-    pub fn format(&self) -> TextFormat {
-        self.format
-    }
-
     /// The carried column's field, when this input has one.
     pub fn carried_field(&self) -> Option<&Field> {
         self.carried.as_ref()

@@ -153,10 +153,6 @@ impl LlamaConfig {
         })
     }
 
-    pub fn kv_groups(&self) -> usize {
-        self.num_attention_heads / self.num_key_value_heads
-    }
-
     /// `config.json` as transformers writes it: every original key, ours updated, weights f32.
     pub fn to_json(&self) -> Value {
         let mut out = self.raw.clone();

@@ -69,10 +69,6 @@ impl Params {
         self.vars.get(name)
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.vars.contains_key(name)
-    }
-
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.vars.keys().map(String::as_str)
     }
