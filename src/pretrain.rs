@@ -340,13 +340,9 @@ fn read_tokens(paths: &[PathBuf], tokenizer: &LoadedTokenizer) -> Result<(Vec<u3
         eos = eos.or(source.meta(meta::EOS_ID).and_then(|v| v.parse().ok()));
         for batch in source.batches(Some(&["input_ids"]), crate::data::parquet_io::DEFAULT_BATCH_ROWS)? {
             let batch = batch?;
-            let lists = batch.int_lists("input_ids")?;
+            let lists = batch.token_ids("input_ids", tokenizer.vocab_size)?;
             for i in 0..lists.len() {
-                let row = lists.row(i);
-                if let Some(bad) = row.iter().find(|&&id| id < 0 || id as usize >= tokenizer.vocab_size) {
-                    return Err(batch.error_at(i, "input_ids", format!("token id {bad} outside the vocabulary of {}", tokenizer.vocab_size)));
-                }
-                tokens.extend(row.iter().map(|&id| id as u32));
+                tokens.extend(lists.row(i).iter().map(|&id| id as u32));
             }
         }
     }

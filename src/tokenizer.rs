@@ -441,21 +441,9 @@ pub fn decode(options: &DecodeOptions) -> Result<DecodeReport> {
     for batch in source.batches(None, DEFAULT_BATCH_ROWS)? {
         cli::check_interrupt()?;
         let batch = batch?;
-        let lists = batch.int_lists("input_ids")?;
-        let mut rows: Vec<&[u32]> = Vec::with_capacity(lists.len());
-        let ids: Vec<Vec<u32>> = (0..lists.len())
-            .map(|i| {
-                let row = lists.row(i);
-                match row.iter().find(|&&id| id < 0 || id as usize >= tokenizer.vocab_size) {
-                    Some(bad) => Err(batch.error_at(
-                        i,
-                        "input_ids",
-                        format!("token id {bad} outside the vocabulary (size {})", tokenizer.vocab_size),
-                    )),
-                    None => Ok(row.iter().map(|&id| id as u32).collect()),
-                }
-            })
-            .collect::<Result<_>>()?;
+        let lists = batch.token_ids("input_ids", tokenizer.vocab_size)?;
+        let ids: Vec<Vec<u32>> = (0..lists.len()).map(|i| lists.row(i).iter().map(|&id| id as u32).collect()).collect();
+        let mut rows: Vec<&[u32]> = Vec::with_capacity(ids.len());
         for row in &ids {
             let strip = match (eos_appended, eos, row.last()) {
                 (Some(false), _, _) => false,

@@ -334,6 +334,17 @@ impl Batch {
         Ok(IntLists { offsets: list.offsets().clone(), values: values.values().clone() })
     }
 
+    /// Token ids: integer lists whose every id is in `0..vocab`.
+    pub fn token_ids(&self, name: &str, vocab: usize) -> Result<IntLists> {
+        let lists = self.int_lists(name)?;
+        for i in 0..lists.len() {
+            if let Some(bad) = lists.row(i).iter().find(|&&id| id < 0 || id as usize >= vocab) {
+                return Err(self.error_at(i, name, format!("token id {bad} outside the vocabulary of {vocab}")));
+            }
+        }
+        Ok(lists)
+    }
+
     /// A column of string lists, one `Vec<String>` per row.
     pub fn string_lists(&self, name: &str) -> Result<Vec<Vec<String>>> {
         let to = DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true)));

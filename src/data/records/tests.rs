@@ -189,3 +189,16 @@ fn not_parquet_and_empty_files_are_bad_input() {
     assert!(ParquetSource::open(&empty).err().unwrap().to_string().contains("empty file"));
     assert!(ParquetSource::open(&dir.path().join("none.parquet")).err().unwrap().to_string().contains("no such file"));
 }
+
+#[test]
+fn token_ids_outside_the_vocabulary_name_their_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.parquet");
+    let lists = LargeListArray::from_iter_primitive::<Int64Type, _, _>(vec![Some(vec![Some(1), Some(2)]), Some(vec![Some(5000)])]);
+    write_batch(&path, vec![("input_ids", Arc::new(lists))]);
+    let batch = ParquetSource::open(&path).unwrap().batches(None, 16).unwrap().next().unwrap().unwrap();
+    assert!(batch.token_ids("input_ids", 5001).is_ok());
+    let e = batch.token_ids("input_ids", 4096).err().unwrap();
+    assert_eq!(e.exit_code(), 2);
+    assert!(e.to_string().contains("row 1, column `input_ids`: token id 5000 outside the vocabulary of 4096"), "{e}");
+}
