@@ -387,24 +387,27 @@ fn folder_parts(
     let tokenizer_json = tokenizer.tokenizer.to_string(false)?;
     // A tokenizer folder or the --init folder knows its tokenizer config; a bare
     // tokenizer.json gets ours, naming its EOS.
-    let from_folder = tokenizer_arg.filter(|p| p.is_dir()).map(|p| p.to_string_lossy().into_owned());
-    let source_folder = match from_folder {
-        Some(dir) if Path::new(&dir).join(folder::CONFIG).exists() => Some(ModelFolder::open(&dir)?),
-        _ => None,
+    let from_tokenizer_folder = match tokenizer_arg.filter(|p| p.is_dir()) {
+        Some(dir) => folder::read_tokenizer_config(dir)?,
+        None => Map::new(),
     };
-    let folder = source_folder.as_ref().or(init);
-    let mut tokenizer_config = match folder {
-        Some(f) if !f.tokenizer_config.is_empty() => f.tokenizer_config.clone(),
-        _ => folder::tokenizer_config_for_trained(),
+    let known = [Some(from_tokenizer_folder), init.map(|f| f.tokenizer_config.clone())]
+        .into_iter()
+        .flatten()
+        .find(|config| !config.is_empty());
+    let tokenizer_config = match known {
+        Some(config) => config,
+        None => {
+            let mut config = folder::tokenizer_config_for_trained();
+            if let Some(eos) = eos_id.and_then(|id| tokenizer.tokenizer.id_to_token(id)) {
+                config.insert("eos_token".into(), json!(eos));
+            }
+            if tokenizer.tokenizer.token_to_id(PAD_TOKEN).is_none() {
+                config.insert("pad_token".into(), Value::Null);
+            }
+            config
+        }
     };
-    if folder.is_none() {
-        if let Some(eos) = eos_id.and_then(|id| tokenizer.tokenizer.id_to_token(id)) {
-            tokenizer_config.insert("eos_token".into(), json!(eos));
-        }
-        if tokenizer.tokenizer.token_to_id(PAD_TOKEN).is_none() {
-            tokenizer_config.insert("pad_token".into(), Value::Null);
-        }
-    }
     Ok(FolderParts {
         tokenizer_json,
         tokenizer_config,

@@ -80,11 +80,7 @@ impl ModelFolder {
         }
         let config = LlamaConfig::from_file(&config_path)?;
         let generation_config = read_json_if_present(&dir.join(GENERATION_CONFIG))?;
-        let tokenizer_config = match read_json_if_present(&dir.join(TOKENIZER_CONFIG))? {
-            Some(Value::Object(map)) => map,
-            Some(_) => return Err(bad_input(dir.join(TOKENIZER_CONFIG), "expected a JSON object")),
-            None => Map::new(),
-        };
+        let tokenizer_config = read_tokenizer_config(&dir)?;
         let chat_template = read_chat_template(&dir, &tokenizer_config)?;
         Ok(ModelFolder { dir, config, generation_config, tokenizer_config, chat_template })
     }
@@ -188,6 +184,15 @@ fn read_chat_template(dir: &Path, tokenizer_config: &Map<String, Value>) -> Resu
             .and_then(|t| t["template"].as_str().map(str::to_string)),
         _ => None,
     })
+}
+
+/// A folder's `tokenizer_config.json`; empty when it has none.
+pub fn read_tokenizer_config(dir: &Path) -> Result<Map<String, Value>> {
+    match read_json_if_present(&dir.join(TOKENIZER_CONFIG))? {
+        Some(Value::Object(map)) => Ok(map),
+        Some(_) => Err(bad_input(dir.join(TOKENIZER_CONFIG), "expected a JSON object")),
+        None => Ok(Map::new()),
+    }
 }
 
 /// The EOS token a folder's `tokenizer_config.json` names, if any.
