@@ -5,16 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
 use serde_json::{Map, Value, json};
 
 use crate::data::{ColumnType, Kind, ParquetSource, meta};
 use crate::error::{Result, bad_input, usage};
-use crate::model::folder::{self, ModelFiles, ModelFolder};
+use crate::model::folder::{self, FolderParts, ModelFolder};
 use crate::model::{ForwardOptions, Llama, LlamaConfig, Params};
 use crate::progress;
 use crate::tokenizer::{LoadedTokenizer, PAD_TOKEN, check_tokens_match};
+use crate::train::cursor::{EpochCursor, shuffled};
 use crate::train::{Evaluation, StepLoss, Task};
 
 /// The shape of a new model (`[model]` in a recipe); the vocabulary comes from the tokenizer.
@@ -72,14 +71,6 @@ impl Blocks {
     }
 }
 
-/// Files for the model folder besides weights and config.
-struct FolderParts {
-    tokenizer_json: String,
-    tokenizer_config: Map<String, Value>,
-    chat_template: Option<String>,
-    generation_config: Option<Value>,
-}
-
 pub struct PretrainTask {
     config: LlamaConfig,
     params: Params,
@@ -90,10 +81,7 @@ pub struct PretrainTask {
     seq_len: usize,
     batch_size: usize,
     eval_batches: usize,
-    seed: u64,
-    epoch: u64,
-    position: usize,
-    order: Vec<usize>,
+    cursor: EpochCursor<usize>,
     device: Device,
     unigram_entropy: f64,
 }
@@ -178,7 +166,8 @@ impl PretrainTask {
             val.as_ref().map_or(String::new(), |v| format!(", {} held out", v.starts.len())),
             unigram_entropy
         ));
-        let mut task = PretrainTask {
+        let (blocks_count, seed) = (train.starts.len(), options.seed);
+        Ok(PretrainTask {
             config,
             params,
             model,
@@ -188,37 +177,10 @@ impl PretrainTask {
             seq_len: options.seq_len,
             batch_size: options.batch_size,
             eval_batches: options.eval_batches,
-            seed: options.seed,
-            epoch: 0,
-            position: 0,
-            order: Vec::new(),
+            cursor: EpochCursor::new(move |epoch| shuffled(blocks_count, seed, epoch)),
             device: options.device,
             unigram_entropy,
-        };
-        task.order = task.epoch_order(0);
-        Ok(task)
-    }
-
-    /// The order of training blocks in `epoch`: a permutation fixed by the seed.
-    fn epoch_order(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.train.starts.len()).collect();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        order.shuffle(&mut rng);
-        order
-    }
-
-    fn next_blocks(&mut self) -> Vec<usize> {
-        let mut picked = Vec::with_capacity(self.batch_size);
-        while picked.len() < self.batch_size {
-            if self.position == self.order.len() {
-                self.epoch += 1;
-                self.position = 0;
-                self.order = self.epoch_order(self.epoch);
-            }
-            picked.push(self.order[self.position]);
-            self.position += 1;
-        }
-        picked
+        })
     }
 
     /// Mean next-token loss over the given blocks of `blocks`.
@@ -246,10 +208,10 @@ impl Task for PretrainTask {
     }
 
     fn next_loss(&mut self) -> Result<StepLoss> {
-        let blocks = self.next_blocks();
+        let blocks = self.cursor.take(self.batch_size);
         let loss = self.loss(&self.train, &blocks)?;
         let mut metrics = Map::new();
-        metrics.insert("epoch".into(), json!(self.epoch as f64 + self.position as f64 / self.order.len() as f64));
+        metrics.insert("epoch".into(), json!(self.cursor.epochs()));
         Ok(StepLoss { loss, tokens: (blocks.len() * self.seq_len) as u64, metrics })
     }
 
@@ -263,43 +225,19 @@ impl Task for PretrainTask {
             total += loss * chunk.len() as f64;
             blocks += chunk.len();
         }
-        Ok(Some(Evaluation { loss: total / blocks as f64, metrics: Map::new() }))
+        Ok(Some(Evaluation { loss: total / blocks as f64, perplexity: true, metrics: Map::new() }))
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        folder::save(
-            dir,
-            &ModelFiles {
-                config: &self.config,
-                params: &self.params,
-                tokenizer_json: &self.parts.tokenizer_json,
-                tokenizer_config: &self.parts.tokenizer_config,
-                chat_template: self.parts.chat_template.as_deref(),
-                generation_config: self.parts.generation_config.as_ref(),
-            },
-        )
+        self.parts.save(dir, &self.config, &self.params)
     }
 
     fn data_state(&self) -> Value {
-        json!({"epoch": self.epoch, "position": self.position, "seed": self.seed, "blocks": self.train.starts.len()})
+        self.cursor.state()
     }
 
     fn restore_data_state(&mut self, state: &Value) -> Result<()> {
-        let field = |k: &str| state.get(k).and_then(Value::as_u64);
-        let (Some(epoch), Some(position), Some(blocks)) = (field("epoch"), field("position"), field("blocks")) else {
-            return Err(crate::error::failed(format!("checkpoint data cursor is not readable: {state}")));
-        };
-        if blocks as usize != self.train.starts.len() {
-            return Err(usage(format!(
-                "--resume: the run had {blocks} training blocks, these inputs give {}; resume with the same data and --seq-len",
-                self.train.starts.len()
-            )));
-        }
-        self.seed = field("seed").unwrap_or(self.seed);
-        self.epoch = epoch;
-        self.order = self.epoch_order(epoch);
-        self.position = position as usize;
-        Ok(())
+        self.cursor.restore(state)
     }
 
     fn signature(&self) -> Value {

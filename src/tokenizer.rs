@@ -122,6 +122,25 @@ impl LoadedTokenizer {
         Ok(self.tokenizer.encode_fast(text, false)?.get_ids().to_vec())
     }
 
+    /// Ids and the byte range each token came from, special-token strings meant as special.
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let encoding = self.tokenizer.encode(text, add_special_tokens)?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+    }
+
+    /// Add special tokens the tokenizer lacks; returns the ones added (the vocabulary grows).
+    pub fn add_special_tokens(&mut self, tokens: &[&str]) -> Result<Vec<String>> {
+        let missing: Vec<String> =
+            tokens.iter().filter(|t| self.tokenizer.token_to_id(t).is_none()).map(|t| t.to_string()).collect();
+        if missing.is_empty() {
+            return Ok(missing);
+        }
+        let added: Vec<AddedToken> = missing.iter().map(|t| AddedToken::from(t.clone(), true)).collect();
+        self.tokenizer.add_special_tokens(added);
+        *self = Self::from_tokenizer(self.tokenizer.clone(), &self.path, self.eos_token.clone())?;
+        Ok(missing)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         Ok(self.tokenizer.decode(ids, false)?)
     }

@@ -229,6 +229,42 @@ pub struct ModelFiles<'a> {
     pub generation_config: Option<&'a Value>,
 }
 
+/// A model folder's files besides config and weights, as a training stage carries them from
+/// its input model to its output.
+#[derive(Clone)]
+pub struct FolderParts {
+    pub tokenizer_json: String,
+    pub tokenizer_config: Map<String, Value>,
+    pub chat_template: Option<String>,
+    pub generation_config: Option<Value>,
+}
+
+impl FolderParts {
+    /// The parts of an existing folder, with its tokenizer as loaded (possibly grown).
+    pub fn of(folder: &ModelFolder, tokenizer: &LoadedTokenizer) -> Result<Self> {
+        Ok(FolderParts {
+            tokenizer_json: tokenizer.tokenizer.to_string(false)?,
+            tokenizer_config: folder.tokenizer_config.clone(),
+            chat_template: folder.chat_template.clone(),
+            generation_config: folder.generation_config.clone(),
+        })
+    }
+
+    pub fn save(&self, dir: &Path, config: &LlamaConfig, params: &Params) -> Result<()> {
+        save(
+            dir,
+            &ModelFiles {
+                config,
+                params,
+                tokenizer_json: &self.tokenizer_json,
+                tokenizer_config: &self.tokenizer_config,
+                chat_template: self.chat_template.as_deref(),
+                generation_config: self.generation_config.as_ref(),
+            },
+        )
+    }
+}
+
 /// Write a model folder in transformers' layout. Each file lands atomically.
 pub fn save(dir: &Path, files: &ModelFiles) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| bad_input(dir, format!("cannot create folder: {e}")))?;

@@ -89,6 +89,25 @@ impl Params {
         self.vars.values().map(|v| v.elem_count()).sum()
     }
 
+    /// Grow the embedding (and an untied LM head) to `rows` rows, each new row the mean of the
+    /// old ones, as transformers' `resize_token_embeddings` does: new tokens start as an
+    /// average token rather than noise. Returns whether anything grew.
+    pub fn grow_vocab(&mut self, rows: usize) -> Result<bool> {
+        let mut grew = false;
+        for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+            let Some(var) = self.vars.get(name) else { continue };
+            let (old, hidden) = var.dims2()?;
+            if old >= rows {
+                continue;
+            }
+            let mean = var.as_tensor().mean_keepdim(0)?;
+            let grown = Tensor::cat(&[var.as_tensor(), &mean.broadcast_as((rows - old, hidden))?.contiguous()?], 0)?;
+            self.insert(name, grown)?;
+            grew = true;
+        }
+        Ok(grew)
+    }
+
     /// Check names and shapes against a config before building a model from them.
     pub fn check(&self, config: &LlamaConfig, source: &Path) -> Result<()> {
         for (name, shape) in expected_shapes(config) {

@@ -36,6 +36,9 @@ pub struct TrainerState {
     pub data: Value,
     pub guard: OutlierGuard,
     pub eval_loss: Option<f64>,
+    /// The latest evaluation's record (`eval_loss`, `eval_accuracy`, …).
+    #[serde(default)]
+    pub eval_metrics: serde_json::Map<String, Value>,
     pub best: Option<BestEval>,
     /// The model's shape: a resumed run must have the same.
     pub model_signature: Value,

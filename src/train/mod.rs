@@ -5,10 +5,12 @@
 //! `metrics.jsonl`, progress, the final model folder and `curves.svg`.
 
 pub mod checkpoint;
+pub mod cursor;
 pub mod curves;
 pub mod guard;
 pub mod optim;
 pub mod schedule;
+pub mod sequences;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -149,6 +151,8 @@ pub struct StepLoss {
 /// A held-out evaluation.
 pub struct Evaluation {
     pub loss: f64,
+    /// The loss is a mean token negative log-likelihood, so `eval_perplexity` means something.
+    pub perplexity: bool,
     /// Extra metrics (TRL names), logged beside `eval_loss`.
     pub metrics: Map<String, Value>,
 }
@@ -189,6 +193,8 @@ pub struct TrainReport {
     pub steps: u64,
     pub final_loss: f64,
     pub eval_loss: Option<f64>,
+    /// The final evaluation's figures by metric name (`eval_accuracy`, …).
+    pub eval_metrics: Map<String, Value>,
     pub tokens_per_second: f64,
     pub seconds: f64,
 }
@@ -234,6 +240,7 @@ pub fn train<T: Task>(task: &mut T, args: &TrainArgs, setup: &RunSetup) -> Resul
         data: task.data_state(),
         guard: OutlierGuard::default(),
         eval_loss: None,
+        eval_metrics: Map::new(),
         best: None,
         model_signature: task.signature(),
         config_sha256: sha256_hex(&setup.config_toml),
@@ -326,6 +333,7 @@ pub fn train<T: Task>(task: &mut T, args: &TrainArgs, setup: &RunSetup) -> Resul
         steps: state.step,
         final_loss: last_loss,
         eval_loss: final_eval,
+        eval_metrics: if final_eval.is_some() { state.eval_metrics.clone() } else { Map::new() },
         tokens_per_second: tokens_this_run as f64 / seconds.max(1e-9),
         seconds,
     };
@@ -365,18 +373,16 @@ fn evaluate<T: Task>(task: &mut T, state: &mut TrainerState, metrics: &mut Metri
     let mut record = Map::new();
     record.insert("step".into(), json!(state.step));
     record.insert("eval_loss".into(), json!(evaluation.loss));
-    record.insert("eval_perplexity".into(), json!(evaluation.loss.exp()));
+    if evaluation.perplexity {
+        record.insert("eval_perplexity".into(), json!(evaluation.loss.exp()));
+    }
     for (k, v) in &evaluation.metrics {
         record.insert(format!("eval_{k}"), v.clone());
     }
     metrics.log(&record)?;
-    progress::log(format!(
-        "step {}: eval_loss {:.4} (perplexity {:.2})",
-        state.step,
-        evaluation.loss,
-        evaluation.loss.exp()
-    ));
+    progress::log(format!("step {}: {}", state.step, describe_eval(&record)));
     state.eval_loss = Some(evaluation.loss);
+    state.eval_metrics = record;
     if state.best.as_ref().is_none_or(|b| evaluation.loss < b.eval_loss) {
         state.best = Some(BestEval { step: state.step, eval_loss: evaluation.loss });
     }
@@ -444,6 +450,16 @@ fn non_finite(checkpoints: &Checkpoints, step: u64, what: &str, value: f64) -> E
     failed(format!("step {step}: {what} is {value}; stopped without updating the weights; {advice}"))
 }
 
+/// `eval_loss 0.6931, eval_accuracy 0.5, …`: the scalar eval figures of a record.
+fn describe_eval(record: &Map<String, Value>) -> String {
+    record
+        .iter()
+        .filter(|(k, v)| k.starts_with("eval_") && v.is_number())
+        .map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn status_line(loss: f64, eval_loss: Option<f64>, tokens_per_second: f64, lr: f64) -> String {
     let eval = eval_loss.map_or(String::new(), |e| format!(" eval {e:.3}"));
     format!("loss {loss:.3}{eval} | {tokens_per_second:.0} tok/s | lr {lr:.2e}")
@@ -454,7 +470,9 @@ fn write_eval_json<T: Task>(run_dir: &Path, task: &T, state: &TrainerState, repo
     out.insert("step".into(), json!(state.step));
     out.insert("train_loss".into(), json!(report.final_loss));
     out.insert("eval_loss".into(), json!(report.eval_loss));
-    out.insert("eval_perplexity".into(), json!(report.eval_loss.map(f64::exp)));
+    for (k, v) in state.eval_metrics.iter().filter(|(k, _)| k.starts_with("eval_")) {
+        out.insert(k.clone(), v.clone());
+    }
     out.insert("best".into(), json!(state.best));
     out.insert("tokens_seen".into(), json!(state.tokens_seen));
     out.insert("tokens_per_second".into(), json!(report.tokens_per_second));

@@ -1,0 +1,102 @@
+//! Variable-length token sequences for the fine-tuning stages: the over-length policy, right
+//! padding, and reading one position per row.
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::progress;
+
+/// What to do with a sequence longer than `--max-length`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Truncation {
+    /// Keep the start, cut the end.
+    Right,
+    /// Keep the end (the answer and its EOS), cut the start.
+    Left,
+    /// Leave the example out.
+    Drop,
+}
+
+/// Counts of what the length policy did, reported before training.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LengthReport {
+    pub examples: usize,
+    pub truncated: usize,
+    pub dropped: usize,
+}
+
+impl LengthReport {
+    pub fn log(&self, what: &str, max_length: usize, policy: Truncation) {
+        if self.truncated + self.dropped == 0 {
+            return;
+        }
+        let action = match policy {
+            Truncation::Drop => format!("{} dropped", self.dropped),
+            _ => format!("{} truncated ({policy:?}){}", self.truncated, match self.dropped {
+                0 => String::new(),
+                n => format!(", {n} dropped"),
+            }),
+        };
+        progress::log(format!(
+            "{what}: {} of {} examples were longer than --max-length {max_length}: {action}",
+            self.truncated + self.dropped,
+            self.examples
+        ));
+    }
+}
+
+/// The part of `0..len` a policy keeps, `None` to drop.
+pub fn kept_range(len: usize, max_length: usize, policy: Truncation) -> Option<std::ops::Range<usize>> {
+    if len <= max_length {
+        return Some(0..len);
+    }
+    match policy {
+        Truncation::Right => Some(0..max_length),
+        Truncation::Left => Some(len - max_length..len),
+        Truncation::Drop => None,
+    }
+}
+
+/// `[B, T]` ids right-padded with `pad` to the longest row. Under causal attention padding at
+/// the end is never seen by a real token, so no attention mask is needed.
+pub fn pad_right(rows: &[&[u32]], pad: u32, device: &Device) -> Result<Tensor> {
+    let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(rows.len() * longest);
+    for row in rows {
+        ids.extend_from_slice(row);
+        ids.extend(std::iter::repeat_n(pad, longest - row.len()));
+    }
+    Ok(Tensor::from_vec(ids, (rows.len(), longest), device)?)
+}
+
+/// Rows of `hidden` `[B, T, H]` at one position each (`positions[b] < T`): `[B, H]`.
+pub fn gather_positions(hidden: &Tensor, positions: &[usize]) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    let index: Vec<u32> = positions.iter().enumerate().map(|(row, &p)| (row * t + p) as u32).collect();
+    let index = Tensor::from_vec(index, positions.len(), hidden.device())?;
+    Ok(hidden.reshape((b * t, h))?.index_select(&index, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_policies_keep_the_promised_part() {
+        assert_eq!(kept_range(5, 8, Truncation::Drop), Some(0..5));
+        assert_eq!(kept_range(10, 8, Truncation::Right), Some(0..8));
+        assert_eq!(kept_range(10, 8, Truncation::Left), Some(2..10));
+        assert_eq!(kept_range(10, 8, Truncation::Drop), None);
+    }
+
+    #[test]
+    fn padding_and_gathering_line_up() {
+        let ids = pad_right(&[&[5, 6, 7], &[8]], 1, &Device::Cpu).unwrap();
+        assert_eq!(ids.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7], vec![8, 1, 1]]);
+        let hidden = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((2, 3, 2)).unwrap();
+        let picked = gather_positions(&hidden, &[2, 0]).unwrap();
+        assert_eq!(picked.to_vec2::<f32>().unwrap(), vec![vec![4.0, 5.0], vec![6.0, 7.0]]);
+    }
+}
