@@ -81,7 +81,6 @@ macro_rules! runtime_errors {
 
 runtime_errors!(
     std::io::Error,
-    candle_core::Error,
     arrow::error::ArrowError,
     parquet::errors::ParquetError,
     serde_json::Error,
@@ -89,6 +88,18 @@ runtime_errors!(
     minijinja::Error,
     toml::ser::Error,
 );
+
+impl From<candle_core::Error> for Error {
+    /// With `RUST_BACKTRACE` set candle attaches a backtrace to its errors; the message stays
+    /// one line.
+    fn from(e: candle_core::Error) -> Self {
+        let mut e = e;
+        while let candle_core::Error::WithBacktrace { inner, .. } = e {
+            e = *inner;
+        }
+        Error::Failed(anyhow::Error::new(e))
+    }
+}
 
 impl From<tokenizers::Error> for Error {
     fn from(e: tokenizers::Error) -> Self {

@@ -11,7 +11,9 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod pretrain;
+pub mod sft;
 pub mod progress;
+pub mod reward;
 pub mod tokenizer;
 pub mod train;
 

@@ -136,7 +136,7 @@ impl LoadedTokenizer {
             return Ok(missing);
         }
         let added: Vec<AddedToken> = missing.iter().map(|t| AddedToken::from(t.clone(), true)).collect();
-        self.tokenizer.add_special_tokens(added);
+        self.tokenizer.add_special_tokens(added)?;
         *self = Self::from_tokenizer(self.tokenizer.clone(), &self.path, self.eos_token.clone())?;
         Ok(missing)
     }

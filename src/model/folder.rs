@@ -202,7 +202,7 @@ pub fn read_eos_token(dir: &Path) -> Result<Option<String>> {
 }
 
 /// Special tokens as a template sees them (`bos_token`, `eos_token`, …).
-fn special_tokens(tokenizer_config: &Map<String, Value>) -> Vec<(String, String)> {
+pub fn special_tokens(tokenizer_config: &Map<String, Value>) -> Vec<(String, String)> {
     ["bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"]
         .iter()
         .filter_map(|key| tokenizer_config.get(*key).and_then(token_string).map(|t| (key.to_string(), t)))

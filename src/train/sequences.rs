@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::progress;
 
 /// What to do with a sequence longer than `--max-length`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Truncation {
     /// Keep the start, cut the end.
@@ -34,7 +34,7 @@ impl LengthReport {
         }
         let action = match policy {
             Truncation::Drop => format!("{} dropped", self.dropped),
-            _ => format!("{} truncated ({policy:?}){}", self.truncated, match self.dropped {
+            _ => format!("{} truncated ({}){}", self.truncated, format!("{policy:?}").to_lowercase(), match self.dropped {
                 0 => String::new(),
                 n => format!(", {n} dropped"),
             }),

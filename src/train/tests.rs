@@ -277,6 +277,7 @@ fn pruning_keeps_the_newest_and_the_best() {
         data: json!({}),
         guard: OutlierGuard::default(),
         eval_loss: None,
+        eval_metrics: Default::default(),
         best: None,
         model_signature: json!({}),
         config_sha256: String::new(),

@@ -1,0 +1,642 @@
+//! Supervised fine-tuning: chat (`messages`) or prompt/completion data, rendered with the model's
+//! chat template (ChatML when it has none), trained with next-token loss on the answers only.
+//!
+//! Which tokens are answers is found on the rendered text, not by tokenizing pieces apart (BPE
+//! merges across piece boundaries): each assistant turn's span is the text its rendering adds
+//! after the generation prompt, and a token is an answer token when it starts inside a span.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use candle_core::{D, Device, Tensor};
+use rand::seq::SliceRandom;
+use serde_json::{Map, Value, json};
+
+use crate::data::records::{ChatRecord, PromptCompletionRecord, RecordReader};
+use crate::data::{Message, ParquetSource};
+use crate::error::{Result, bad_input, usage};
+use crate::model::chat::CHATML;
+use crate::model::folder::{FolderParts, ModelFolder};
+use crate::model::fused::IGNORE_INDEX;
+use crate::model::{ChatTemplate, ForwardOptions, Head, Llama, LlamaConfig, Params};
+use crate::progress;
+use crate::tokenizer::{IM_END_TOKEN, IM_START_TOKEN, LoadedTokenizer, PAD_TOKEN};
+use crate::train::cursor::{EpochCursor, epoch_rng, shuffled};
+use crate::train::sequences::{LengthReport, Truncation, kept_range};
+use crate::train::{Evaluation, StepLoss, Task};
+
+/// Batches are formed from windows of this many batches' worth of examples sorted by length,
+/// so a batch holds similar lengths (little padding) while batch order stays random.
+const LENGTH_GROUP_BATCHES: usize = 16;
+
+pub struct SftOptions {
+    pub inputs: Vec<PathBuf>,
+    pub model: String,
+    /// A Jinja chat template file to use instead of the model's.
+    pub chat_template: Option<PathBuf>,
+    /// Render prompt/completion rows as a user turn and an assistant turn.
+    pub prompt_completion_as_chat: bool,
+    pub train_on_prompt: bool,
+    pub max_length: usize,
+    pub truncation: Truncation,
+    pub packing: bool,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub val: Option<PathBuf>,
+    pub val_fraction: Option<f64>,
+    pub eval_batches: usize,
+    pub device: Device,
+}
+
+/// A rendered, tokenized sample: ids and whether each token is an answer token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Marked {
+    pub ids: Vec<u32>,
+    pub trained: Vec<bool>,
+}
+
+/// One training sequence: input ids, the target at each position (the next id), and whether
+/// the loss counts that target.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub targets: Vec<u32>,
+    pub counted: Vec<bool>,
+}
+
+impl Example {
+    /// Next-token targets of a marked sample: position `p` predicts token `p + 1`, counted when
+    /// that token is an answer token.
+    pub fn shifted(marked: &Marked) -> Self {
+        let n = marked.ids.len();
+        let targets = (0..n).map(|p| marked.ids.get(p + 1).copied().unwrap_or(IGNORE_INDEX)).collect();
+        let counted = (0..n).map(|p| p + 1 < n && marked.trained[p + 1]).collect();
+        Example { ids: marked.ids.clone(), targets, counted }
+    }
+
+    fn targets_counted(&self) -> usize {
+        self.counted.iter().filter(|&&c| c).count()
+    }
+}
+
+/// A training row: one example, or several packed together.
+pub type Row = Vec<usize>;
+
+/// How conversations become text: the template, and how the answer tokens are found.
+pub struct Renderer {
+    template: Option<ChatTemplate>,
+    train_on_prompt: bool,
+    prompt_completion_as_chat: bool,
+    eos_id: Option<u32>,
+}
+
+impl Renderer {
+    /// Encode a conversation, marking every assistant turn's tokens (or all tokens with
+    /// `--train-on-prompt`). `Ok(None)`: the conversation has no assistant turn to learn.
+    pub fn chat(&self, tokenizer: &LoadedTokenizer, messages: &[Message]) -> std::result::Result<Option<Marked>, String> {
+        let template = self.template.as_ref().ok_or("chat data needs a chat template")?;
+        let render = |messages: &[Message], generation_prompt: bool| {
+            template.render(messages, generation_prompt).map_err(|e| e.to_string())
+        };
+        let text = render(messages, false)?;
+        let mut spans = Vec::new();
+        for (k, message) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
+            let prompt = render(&messages[..k], true)?;
+            let through = render(&messages[..=k], false)?;
+            if !through.starts_with(&prompt) || !text.starts_with(&through) {
+                return Err(format!(
+                    "the chat template does not render conversations incrementally (turn {k}, {}), so the assistant tokens cannot be found; pass --train-on-prompt or another --chat-template",
+                    message.role
+                ));
+            }
+            spans.push(prompt.len()..through.len());
+        }
+        if spans.is_empty() && !self.train_on_prompt {
+            return Ok(None);
+        }
+        let (ids, offsets) = tokenizer.encode_with_offsets(&text, false).map_err(|e| e.to_string())?;
+        Ok(Some(self.mark(ids, &offsets, &spans)))
+    }
+
+    /// Encode a prompt/completion pair: the completion is the answer; EOS ends it.
+    pub fn prompt_completion(&self, tokenizer: &LoadedTokenizer, prompt: &str, completion: &str) -> std::result::Result<Option<Marked>, String> {
+        if self.prompt_completion_as_chat {
+            return self.chat(tokenizer, &[Message::new("user", prompt), Message::new("assistant", completion)]);
+        }
+        let text = format!("{prompt}{completion}");
+        let (mut ids, mut offsets) = tokenizer.encode_with_offsets(&text, true).map_err(|e| e.to_string())?;
+        if let Some(eos) = self.eos_id {
+            ids.push(eos);
+            offsets.push((text.len(), text.len() + 1));
+        }
+        Ok(Some(self.mark(ids, &offsets, &[prompt.len()..text.len() + 1])))
+    }
+
+    fn mark(&self, ids: Vec<u32>, offsets: &[(usize, usize)], spans: &[Range<usize>]) -> Marked {
+        let trained = offsets
+            .iter()
+            .map(|&(start, _)| self.train_on_prompt || spans.iter().any(|s| s.contains(&start)))
+            .collect();
+        Marked { ids, trained }
+    }
+}
+
+/// What reading and encoding the data found, reported before training.
+#[derive(Default)]
+struct DataReport {
+    rows: usize,
+    without_answer: usize,
+    /// Rows whose answer the length policy cut away entirely.
+    answer_cut: usize,
+    lengths: LengthReport,
+    answer_tokens: usize,
+    tokens: usize,
+}
+
+pub struct SftTask {
+    config: LlamaConfig,
+    params: Params,
+    model: Llama,
+    parts: FolderParts,
+    train: Vec<Example>,
+    val: Vec<Example>,
+    cursor: EpochCursor<Row>,
+    rows_per_batch: usize,
+    eval_batch: usize,
+    eval_batches: usize,
+    pad_id: u32,
+    packing: bool,
+    max_length: usize,
+    report: DataReport,
+}
+
+impl SftTask {
+    /// Read and check everything, then build the model; nothing is trained yet.
+    pub fn new(options: SftOptions) -> Result<Self> {
+        if options.max_length < 2 {
+            return Err(usage("--max-length must be at least 2"));
+        }
+        crate::output::check_single_stdin(&options.inputs)?;
+        let folder = ModelFolder::open(&options.model)?;
+        if folder.config.head != Head::CausalLm {
+            return Err(bad_input(&folder.dir, "is a sequence classifier (LlamaForSequenceClassification); sft needs a causal LM"));
+        }
+        if options.max_length > folder.config.max_position_embeddings {
+            return Err(usage(format!(
+                "--max-length {} is longer than model {}'s max_position_embeddings {}",
+                options.max_length,
+                folder.dir.display(),
+                folder.config.max_position_embeddings
+            )));
+        }
+        let mut tokenizer = folder.load_tokenizer()?;
+        if tokenizer.vocab_size > folder.config.vocab_size {
+            return Err(bad_input(
+                tokenizer.path.clone(),
+                format!("{} tokens, but the model has {} embedding rows: tokenizer and model do not match", tokenizer.vocab_size, folder.config.vocab_size),
+            ));
+        }
+        let sources = open_sources(&options.inputs)?;
+        let val_sources = options.val.as_ref().map(|p| open_sources(std::slice::from_ref(p))).transpose()?;
+        let has_chat = sources.iter().chain(val_sources.iter().flatten()).any(|s| matches!(s, Source::Chat(_)))
+            || options.prompt_completion_as_chat;
+
+        let mut parts = FolderParts::of(&folder, &tokenizer)?;
+        let mut config = folder.config.clone();
+        let template_source = match &options.chat_template {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| bad_input(path, format!("cannot read the chat template: {e}")))?),
+            None => folder.chat_template.clone(),
+        };
+        let template_source = match template_source {
+            Some(source) => Some(source),
+            None if has_chat => {
+                let added = tokenizer.add_special_tokens(&[IM_START_TOKEN, IM_END_TOKEN])?;
+                progress::log(format!(
+                    "note: model {} has no chat template; using ChatML{}",
+                    folder.dir.display(),
+                    if added.is_empty() { String::new() } else { format!(" and adding the special tokens {}", added.join(", ")) }
+                ));
+                let im_end = tokenizer.tokenizer.token_to_id(IM_END_TOKEN).expect("added above");
+                add_stop_token(&mut config, &mut parts, im_end);
+                Some(CHATML.to_string())
+            }
+            None => None,
+        };
+        let template = template_source
+            .as_deref()
+            .map(|source| ChatTemplate::new(source, crate::model::folder::special_tokens(&parts.tokenizer_config)))
+            .transpose()?;
+        parts.chat_template = template_source;
+
+        let eos_id = config.eos_token_ids.first().copied().or(tokenizer.eos_id());
+        let pad_id = config.pad_token_id.or_else(|| tokenizer.tokenizer.token_to_id(PAD_TOKEN)).or(eos_id).unwrap_or(0);
+        if Some(pad_id) == eos_id && config.pad_token_id.is_some() {
+            progress::log(format!(
+                "note: the pad token is EOS (id {pad_id}); lathe masks padding by position, not by id, so EOS is still learned"
+            ));
+        }
+        if eos_id.is_none() {
+            progress::log("warning: the model names no EOS token; prompt/completion answers get no end marker");
+        }
+        let renderer = Renderer {
+            template,
+            train_on_prompt: options.train_on_prompt,
+            prompt_completion_as_chat: options.prompt_completion_as_chat,
+            eos_id,
+        };
+
+        let mut report = DataReport::default();
+        let mut examples = encode_sources(&sources, &renderer, &tokenizer, &options, &mut report)?;
+        let mut val_report = DataReport::default();
+        let val = match (val_sources, options.val_fraction) {
+            (Some(sources), _) => encode_sources(&sources, &renderer, &tokenizer, &options, &mut val_report)?,
+            (None, Some(fraction)) => {
+                if examples.len() < 2 {
+                    return Err(bad_input(&options.inputs[0], "too few examples to hold some out for --val-fraction"));
+                }
+                let held = ((examples.len() as f64 * fraction).ceil() as usize).clamp(1, examples.len() - 1);
+                examples.split_off(examples.len() - held)
+            }
+            (None, None) => Vec::new(),
+        };
+        if examples.is_empty() {
+            return Err(bad_input(&options.inputs[0], "no training examples left (every row was dropped; see the lines above)"));
+        }
+
+        if tokenizer.vocab_size > config.vocab_size {
+            let mut params = folder.load_params(&options.device)?;
+            params.grow_vocab(tokenizer.vocab_size)?;
+            progress::log(format!("note: embedding grown from {} to {} rows", config.vocab_size, tokenizer.vocab_size));
+            config.vocab_size = tokenizer.vocab_size;
+            parts.tokenizer_json = tokenizer.tokenizer.to_string(false)?;
+            return Self::assemble(config, params, parts, examples, val, pad_id, &options, report);
+        }
+        let params = folder.load_params(&options.device)?;
+        Self::assemble(config, params, parts, examples, val, pad_id, &options, report)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: LlamaConfig,
+        params: Params,
+        parts: FolderParts,
+        train: Vec<Example>,
+        val: Vec<Example>,
+        pad_id: u32,
+        options: &SftOptions,
+        report: DataReport,
+    ) -> Result<Self> {
+        let model = Llama::new(&config, &params)?;
+        let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
+        let (seed, batch) = (options.seed, options.batch_size);
+        let (cursor, rows_per_batch) = if options.packing {
+            let rows = pack(&lengths, options.max_length);
+            progress::log(format!(
+                "sft: packed {} examples into {} rows of up to {} tokens ({:.0}% filled)",
+                train.len(),
+                rows.len(),
+                options.max_length,
+                100.0 * lengths.iter().sum::<usize>() as f64 / (rows.len() * options.max_length) as f64
+            ));
+            let cursor = EpochCursor::new(move |epoch| shuffled(rows.len(), seed, epoch).into_iter().map(|i| rows[i].clone()).collect());
+            (cursor, batch)
+        } else {
+            (EpochCursor::new(move |epoch| length_grouped_batches(&lengths, batch, seed, epoch)), 1)
+        };
+        progress::log(format!(
+            "sft: {} training examples ({} answer tokens of {}), {} held out; {} parameters",
+            train.len(),
+            report.answer_tokens,
+            report.tokens,
+            val.len(),
+            params.num_elements()
+        ));
+        Ok(SftTask {
+            config,
+            params,
+            model,
+            parts,
+            train,
+            val,
+            cursor,
+            rows_per_batch,
+            eval_batch: options.batch_size,
+            eval_batches: options.eval_batches,
+            pad_id,
+            packing: options.packing,
+            max_length: options.max_length,
+            report,
+        })
+    }
+}
+
+/// Summed loss, counted targets and correct argmax predictions over rows of examples.
+pub fn sequence_loss(model: &Llama, examples: &[Example], rows: &[Row], pad: u32) -> Result<RowsLoss> {
+    let device = model.device();
+    let batch = RowBatch::build(examples, rows, pad, device)?;
+    let options = ForwardOptions {
+        attention_mask: None,
+        position_ids: batch.position_ids.as_ref(),
+        segment_ids: batch.segment_ids.as_ref(),
+    };
+    let hidden = model.forward(&batch.input_ids, options, None)?;
+    let (b, t, h) = hidden.dims3()?;
+    // Only counted positions go through the LM head: the prompt's logits are never needed.
+    let index: Vec<u32> = batch.targeted.iter().map(|&(row, pos)| (row * t + pos) as u32).collect();
+    let index = Tensor::from_vec(index, batch.targeted.len(), device)?;
+    let picked = hidden.reshape((b * t, h))?.index_select(&index, 0)?;
+    let logits = model.lm_logits(&picked.unsqueeze(0)?)?.squeeze(0)?;
+    let targets = Tensor::from_vec(batch.targets.clone(), batch.targets.len(), device)?;
+    let sum = crate::model::ops::cross_entropy_rows(&logits, &targets)?.sum_all()?;
+    let predicted: Vec<u32> = logits.detach().argmax(D::Minus1)?.to_vec1()?;
+    let correct = predicted.iter().zip(&batch.targets).filter(|(p, t)| p == t).count();
+    Ok(RowsLoss { sum, count: batch.targets.len(), correct, tokens: batch.tokens })
+}
+
+pub struct RowsLoss {
+    /// Summed cross-entropy of the counted targets (in the graph).
+    pub sum: Tensor,
+    pub count: usize,
+    pub correct: usize,
+    /// Non-padding tokens.
+    pub tokens: usize,
+}
+
+/// Tensors for a batch of rows, right-padded; packed rows carry positions and segments.
+struct RowBatch {
+    input_ids: Tensor,
+    position_ids: Option<Tensor>,
+    segment_ids: Option<Tensor>,
+    /// (row, position) of every counted target, and the target ids in the same order.
+    targeted: Vec<(usize, usize)>,
+    targets: Vec<u32>,
+    tokens: usize,
+}
+
+impl RowBatch {
+    fn build(examples: &[Example], rows: &[Row], pad: u32, device: &Device) -> Result<Self> {
+        let lengths: Vec<usize> = rows.iter().map(|r| r.iter().map(|&i| examples[i].ids.len()).sum()).collect();
+        let longest = lengths.iter().copied().max().unwrap_or(1).max(1);
+        let packed = rows.iter().any(|r| r.len() > 1);
+        let (mut ids, mut positions, mut segments) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut targeted, mut targets) = (Vec::new(), Vec::new());
+        for (r, row) in rows.iter().enumerate() {
+            let mut at = 0;
+            for (segment, &i) in row.iter().enumerate() {
+                let example = &examples[i];
+                for (p, &id) in example.ids.iter().enumerate() {
+                    ids.push(id);
+                    positions.push(p as u32);
+                    segments.push(segment as u32);
+                    if example.counted[p] {
+                        targeted.push((r, at + p));
+                        targets.push(example.targets[p]);
+                    }
+                }
+                at += example.ids.len();
+            }
+            let padding = longest - lengths[r];
+            ids.extend(std::iter::repeat_n(pad, padding));
+            positions.extend(std::iter::repeat_n(0, padding));
+            segments.extend(std::iter::repeat_n(u32::MAX, padding));
+        }
+        debug_assert!(targets.iter().all(|&t| t != IGNORE_INDEX));
+        let shape = (rows.len(), longest);
+        Ok(RowBatch {
+            input_ids: Tensor::from_vec(ids, shape, device)?,
+            position_ids: packed.then(|| Tensor::from_vec(positions, shape, device)).transpose()?,
+            segment_ids: packed.then(|| Tensor::from_vec(segments, shape, device)).transpose()?,
+            targeted,
+            targets,
+            tokens: lengths.iter().sum(),
+        })
+    }
+}
+
+impl Task for SftTask {
+    fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn next_loss(&mut self) -> Result<StepLoss> {
+        let rows: Vec<Row> = if self.packing {
+            self.cursor.take(self.rows_per_batch)
+        } else {
+            self.cursor.next().into_iter().map(|i| vec![i]).collect()
+        };
+        let out = sequence_loss(&self.model, &self.train, &rows, self.pad_id)?;
+        let loss = (out.sum / out.count.max(1) as f64)?;
+        let mut metrics = Map::new();
+        metrics.insert("mean_token_accuracy".into(), json!(out.correct as f64 / out.count.max(1) as f64));
+        metrics.insert("num_tokens".into(), json!(out.count));
+        metrics.insert("epoch".into(), json!(self.cursor.epochs()));
+        Ok(StepLoss { loss, tokens: out.tokens as u64, metrics })
+    }
+
+    fn evaluate(&mut self) -> Result<Option<Evaluation>> {
+        if self.val.is_empty() {
+            return Ok(None);
+        }
+        let limit = match self.eval_batches {
+            0 => self.val.len(),
+            n => (n * self.eval_batch).min(self.val.len()),
+        };
+        let (mut sum, mut count, mut correct) = (0f64, 0usize, 0usize);
+        let indices: Vec<usize> = (0..limit).collect();
+        for chunk in indices.chunks(self.eval_batch) {
+            let rows: Vec<Row> = chunk.iter().map(|&i| vec![i]).collect();
+            let out = sequence_loss(&self.model, &self.val, &rows, self.pad_id)?;
+            sum += out.sum.detach().to_scalar::<f32>()? as f64;
+            count += out.count;
+            correct += out.correct;
+        }
+        let mut metrics = Map::new();
+        metrics.insert("mean_token_accuracy".into(), json!(correct as f64 / count.max(1) as f64));
+        metrics.insert("num_tokens".into(), json!(count));
+        Ok(Some(Evaluation { loss: sum / count.max(1) as f64, perplexity: true, metrics }))
+    }
+
+    fn save_model(&self, dir: &Path) -> Result<()> {
+        self.parts.save(dir, &self.config, &self.params)
+    }
+
+    fn data_state(&self) -> Value {
+        self.cursor.state()
+    }
+
+    fn restore_data_state(&mut self, state: &Value) -> Result<()> {
+        self.cursor.restore(state)
+    }
+
+    fn signature(&self) -> Value {
+        let c = &self.config;
+        json!({
+            "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+            "max_length": self.max_length, "packing": self.packing, "examples": self.train.len(),
+        })
+    }
+
+    fn summary(&self) -> Map<String, Value> {
+        let mut out = Map::new();
+        out.insert("examples".into(), json!(self.train.len()));
+        out.insert("held_out".into(), json!(self.val.len()));
+        out.insert("rows_read".into(), json!(self.report.rows));
+        out.insert("rows_without_answer".into(), json!(self.report.without_answer));
+        out.insert("truncated".into(), json!(self.report.lengths.truncated));
+        out.insert("dropped_over_length".into(), json!(self.report.lengths.dropped));
+        out.insert("answer_truncated_away".into(), json!(self.report.answer_cut));
+        out.insert("answer_tokens".into(), json!(self.report.answer_tokens));
+        out.insert("parameters".into(), json!(self.params.num_elements()));
+        out
+    }
+}
+
+/// The model stops on `id` too (ChatML's end of turn), in config and generation config.
+fn add_stop_token(config: &mut LlamaConfig, parts: &mut FolderParts, id: u32) {
+    if !config.eos_token_ids.contains(&id) {
+        config.eos_token_ids.push(id);
+    }
+    if let Some(generation) = parts.generation_config.as_mut().and_then(Value::as_object_mut) {
+        generation.insert("eos_token_id".into(), json!(config.eos_token_ids));
+    }
+}
+
+enum Source {
+    Chat(RecordReader<ChatRecord>),
+    PromptCompletion(RecordReader<PromptCompletionRecord>),
+}
+
+fn open_sources(paths: &[PathBuf]) -> Result<Vec<Source>> {
+    if paths.is_empty() {
+        return Err(usage("no data files given"));
+    }
+    paths
+        .iter()
+        .map(|path| {
+            let source = ParquetSource::open(path)?;
+            if source.has_column("messages") {
+                Ok(Source::Chat(RecordReader::from_source(source, Default::default())?))
+            } else if source.has_column("prompt") && source.has_column("completion") {
+                Ok(Source::PromptCompletion(RecordReader::from_source(source, Default::default())?))
+            } else {
+                Err(bad_input(
+                    path,
+                    format!("expected chat data (`messages`) or `prompt` + `completion` columns; columns: {}", source.column_names()),
+                ))
+            }
+        })
+        .collect()
+}
+
+fn encode_sources(
+    sources: &[Source],
+    renderer: &Renderer,
+    tokenizer: &LoadedTokenizer,
+    options: &SftOptions,
+    report: &mut DataReport,
+) -> Result<Vec<Example>> {
+    let mut examples = Vec::new();
+    for source in sources {
+        let (path, encoded) = match source {
+            Source::Chat(reader) => {
+                let rows = reader.read_all()?;
+                let encoded: Vec<_> = rows.iter().map(|r| renderer.chat(tokenizer, &r.messages)).collect();
+                (reader.source().path().to_path_buf(), encoded)
+            }
+            Source::PromptCompletion(reader) => {
+                let rows = reader.read_all()?;
+                let encoded: Vec<_> =
+                    rows.iter().map(|r| renderer.prompt_completion(tokenizer, &r.prompt, &r.completion)).collect();
+                (reader.source().path().to_path_buf(), encoded)
+            }
+        };
+        let before = report.without_answer;
+        for (row, example) in encoded.into_iter().enumerate() {
+            report.rows += 1;
+            let example = example.map_err(|what| bad_input(&path, format!("row {row}: {what}")))?;
+            let Some(example) = example else {
+                report.without_answer += 1;
+                continue;
+            };
+            report.lengths.examples += 1;
+            let Some(kept) = kept_range(example.ids.len(), options.max_length, options.truncation) else {
+                report.lengths.dropped += 1;
+                continue;
+            };
+            if kept.len() < example.ids.len() {
+                report.lengths.truncated += 1;
+            }
+            let example = Example::shifted(&Marked { ids: example.ids[kept.clone()].to_vec(), trained: example.trained[kept].to_vec() });
+            if example.targets_counted() == 0 {
+                report.answer_cut += 1;
+                continue;
+            }
+            report.answer_tokens += example.targets_counted();
+            report.tokens += example.ids.len();
+            examples.push(example);
+        }
+        let without = report.without_answer - before;
+        if without == encoded_rows(source) && !options.train_on_prompt {
+            return Err(bad_input(
+                &path,
+                "no row has an assistant turn (or answer) to learn from; pass --train-on-prompt to train on whole conversations",
+            ));
+        }
+        if without > 0 {
+            progress::log(format!("sft: {}: {without} rows have no answer tokens to learn from and are left out", path.display()));
+        }
+    }
+    report.lengths.log("sft", options.max_length, options.truncation);
+    if report.answer_cut > 0 {
+        progress::log(format!(
+            "sft: {} examples lost every answer token to --truncation {:?} and are left out",
+            report.answer_cut, options.truncation
+        ));
+    }
+    Ok(examples)
+}
+
+fn encoded_rows(source: &Source) -> usize {
+    match source {
+        Source::Chat(r) => r.source().num_rows() as usize,
+        Source::PromptCompletion(r) => r.source().num_rows() as usize,
+    }
+}
+
+/// Batches of similar length: each window of `LENGTH_GROUP_BATCHES` batches of a shuffled
+/// epoch is sorted by length and cut into batches, then the batches are shuffled.
+fn length_grouped_batches(lengths: &[usize], batch_size: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+    let order = shuffled(lengths.len(), seed, epoch);
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    for window in order.chunks(batch_size * LENGTH_GROUP_BATCHES) {
+        let mut window = window.to_vec();
+        window.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        batches.extend(window.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(&mut epoch_rng(seed.wrapping_add(1), epoch));
+    batches
+}
+
+/// Best-fit decreasing: examples (longest first) go into the fullest row they fit in.
+fn pack(lengths: &[usize], capacity: usize) -> Vec<Row> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i]), i));
+    let mut rows: Vec<(usize, Row)> = Vec::new();
+    for i in order {
+        let best = rows
+            .iter_mut()
+            .filter(|(used, _)| used + lengths[i] <= capacity)
+            .max_by_key(|(used, _)| *used);
+        match best {
+            Some((used, row)) => {
+                *used += lengths[i];
+                row.push(i);
+            }
+            None => rows.push((lengths[i], vec![i])),
+        }
+    }
+    rows.into_iter().map(|(_, row)| row).collect()
+}
+
+#[cfg(test)]
+mod tests;
