@@ -43,6 +43,16 @@ pub fn log(message: impl Display) {
     }
 }
 
+/// Something the user must know even with `--quiet`: data changed or left out, a model
+/// altered, a risky setting. Never silent.
+pub fn warn(message: impl Display) {
+    if on_terminal() && !quiet() {
+        let _ = bars().println(message.to_string());
+    } else {
+        eprintln!("{message}");
+    }
+}
+
 /// Remove bars from the screen so an error line stands alone.
 pub fn clear() {
     if let Some(bars) = BARS.get() {

@@ -211,7 +211,7 @@ impl SftTask {
             Some(source) => Some(source),
             None if has_chat => {
                 let added = tokenizer.add_special_tokens(&[IM_START_TOKEN, IM_END_TOKEN])?;
-                progress::log(format!(
+                progress::warn(format!(
                     "note: model {} has no chat template; using ChatML{}",
                     folder.dir.display(),
                     if added.is_empty() { String::new() } else { format!(" and adding the special tokens {}", added.join(", ")) }
@@ -231,12 +231,12 @@ impl SftTask {
         let eos_id = config.eos_token_ids.first().copied().or(tokenizer.eos_id());
         let pad_id = config.pad_token_id.or_else(|| tokenizer.tokenizer.token_to_id(PAD_TOKEN)).or(eos_id).unwrap_or(0);
         if Some(pad_id) == eos_id && config.pad_token_id.is_some() {
-            progress::log(format!(
+            progress::warn(format!(
                 "note: the pad token is EOS (id {pad_id}); lathe masks padding by position, not by id, so EOS is still learned"
             ));
         }
         if eos_id.is_none() {
-            progress::log("warning: the model names no EOS token; prompt/completion answers get no end marker");
+            progress::warn("warning: the model names no EOS token; prompt/completion answers get no end marker");
         }
         let renderer = Renderer {
             template,
@@ -266,7 +266,7 @@ impl SftTask {
         if tokenizer.vocab_size > config.vocab_size {
             let mut params = folder.load_params(&options.device)?;
             params.grow_vocab(tokenizer.vocab_size)?;
-            progress::log(format!("note: embedding grown from {} to {} rows", config.vocab_size, tokenizer.vocab_size));
+            progress::warn(format!("note: embedding grown from {} to {} rows", config.vocab_size, tokenizer.vocab_size));
             config.vocab_size = tokenizer.vocab_size;
             parts.tokenizer_json = tokenizer.tokenizer.to_string(false)?;
             return Self::assemble(config, params, parts, examples, val, pad_id, &options, report);
@@ -583,12 +583,12 @@ fn encode_sources(
             ));
         }
         if without > 0 {
-            progress::log(format!("sft: {}: {without} rows have no answer tokens to learn from and are left out", path.display()));
+            progress::warn(format!("sft: {}: {without} rows have no answer tokens to learn from and are left out", path.display()));
         }
     }
     report.lengths.log("sft", options.max_length, options.truncation);
     if report.answer_cut > 0 {
-        progress::log(format!(
+        progress::warn(format!(
             "sft: {} examples lost every answer token to --truncation {:?} and are left out",
             report.answer_cut, options.truncation
         ));

@@ -174,7 +174,7 @@ impl RewardTask {
                 tokenizer.add_special_tokens(&[PAD_TOKEN])?;
                 parts.tokenizer_json = tokenizer.tokenizer.to_string(false)?;
                 parts.tokenizer_config.insert("pad_token".into(), json!(PAD_TOKEN));
-                progress::log(format!("note: the model has no pad token distinct from EOS; adding {PAD_TOKEN}"));
+                progress::warn(format!("note: the model has no pad token distinct from EOS; adding {PAD_TOKEN}"));
                 tokenizer.tokenizer.token_to_id(PAD_TOKEN).expect("added above")
             }
         };

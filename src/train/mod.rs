@@ -454,8 +454,12 @@ fn non_finite(checkpoints: &Checkpoints, step: u64, what: &str, value: f64) -> E
 fn describe_eval(record: &Map<String, Value>) -> String {
     record
         .iter()
-        .filter(|(k, v)| k.starts_with("eval_") && v.is_number())
-        .map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN)))
+        // Per-label and per-bucket figures (`eval_f1/violence`) stay in metrics.jsonl.
+        .filter(|(k, v)| k.starts_with("eval_") && !k.contains('/') && v.is_number())
+        .map(|(k, v)| match v.as_u64() {
+            Some(count) => format!("{k} {count}"),
+            None => format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN)),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

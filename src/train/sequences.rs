@@ -39,7 +39,7 @@ impl LengthReport {
                 n => format!(", {n} dropped"),
             }),
         };
-        progress::log(format!(
+        progress::warn(format!(
             "{what}: {} of {} examples were longer than --max-length {max_length}: {action}",
             self.truncated + self.dropped,
             self.examples

@@ -11,6 +11,8 @@ pub fn stage(name: &str) -> Command {
         "tokenize" => env!("CARGO_BIN_EXE_tokenize"),
         "pretrain" => env!("CARGO_BIN_EXE_pretrain"),
         "generate" => env!("CARGO_BIN_EXE_generate"),
+        "sft" => env!("CARGO_BIN_EXE_sft"),
+        "rm-train" => env!("CARGO_BIN_EXE_rm-train"),
         other => panic!("no stage {other}"),
     };
     Command::new(path)
@@ -46,7 +48,12 @@ pub fn assert_refused(name: &str, args: &[&str], needle: &str, dir: &Path, keep:
     let out = run(name, args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{name} {args:?}: {stderr}");
-    let lines: Vec<&str> = stderr.trim_end().lines().filter(|l| !l.starts_with("pretrain: ") || l.contains("error")).collect();
+    // Informational lines (`sft: 48 examples …`, `note: …`) may come before the refusal.
+    let lines: Vec<&str> = stderr
+        .trim_end()
+        .lines()
+        .filter(|l| l.contains("error") || !(l.starts_with(&format!("{name}: ")) || l.starts_with("note: ") || l.starts_with("warning: ")))
+        .collect();
     assert_eq!(lines.len(), 1, "not one line: {stderr}");
     assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -74,4 +81,29 @@ pub fn shakespeare_tokens(dir: &Path, vocab: usize) -> (PathBuf, PathBuf) {
     ok("tokenize", &["train", s(&text), "--vocab-size", &vocab.to_string(), "-o", s(&tokenizer), "-q"]);
     ok("tokenize", &["encode", s(&text), "--tokenizer", s(&tokenizer), "-o", s(&tokens), "-q"]);
     (tokenizer, tokens)
+}
+
+/// A copy of a model folder to modify.
+pub fn copy_folder(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Rows of `metrics.jsonl` that carry `key`.
+pub fn metric_rows(run: &Path, key: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get(key).is_some())
+        .collect()
 }
