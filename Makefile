@@ -29,6 +29,18 @@ demo: build
 	@echo "   curves: $(DEMO)/tiny/curves.svg"
 	@echo "== generate: sample from it"
 	$(BIN)/generate testdata/demo_prompts.jsonl --model $(DEMO)/tiny -n 2 --max-new-tokens 60 --temperature 0.8 --top-p 0.95 --show 4 -o $(DEMO)/samples.parquet
+	@echo "== sft: instruction-tune it on Alpaca chats (ChatML, answer-only loss, packing)"
+	rm -rf $(DEMO)/sft
+	$(BIN)/sft testdata/sft_alpaca_messages.parquet --model $(DEMO)/tiny --config recipes/sft-tiny.toml -o $(DEMO)/sft
+	$(BIN)/generate testdata/demo_chat_prompts.jsonl --model $(DEMO)/sft -n 1 --max-new-tokens 60 --temperature 0.7 --top-p 0.95 --show 4 -o $(DEMO)/chat_samples.parquet
+	@echo "== rm-train: a reward model on hh-rlhf harmless-base pairs (Bradley-Terry)"
+	rm -rf $(DEMO)/rm
+	$(BIN)/rm-train testdata/pref_hh_rlhf_harmless_base.parquet --model $(DEMO)/sft --config recipes/rm-tiny.toml -o $(DEMO)/rm
+	@grep -E '"(eval_accuracy|eval_margin|reward_mean|reward_std)"' $(DEMO)/rm/eval.json
+	@echo "== rm-train: a multi-label guard classifier on OpenAI moderation samples"
+	rm -rf $(DEMO)/guard
+	$(BIN)/rm-train testdata/moderation_openai_samples.parquet --model $(DEMO)/tiny --config recipes/guard-tiny.toml -o $(DEMO)/guard
+	@grep -E '"eval_(macro_f1|macro_auroc|f1/[a-z_]+|auroc/[a-z_]+)"' $(DEMO)/guard/eval.json
 
 # One JSON object per line per figure.
 # Set REFERENCE_PYTHON to a python with torch, transformers and tokenizers (../shared/bench's
