@@ -6,6 +6,12 @@
             3 warm-up steps, then tokens/s over 20 timed steps (the reference's workload), and the
             peak RSS of the whole command. The token ids are real text (the 10 MB pydoc corpus
             encoded with a 4096 vocabulary): the compute does not depend on which ids they are.
+  rm-train  reward_ref.py's workload: a randomly initialised model of that shape (`pretrain --steps
+            0`) as LlamaForSequenceClassification on testdata/pref_hh_rlhf_harmless_base.parquet
+            (first 1,038 pairs train, last 115 held out), prompt + answer + EOS cut to 256 tokens
+            keeping the end, batch 8 pairs, AdamW lr 3e-4 constant, wd 0.1, clip 1.0, one epoch
+            (130 steps); pairs/s after 3 warm-up steps, held-out accuracy. The reference runs
+            with the same tokenizer (`--impl torch`: TRL's RewardTrainer gives the same figures).
   generate  the model that run wrote: 16-ish-token prompts, 128 new tokens each (EOS ignored, as the
             reference sets min_new_tokens), batch 1 (64 prompts one at a time) and batch 8 (64
             prompts, 8 at a time), greedy and plain sampling (temperature 1, no top-k/top-p).
@@ -77,6 +83,44 @@ def bench_generate(model, threads):
                   "tokens_per_s": sorted(rates)[1]})
 
 
+REWARD_DATA = os.path.join(ROOT, "testdata", "pref_hh_rlhf_harmless_base.parquet")
+
+
+def bench_reward(tokenizer, tokens, threads):
+    base = os.path.join(OUT, "bench_tiny_init")
+    run_dir = os.path.join(OUT, "bench_reward_run")
+    subprocess.run(["rm", "-rf", base, run_dir], check=True)
+    run([f"{BIN}/pretrain", tokens, "--tokenizer", tokenizer, "--config", os.path.join(ROOT, "recipes", "bench-tiny.toml"),
+         "-o", base, "--steps", "0", "-q"])
+    # 0.0997 of 1,153 pairs rounds up to the reference's 115 held-out pairs.
+    _, rss, _ = run([f"{BIN}/rm-train", REWARD_DATA, "--model", base, "-o", run_dir, "--max-length", "256",
+                     "--truncation", "left", "--batch-size", "8", "--steps", "130", "--lr", "3e-4", "--schedule", "constant",
+                     "--weight-decay", "0.1", "--grad-clip", "1.0", "--val-fraction", "0.0997", "--eval-every", "0",
+                     "--checkpoint-every", "0", "--threads", str(threads), "-q"])
+    steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
+    seconds, previous = 0.0, 0
+    for step in steps:
+        if step["step"] > 3:
+            seconds += (step["tokens_seen"] - previous) / step["tokens_per_second"]
+        previous = step["tokens_seen"]
+    timed = len([s for s in steps if s["step"] > 3])
+    evaluation = json.load(open(os.path.join(run_dir, "eval.json")))
+    emit({"bench": "rm-train", "task": "preference", "threads": threads, "train_pairs": evaluation["examples"],
+          "eval_pairs": evaluation["held_out"], "pairs_per_s": round(8 * timed / seconds, 2),
+          "eval_accuracy": round(evaluation["eval_accuracy"], 4), "peak_rss_mb": round(rss, 1)})
+
+
+def bench_reference_reward(python, tokenizer, threads):
+    out = os.path.join(OUT, "reference_reward.json")
+    subprocess.run([python, os.path.join(REFERENCE, "reward_ref.py"), "--impl", "torch", "--data", REWARD_DATA,
+                    "--tokenizer", tokenizer, "--threads", str(threads), "--out-dir", "", "--json", out],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = json.load(open(out))
+    emit({"bench": "reference_rm-train", "impl": "pytorch-loop", "threads": threads, "train_pairs": result["train_pairs"],
+          "eval_pairs": result["eval_pairs"], "pairs_per_s": round(result["pairs_per_s"], 2),
+          "eval_accuracy": round(result["eval_acc_after"], 4), "peak_rss_mb": round(result["peak_rss_mib"] * 1.048576, 1)})
+
+
 def bench_reference(python, threads):
     train_json = os.path.join(OUT, "reference_train.json")
     ckpt = os.path.join(OUT, "reference_tiny_llama")
@@ -98,13 +142,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference-python", default=None, help="python with torch + transformers for ../shared/bench")
+    ap.add_argument("--only", choices=["pretrain", "generate", "rm-train"], default=None, help="one workload (and its reference)")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     tokenizer, tokens = prepare(args.threads)
-    model = bench_pretrain(tokenizer, tokens, args.threads)
-    bench_generate(model, args.threads)
-    if args.reference_python:
-        bench_reference(args.reference_python, args.threads)
+    if args.only in (None, "pretrain", "generate"):
+        model = bench_pretrain(tokenizer, tokens, args.threads)
+        bench_generate(model, args.threads)
+        if args.reference_python:
+            bench_reference(args.reference_python, args.threads)
+    if args.only in (None, "rm-train"):
+        bench_reward(tokenizer, tokens, args.threads)
+        if args.reference_python:
+            bench_reference_reward(args.reference_python, tokenizer, args.threads)
 
 
 if __name__ == "__main__":
