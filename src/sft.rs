@@ -586,7 +586,7 @@ fn encode_sources(
             progress::warn(format!("sft: {}: {without} rows have no answer tokens to learn from and are left out", path.display()));
         }
     }
-    report.lengths.log("sft", options.max_length, options.truncation);
+    report.lengths.log("sft", "examples", options.max_length, options.truncation);
     if report.answer_cut > 0 {
         progress::warn(format!(
             "sft: {} examples lost every answer token to --truncation {:?} and are left out",

@@ -195,7 +195,7 @@ impl RewardTask {
             }
             (None, None) => Vec::new(),
         };
-        lengths.log("rm-train", options.max_length, options.truncation);
+        lengths.log("rm-train", "sequences", options.max_length, options.truncation);
         if train.is_empty() {
             return Err(bad_input(&options.inputs[0], "no training examples left after the length policy"));
         }

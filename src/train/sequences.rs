@@ -28,7 +28,8 @@ pub struct LengthReport {
 }
 
 impl LengthReport {
-    pub fn log(&self, what: &str, max_length: usize, policy: Truncation) {
+    /// `unit`: what was counted (`examples`, `sequences`).
+    pub fn log(&self, what: &str, unit: &str, max_length: usize, policy: Truncation) {
         if self.truncated + self.dropped == 0 {
             return;
         }
@@ -40,7 +41,7 @@ impl LengthReport {
             }),
         };
         progress::warn(format!(
-            "{what}: {} of {} examples were longer than --max-length {max_length}: {action}",
+            "{what}: {} of {} {unit} were longer than --max-length {max_length}: {action}",
             self.truncated + self.dropped,
             self.examples
         ));
