@@ -13,6 +13,7 @@ pub mod output;
 pub mod pretrain;
 pub mod sft;
 pub mod progress;
+pub mod rank;
 pub mod reward;
 pub mod tokenizer;
 pub mod train;
