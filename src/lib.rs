@@ -14,6 +14,8 @@ pub mod pretrain;
 pub mod sft;
 pub mod progress;
 pub mod rank;
+pub mod safety;
+pub mod score;
 pub mod reward;
 pub mod tokenizer;
 pub mod train;

@@ -13,6 +13,8 @@ pub fn stage(name: &str) -> Command {
         "generate" => env!("CARGO_BIN_EXE_generate"),
         "sft" => env!("CARGO_BIN_EXE_sft"),
         "rm-train" => env!("CARGO_BIN_EXE_rm-train"),
+        "score" => env!("CARGO_BIN_EXE_score"),
+        "rank" => env!("CARGO_BIN_EXE_rank"),
         other => panic!("no stage {other}"),
     };
     Command::new(path)
