@@ -64,7 +64,7 @@ impl Blocks {
     }
 
     fn split_tail(mut self, fraction: f64) -> (Blocks, Blocks) {
-        let held = ((self.starts.len() as f64 * fraction).ceil() as usize).clamp(1, self.starts.len().saturating_sub(1).max(1));
+        let held = crate::train::held_out_count(self.starts.len(), fraction);
         let tail = self.starts.split_off(self.starts.len() - held);
         let val = Blocks { tokens: self.tokens.clone(), starts: tail };
         (self, val)
@@ -218,7 +218,7 @@ impl Task for PretrainTask {
     fn evaluate(&mut self) -> Result<Option<Evaluation>> {
         let Some(val) = &self.val else { return Ok(None) };
         let count = val.starts.len();
-        let limit = if self.eval_batches == 0 { count } else { (self.eval_batches * self.batch_size).min(count) };
+        let limit = crate::train::eval_limit(self.eval_batches, self.batch_size, count);
         let (mut total, mut blocks) = (0f64, 0usize);
         for chunk in (0..limit).collect::<Vec<_>>().chunks(self.batch_size) {
             let loss = self.loss(val, chunk)?.detach().to_scalar::<f32>()? as f64;

@@ -173,29 +173,13 @@ pub struct SftTask {
 impl SftTask {
     /// Read and check everything, then build the model; nothing is trained yet.
     pub fn new(options: SftOptions) -> Result<Self> {
-        if options.max_length < 2 {
-            return Err(usage("--max-length must be at least 2"));
-        }
         crate::output::check_single_stdin(&options.inputs)?;
         let folder = ModelFolder::open(&options.model)?;
         if folder.config.head != Head::CausalLm {
             return Err(bad_input(&folder.dir, "is a sequence classifier (LlamaForSequenceClassification); sft needs a causal LM"));
         }
-        if options.max_length > folder.config.max_position_embeddings {
-            return Err(usage(format!(
-                "--max-length {} is longer than model {}'s max_position_embeddings {}",
-                options.max_length,
-                folder.dir.display(),
-                folder.config.max_position_embeddings
-            )));
-        }
-        let mut tokenizer = folder.load_tokenizer()?;
-        if tokenizer.vocab_size > folder.config.vocab_size {
-            return Err(bad_input(
-                tokenizer.path.clone(),
-                format!("{} tokens, but the model has {} embedding rows: tokenizer and model do not match", tokenizer.vocab_size, folder.config.vocab_size),
-            ));
-        }
+        folder.check_max_length(options.max_length)?;
+        let mut tokenizer = folder.load_matching_tokenizer()?;
         let sources = open_sources(&options.inputs)?;
         let val_sources = options.val.as_ref().map(|p| open_sources(std::slice::from_ref(p))).transpose()?;
         let has_chat = sources.iter().chain(val_sources.iter().flatten()).any(|s| matches!(s, Source::Chat(_)))
@@ -254,8 +238,7 @@ impl SftTask {
                 if examples.len() < 2 {
                     return Err(bad_input(&options.inputs[0], "too few examples to hold some out for --val-fraction"));
                 }
-                let held = ((examples.len() as f64 * fraction).ceil() as usize).clamp(1, examples.len() - 1);
-                examples.split_off(examples.len() - held)
+                examples.split_off(examples.len() - crate::train::held_out_count(examples.len(), fraction))
             }
             (None, None) => Vec::new(),
         };
@@ -263,15 +246,12 @@ impl SftTask {
             return Err(bad_input(&options.inputs[0], "no training examples left (every row was dropped; see the lines above)"));
         }
 
-        if tokenizer.vocab_size > config.vocab_size {
-            let mut params = folder.load_params(&options.device)?;
-            params.grow_vocab(tokenizer.vocab_size)?;
+        let mut params = folder.load_params(&options.device)?;
+        if params.grow_vocab(tokenizer.vocab_size)? {
             progress::warn(format!("note: embedding grown from {} to {} rows", config.vocab_size, tokenizer.vocab_size));
             config.vocab_size = tokenizer.vocab_size;
             parts.tokenizer_json = tokenizer.tokenizer.to_string(false)?;
-            return Self::assemble(config, params, parts, examples, val, pad_id, &options, report);
         }
-        let params = folder.load_params(&options.device)?;
         Self::assemble(config, params, parts, examples, val, pad_id, &options, report)
     }
 
@@ -437,10 +417,7 @@ impl Task for SftTask {
         if self.val.is_empty() {
             return Ok(None);
         }
-        let limit = match self.eval_batches {
-            0 => self.val.len(),
-            n => (n * self.eval_batch).min(self.val.len()),
-        };
+        let limit = crate::train::eval_limit(self.eval_batches, self.eval_batch, self.val.len());
         let (mut sum, mut count, mut correct) = (0f64, 0usize, 0usize);
         let indices: Vec<usize> = (0..limit).collect();
         for chunk in indices.chunks(self.eval_batch) {

@@ -93,6 +93,33 @@ impl ModelFolder {
         LoadedTokenizer::load(&self.dir)
     }
 
+    /// The folder's tokenizer, refused when it has more tokens than the model has embedding rows.
+    pub fn load_matching_tokenizer(&self) -> Result<LoadedTokenizer> {
+        let tokenizer = self.load_tokenizer()?;
+        if tokenizer.vocab_size > self.config.vocab_size {
+            return Err(bad_input(
+                tokenizer.path.clone(),
+                format!(
+                    "{} tokens, but the model has {} embedding rows: tokenizer and model do not match",
+                    tokenizer.vocab_size, self.config.vocab_size
+                ),
+            ));
+        }
+        Ok(tokenizer)
+    }
+
+    /// Refuse `--max-length` values the model cannot take (below 2, or past its positions).
+    pub fn check_max_length(&self, max_length: usize) -> Result<()> {
+        let positions = self.config.max_position_embeddings;
+        if max_length < 2 || max_length > positions {
+            return Err(usage(format!(
+                "--max-length {max_length} must be between 2 and model {}'s max_position_embeddings {positions}",
+                self.dir.display()
+            )));
+        }
+        Ok(())
+    }
+
     /// The weight files: `model.safetensors`, or the shards its index names.
     pub fn weight_files(&self) -> Result<Vec<PathBuf>> {
         let single = self.dir.join(WEIGHTS);

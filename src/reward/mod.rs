@@ -148,21 +148,8 @@ impl RewardTask {
             return Err(usage(format!("--target-precision {p}: must be in (0, 1]")));
         }
         let folder = ModelFolder::open(&options.model)?;
-        if options.max_length > folder.config.max_position_embeddings || options.max_length < 2 {
-            return Err(usage(format!(
-                "--max-length {} must be between 2 and model {}'s max_position_embeddings {}",
-                options.max_length,
-                folder.dir.display(),
-                folder.config.max_position_embeddings
-            )));
-        }
-        let mut tokenizer = folder.load_tokenizer()?;
-        if tokenizer.vocab_size > folder.config.vocab_size {
-            return Err(bad_input(
-                tokenizer.path.clone(),
-                format!("{} tokens, but the model has {} embedding rows: tokenizer and model do not match", tokenizer.vocab_size, folder.config.vocab_size),
-            ));
-        }
+        folder.check_max_length(options.max_length)?;
+        let mut tokenizer = folder.load_matching_tokenizer()?;
         let mut config = folder.config.clone();
         let eos_id = config.eos_token_ids.first().copied().or(tokenizer.eos_id());
         let mut parts = FolderParts::of(&folder, &tokenizer)?;
@@ -190,8 +177,7 @@ impl RewardTask {
                 if train.len() < 2 {
                     return Err(bad_input(&options.inputs[0], "too few examples to hold some out for --val-fraction"));
                 }
-                let held = ((train.len() as f64 * fraction).ceil() as usize).clamp(1, train.len() - 1);
-                train.split_off(train.len() - held)
+                train.split_off(train.len() - crate::train::held_out_count(train.len(), fraction))
             }
             (None, None) => Vec::new(),
         };
@@ -201,8 +187,7 @@ impl RewardTask {
         }
 
         let mut params = folder.load_params(&options.device)?;
-        if tokenizer.vocab_size > config.vocab_size {
-            params.grow_vocab(tokenizer.vocab_size)?;
+        if params.grow_vocab(tokenizer.vocab_size)? {
             config.vocab_size = tokenizer.vocab_size;
         }
         attach_score_head(&mut config, &mut params, &labels, options.objective, options.seed)?;
@@ -378,10 +363,7 @@ impl Task for RewardTask {
         if self.val.is_empty() {
             return Ok(None);
         }
-        let limit = match self.eval_batches {
-            0 => self.val.len(),
-            n => (n * self.batch_size).min(self.val.len()),
-        };
+        let limit = crate::train::eval_limit(self.eval_batches, self.batch_size, self.val.len());
         let (mut loss_sum, mut firsts, mut seconds) = (0f64, Vec::new(), Vec::new());
         for chunk in self.val[..limit].chunks(self.batch_size) {
             let items: Vec<&Item> = chunk.iter().collect();

@@ -199,6 +199,20 @@ pub struct TrainReport {
     pub seconds: f64,
 }
 
+/// Examples an evaluation covers: `eval_batches` batches (0: all of them).
+pub fn eval_limit(eval_batches: usize, batch_size: usize, available: usize) -> usize {
+    match eval_batches {
+        0 => available,
+        n => (n * batch_size).min(available),
+    }
+}
+
+/// Items held out by `--val-fraction`: at least one, and at least one left to train on.
+/// Callers refuse fewer than two items first.
+pub fn held_out_count(items: usize, fraction: f64) -> usize {
+    ((items as f64 * fraction).ceil() as usize).clamp(1, items.saturating_sub(1).max(1))
+}
+
 /// Refuse a run folder that already holds a run, unless resuming; refuse `--resume` with
 /// nothing to resume. Call before loading data or models.
 pub fn check_run_dir(run_dir: &Path, resume: bool) -> Result<()> {
