@@ -200,6 +200,8 @@ impl SftTask {
                     folder.dir.display(),
                     if added.is_empty() { String::new() } else { format!(" and adding the special tokens {}", added.join(", ")) }
                 ));
+                // Saved whether or not the embedding must grow (a model may have spare rows).
+                parts.tokenizer_json = tokenizer.tokenizer.to_string(false)?;
                 let im_end = tokenizer.tokenizer.token_to_id(IM_END_TOKEN).expect("added above");
                 add_stop_token(&mut config, &mut parts, im_end);
                 Some(CHATML.to_string())
@@ -250,7 +252,6 @@ impl SftTask {
         if params.grow_vocab(tokenizer.vocab_size)? {
             progress::warn(format!("note: embedding grown from {} to {} rows", config.vocab_size, tokenizer.vocab_size));
             config.vocab_size = tokenizer.vocab_size;
-            parts.tokenizer_json = tokenizer.tokenizer.to_string(false)?;
         }
         Self::assemble(config, params, parts, examples, val, pad_id, &options, report)
     }
