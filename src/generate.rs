@@ -24,7 +24,7 @@ use crate::output;
 use crate::progress::{Progress, Unit};
 use crate::tokenizer::LoadedTokenizer;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct Sampling {
     /// 0 means greedy.
     pub temperature: f64,
@@ -326,6 +326,46 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
         ));
     }
     Ok(report)
+}
+
+/// A prompt ready to decode: its id, the text it was rendered to, and its token ids.
+#[derive(Clone, Debug)]
+pub struct ReadyPrompt {
+    pub prompt_id: String,
+    pub text: String,
+    pub ids: Vec<u32>,
+    /// Row in its file, for error lines.
+    pub row: u64,
+}
+
+/// Every prompt of a Parquet or JSONL file, rendered with `template` when it holds chat
+/// `messages`, and encoded. Lengths are the caller's to check.
+pub fn read_prompts(path: &Path, tokenizer: &LoadedTokenizer, template: Option<&ChatTemplate>) -> Result<Vec<ReadyPrompt>> {
+    let source = PromptSource::open(path)?;
+    if source.needs_template && template.is_none() {
+        return Err(bad_input(path, "has chat `messages` but the model has no chat template; pass --chat-template FILE"));
+    }
+    let mut prompts = Vec::new();
+    for batch in source.batches()? {
+        let batch = batch?;
+        for (i, row) in batch.rows.iter().enumerate() {
+            let row_number = batch.first_row + i as u64;
+            let (text, ids) = match &row.prompt {
+                Prompt::Text(text) => (text.clone(), tokenizer.encode_prompt(text)?),
+                Prompt::Messages(messages) => {
+                    let rendered = template.expect("checked above").render(messages, true)?;
+                    let ids = tokenizer.encode_with_specials(&rendered)?;
+                    (rendered, ids)
+                }
+            };
+            if ids.is_empty() {
+                return Err(bad_input(path, format!("row {row_number}: the prompt is empty")));
+            }
+            let prompt_id = row.prompt_id.clone().unwrap_or_else(|| row_number.to_string());
+            prompts.push(ReadyPrompt { prompt_id, text, ids, row: row_number });
+        }
+    }
+    Ok(prompts)
 }
 
 /// The prompt text each row turns into, and its token ids.

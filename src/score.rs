@@ -86,11 +86,12 @@ impl WeightedRule {
         Ok(WeightedRule { rule, weight, spec: spec.to_string() })
     }
 
-    fn needs_reference(&self) -> bool {
+    pub fn needs_reference(&self) -> bool {
         matches!(self.rule, Rule::Exact | Rule::Chrf)
     }
 
-    fn value(&self, response: &str, reference: Option<&str>) -> f64 {
+    /// The rule's raw value (before its weight) for one response.
+    pub fn value(&self, response: &str, reference: Option<&str>) -> f64 {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         let reference = reference.unwrap_or("");
         match &self.rule {
@@ -153,6 +154,11 @@ impl RewardScorer {
             batch_size: batch_size.max(1),
             name: format!("reward-model:{}", folder.dir.display()),
         })
+    }
+
+    /// `reward-model:DIR`, as recorded in the `scorer` column.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Rewards of `prompt + response` texts, batched by length.

@@ -61,6 +61,16 @@ impl Params {
         Ok(())
     }
 
+    /// One set over several models' parameters, each name prefixed (`policy.`, `value.`). The
+    /// variables are shared, not copied: an optimizer stepping the union updates every model.
+    pub fn union(parts: &[(&str, &Params)]) -> Params {
+        let vars = parts
+            .iter()
+            .flat_map(|(prefix, params)| params.vars.iter().map(move |(name, var)| (format!("{prefix}{name}"), var.clone())))
+            .collect();
+        Params { vars }
+    }
+
     pub fn remove(&mut self, name: &str) -> Option<Var> {
         self.vars.remove(name)
     }

@@ -78,6 +78,9 @@ pub struct TrainArgs {
     /// Evaluate every N steps (0: only at the end).
     #[arg(long, default_value_t = 100)]
     pub eval_every: u64,
+    /// Also evaluate before the first update, so the curve starts from the starting model.
+    #[arg(long)]
+    pub eval_on_start: bool,
     /// Batches per evaluation (0: all held-out data).
     #[arg(long, default_value_t = 0)]
     pub eval_batches: usize,
@@ -176,6 +179,15 @@ pub trait Task {
     fn summary(&self) -> Map<String, Value> {
         Map::new()
     }
+    /// Write a checkpoint's model files: the model folder, plus anything else the task needs
+    /// to continue exactly (PPO: its value model and the rollout in progress).
+    fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        self.save_model(dir)
+    }
+    /// Read a checkpoint written by [`Task::save_checkpoint`] back into the parameters.
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.params().load_values(&dir.join(crate::model::folder::WEIGHTS))
+    }
 }
 
 /// Where a run goes and what it was started with.
@@ -271,6 +283,9 @@ pub fn train<T: Task>(task: &mut T, args: &TrainArgs, setup: &RunSetup) -> Resul
     write_atomic(&run_dir.join("config.toml"), setup.config_toml.as_bytes())?;
     cli::set_graceful_interrupt(true);
 
+    if args.eval_on_start && state.step == 0 {
+        evaluate(task, &mut state, &mut metrics)?;
+    }
     let bar = Progress::new("training", Some(args.steps), Unit::Items("steps"));
     bar.set_position(state.step);
     let started = Instant::now();
@@ -406,7 +421,7 @@ fn evaluate<T: Task>(task: &mut T, state: &mut TrainerState, metrics: &mut Metri
 fn save_checkpoint<T: Task>(task: &mut T, optimizer: &AdamW, state: &TrainerState, checkpoints: &Checkpoints) -> Result<()> {
     let mut state = state.clone();
     state.data = task.data_state();
-    checkpoints.save(&state, &optimizer.state_tensors(), |dir| task.save_model(dir))?;
+    checkpoints.save(&state, &optimizer.state_tensors(), |dir| task.save_checkpoint(dir))?;
     Ok(())
 }
 
@@ -437,7 +452,7 @@ fn resume<T: Task>(task: &mut T, optimizer: &mut AdamW, checkpoints: &Checkpoint
             restored.state.threads, fresh.threads
         ));
     }
-    task.params().load_values(&path.join(crate::model::folder::WEIGHTS))?;
+    task.load_checkpoint(&path)?;
     optimizer.load_state(restored.optimizer, restored.state.optimizer_steps)?;
     task.restore_data_state(&restored.state.data)?;
     progress::log(format!("resuming from {} (step {})", path.display(), restored.state.step));

@@ -10,6 +10,8 @@ pub enum ScheduleKind {
     Constant,
     /// Linear warm-up, then cosine decay to `min_lr` at the last step.
     Cosine,
+    /// Linear warm-up, then linear decay to `min_lr` at the last step (TRL's PPO default).
+    Linear,
     /// Warm-up, stable, decay: linear warm-up, constant, then linear decay to `min_lr` over the
     /// last `decay_steps`.
     Wsd,
@@ -39,6 +41,11 @@ impl Schedule {
                 let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
                 self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
             }
+            ScheduleKind::Linear => {
+                let span = self.total_steps.saturating_sub(self.warmup_steps).max(1);
+                let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
+                self.lr + (self.min_lr - self.lr) * progress
+            }
             ScheduleKind::Wsd => {
                 let decay_start = self.total_steps.saturating_sub(self.decay_steps).max(self.warmup_steps);
                 if step < decay_start {
@@ -59,6 +66,14 @@ mod tests {
 
     fn schedule(kind: ScheduleKind) -> Schedule {
         Schedule { kind, lr: 1.0, min_lr: 0.1, warmup_steps: 10, total_steps: 110, decay_steps: 20 }
+    }
+
+    #[test]
+    fn linear_decays_from_the_peak_after_warmup() {
+        let s = schedule(ScheduleKind::Linear);
+        assert!((s.lr_at(10) - 1.0).abs() < 1e-12);
+        assert!((s.lr_at(60) - 0.55).abs() < 1e-12);
+        assert!((s.lr_at(110) - 0.1).abs() < 1e-12);
     }
 
     #[test]

@@ -103,6 +103,7 @@ fn fixture_args(steps: u64) -> TrainArgs {
         val: None,
         val_fraction: None,
         eval_every: 0,
+        eval_on_start: false,
         eval_batches: 0,
         checkpoint_every: 0,
         keep_checkpoints: 2,

@@ -15,6 +15,7 @@ pub fn stage(name: &str) -> Command {
         "rm-train" => env!("CARGO_BIN_EXE_rm-train"),
         "score" => env!("CARGO_BIN_EXE_score"),
         "rank" => env!("CARGO_BIN_EXE_rank"),
+        "ppo" => env!("CARGO_BIN_EXE_ppo"),
         other => panic!("no stage {other}"),
     };
     Command::new(path)
