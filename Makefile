@@ -41,6 +41,20 @@ demo: build
 	rm -rf $(DEMO)/guard
 	$(BIN)/rm-train testdata/moderation_openai_samples.parquet --model $(DEMO)/tiny --config recipes/guard-tiny.toml -o $(DEMO)/guard
 	@grep -E '"eval_(macro_f1|macro_auroc|f1/[a-z_]+|auroc/[a-z_]+)"' $(DEMO)/guard/eval.json
+	@echo "== the RLHF loop: the sft model answers each prompt 4 times, the reward model scores the answers,"
+	@echo "   rank turns them into preference pairs, rm-train refines the reward model on them, ppo tunes the sft model"
+	rm -rf $(DEMO)/rl && mkdir -p $(DEMO)/rl
+	$(BIN)/generate testdata/demo_rl_prompts.jsonl --model $(DEMO)/sft -n 4 --max-new-tokens 48 --temperature 1.0 -o $(DEMO)/rl/responses.parquet
+	$(BIN)/score $(DEMO)/rl/responses.parquet --reward-model $(DEMO)/rm --normalize -o $(DEMO)/rl/scored.parquet
+	$(BIN)/rank $(DEMO)/rl/scored.parquet --pairs all --min-margin 0.25 -o $(DEMO)/rl/prefs.parquet
+	$(BIN)/rm-train $(DEMO)/rl/prefs.parquet --model $(DEMO)/rm --config recipes/rm-tiny.toml --steps 100 -o $(DEMO)/rl/rm
+	$(BIN)/ppo testdata/demo_rl_prompts.jsonl --policy $(DEMO)/sft --reward-model $(DEMO)/rl/rm --val testdata/demo_rl_val_prompts.jsonl --config recipes/ppo-tiny.toml -o $(DEMO)/rl/ppo
+	@echo "   curves: $(DEMO)/rl/ppo/curves.svg; every rollout: $(DEMO)/rl/ppo/rollouts/"
+	@echo "== reward of sampled answers to held-out prompts, before and after PPO"
+	@for stage in sft rl/ppo; do \
+	  $(BIN)/generate testdata/demo_rl_val_prompts.jsonl --model $(DEMO)/$$stage -n 4 --max-new-tokens 48 --temperature 1.0 -q -o $(DEMO)/rl/heldout.parquet && \
+	  $(BIN)/score $(DEMO)/rl/heldout.parquet --reward-model $(DEMO)/rl/rm -o $(DEMO)/rl/heldout_scored.parquet 2>&1 | sed "s|^|   $$stage: |"; \
+	done
 
 # One JSON object per line per figure.
 # Set REFERENCE_PYTHON to a python with torch, transformers and tokenizers (../shared/bench's

@@ -12,6 +12,12 @@
             keeping the end, batch 8 pairs, AdamW lr 3e-4 constant, wd 0.1, clip 1.0, one epoch
             (130 steps); pairs/s after 3 warm-up steps, held-out accuracy. The reference runs
             with the same tokenizer (`--impl torch`: TRL's RewardTrainer gives the same figures).
+  ppo       ppo_ref.py's workload (TRL 1.12 PPOTrainer): bench-tiny policy, reward and value models
+            (random init, as the reference without checkpoints), prompts = the `prompt` column of
+            testdata/pref_hh_rlhf_harmless_base.parquet cut to their last 64 tokens, batch 8, 64 new
+            tokens always (EOS ignored, as TRL without a stop token), temperature 0.7, 4 PPO epochs,
+            1 minibatch, kl 0.05 (k1), AdamW lr 3e-6 linear, 5 updates; episodes/s = 8 / mean
+            update time over updates 2-5 (rollout + scoring + 4 epochs), as the reference times it.
   generate  the model that run wrote: 16-ish-token prompts, 128 new tokens each (EOS ignored, as the
             reference sets min_new_tokens), batch 1 (64 prompts one at a time) and batch 8 (64
             prompts, 8 at a time), greedy and plain sampling (temperature 1, no top-k/top-p).
@@ -121,6 +127,39 @@ def bench_reference_reward(python, tokenizer, threads):
           "eval_accuracy": round(result["eval_acc_after"], 4), "peak_rss_mb": round(result["peak_rss_mib"] * 1.048576, 1)})
 
 
+def bench_ppo(tokenizer, tokens, threads):
+    base = os.path.join(OUT, "bench_ppo_policy")
+    reward = os.path.join(OUT, "bench_ppo_reward")
+    run_dir = os.path.join(OUT, "bench_ppo_run")
+    subprocess.run(["rm", "-rf", base, reward, run_dir], check=True)
+    run([f"{BIN}/pretrain", tokens, "--tokenizer", tokenizer, "--config", os.path.join(ROOT, "recipes", "bench-tiny.toml"),
+         "-o", base, "--steps", "0", "-q"])
+    run([f"{BIN}/rm-train", REWARD_DATA, "--model", base, "-o", reward, "--steps", "0", "--max-length", "256", "-q"])
+    _, rss, _ = run([f"{BIN}/ppo", REWARD_DATA, "--policy", base, "--reward-model", reward, "-o", run_dir,
+                     "--batch-size", "8", "--max-prompt-length", "64", "--max-new-tokens", "64", "--ignore-eos",
+                     "--temperature", "0.7", "--ppo-epochs", "4", "--minibatches", "1", "--kl-coef", "0.05",
+                     "--lr", "3e-6", "--updates", "5", "--eval-every", "0", "--checkpoint-every", "0",
+                     "--threads", str(threads), "-q"])
+    updates = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"time/update_seconds"' in line]
+    timed = [u["time/update_seconds"] for u in updates[1:]]
+    emit({"bench": "ppo", "threads": threads, "updates": len(updates), "batch": 8, "prompt_len": 64, "response_len": 64,
+          "ppo_epochs": 4, "episodes_per_s": round(8 * len(timed) / sum(timed), 2),
+          "rollout_share": round(sum(u["time/rollout_seconds"] for u in updates[1:]) / sum(timed), 3),
+          "peak_rss_mb": round(rss, 1)})
+
+
+def bench_reference_ppo(python, reference, tokenizer, threads):
+    out = os.path.join(OUT, "reference_ppo.json")
+    missing = os.path.join(OUT, "no_checkpoint")  # random init of policy and reward, as ours
+    subprocess.run([python, os.path.join(reference, "ppo_ref.py"), "--policy", missing, "--reward", missing,
+                    "--tokenizer", tokenizer, "--data", REWARD_DATA, "--threads", str(threads), "--json", out],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = json.load(open(out))
+    emit({"bench": "reference_ppo", "impl": f"trl-{result['trl']}", "threads": threads, "updates": result["updates"],
+          "batch": result["batch"], "episodes_per_s": round(result["episodes_per_s"], 2),
+          "peak_rss_mb": round(result["peak_rss_mib"] * 1.048576, 1)})
+
+
 def bench_reference(python, threads):
     train_json = os.path.join(OUT, "reference_train.json")
     ckpt = os.path.join(OUT, "reference_tiny_llama")
@@ -142,7 +181,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference-python", default=None, help="python with torch + transformers for ../shared/bench")
-    ap.add_argument("--only", choices=["pretrain", "generate", "rm-train"], default=None, help="one workload (and its reference)")
+    ap.add_argument("--only", choices=["pretrain", "generate", "rm-train", "ppo"], default=None, help="one workload (and its reference)")
+    ap.add_argument("--reference-dir", default=REFERENCE, help="../shared/bench, or a writable copy of it with its venv")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     tokenizer, tokens = prepare(args.threads)
@@ -155,6 +195,10 @@ def main():
         bench_reward(tokenizer, tokens, args.threads)
         if args.reference_python:
             bench_reference_reward(args.reference_python, tokenizer, args.threads)
+    if args.only in (None, "ppo"):
+        bench_ppo(tokenizer, tokens, args.threads)
+        if args.reference_python:
+            bench_reference_ppo(args.reference_python, args.reference_dir, tokenizer, args.threads)
 
 
 if __name__ == "__main__":
