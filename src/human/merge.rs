@@ -105,15 +105,16 @@ impl Collected {
             for (i, row) in rows.into_iter().enumerate() {
                 let place = format!("{} row {}", path.display(), batch.first_row + i as u64);
                 let named = |column: &Option<StringArray>| column.as_ref().filter(|c| c.is_valid(i)).map(|c| c.value(i).to_string());
+                let item = self.item(row, (self.batches.len(), i), &place)?;
+                // A response without a score (skipped, not rated) is merged, but rated by nobody.
+                let Some(score) = scores.is_valid(i).then(|| scores.value(i)).filter(|s| s.is_finite()) else { continue };
                 let name = named(&annotators).or_else(|| named(&scorers)).unwrap_or_else(|| file_name.clone());
                 let annotator = self.annotator(&name);
-                let item = self.item(row, (self.batches.len(), i), &place)?;
-                if let Some(first) = self.rated.insert((item, annotator), place.clone()) {
+                if let Some(first) = self.rated.insert((item, annotator), place) {
                     let key = ItemKey::of(&self.items[item].response);
                     return Err(bad_input(path, format!("row {}: {name} rated {key} a second time (first: {first})", batch.first_row + i as u64)));
                 }
-                let score = scores.is_valid(i).then(|| scores.value(i)).filter(|s| s.is_finite());
-                self.items[item].ratings.extend(score.map(|s| (annotator, s)));
+                self.items[item].ratings.push((annotator, score));
             }
             self.batches.push(batch);
         }

@@ -130,6 +130,10 @@ pub fn run<J: Judgement>(judgement: &J, options: SessionOptions) -> Result<Decis
             screen(judgement, index, &decisions, notice.take(), clear);
         }
         let Some(line) = answers.next()? else { return Err(stopped(&journal, &decisions, items.len(), J::NOUN)) };
+        if show && !answers.interactive {
+            // A script's answer is not echoed by a terminal: show it, so the screen reads as a transcript.
+            eprintln!("{line}");
+        }
         match command(&line) {
             Command::Quit => return Err(stopped(&journal, &decisions, items.len(), J::NOUN)),
             Command::Skip => {
@@ -160,9 +164,7 @@ pub fn run<J: Judgement>(judgement: &J, options: SessionOptions) -> Result<Decis
 fn screen<J: Judgement>(judgement: &J, index: usize, decisions: &Decisions<J::Answer>, notice: Option<String>, clear: bool) {
     let total = judgement.items().len();
     let mut text = String::new();
-    if clear {
-        text.push_str("\x1b[2J\x1b[H");
-    }
+    text.push_str(if clear { "\x1b[2J\x1b[H" } else { "\n" });
     text.push_str(&format!(
         "── {} {} of {} · {} answered, {} skipped ──\n",
         J::NOUN,
