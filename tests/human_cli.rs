@@ -179,6 +179,15 @@ fn quitting_keeps_the_journal_and_the_same_command_continues() {
     let rest = run_with_stdin("score", &args, b"2\n2\n2\n2\n2\n2\n");
     assert!(rest.status.success(), "{}", stderr(&rest));
     assert_eq!(floats(&out, "score"), [Some(4.), Some(5.), Some(1.), Some(2.), Some(2.), Some(2.), Some(2.), Some(2.), Some(2.)]);
+
+    // Responses regenerated under the same prompt_id and sample are not the ones bo scored.
+    let changed = dir.path().join("changed.parquet");
+    let mut rows: Vec<ResponseRecord> = (0..PROMPTS).flat_map(|p| (0..SAMPLES).map(move |s| response(p, s))).collect();
+    rows[0].response = "A regenerated answer.".into();
+    write_responses(&changed, &rows);
+    let args = [s(&changed), "--human", "--annotator", "bo", "--scale", "1-5", "-o", s(&out)];
+    let keep = ["bad.txt", "changed.parquet", journal, "responses.parquet", "scored.parquet"];
+    assert_refused("score", &args, "the text of response p0/0 is not the text that was judged; this journal belongs to other data", dir.path(), &keep);
 }
 
 #[test]

@@ -4,13 +4,15 @@
 //!
 //! ```text
 //! {"event":"session","task":"score","annotator":"ana","scale":"1-7","input":"responses.parquet","items":12,"time":"…"}
-//! {"event":"answer","prompt_id":"romeo","sample":0,"score":5.0,"time":"…"}
-//! {"event":"skip","prompt_id":"romeo","sample":1,"time":"…"}
+//! {"event":"answer","prompt_id":"romeo","sample":0,"score":5.0,"shown":"9f2c…","time":"…"}
+//! {"event":"skip","prompt_id":"romeo","sample":1,"shown":"41be…","time":"…"}
 //! {"event":"undo","prompt_id":"romeo","sample":1,"time":"…"}
 //! ```
 //!
 //! Replaying: an answer or skip decides its item (a later one replaces an earlier one), an
-//! undo takes back the latest decision still standing, across runs as within one.
+//! undo takes back the latest decision still standing, across runs as within one. `shown`
+//! fingerprints the text the person judged, so answers are never applied to responses that
+//! were regenerated under the same `prompt_id` and `sample`.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -50,11 +52,15 @@ enum Event<A> {
         item: ItemKey,
         #[serde(flatten)]
         answer: A,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shown: Option<String>,
         time: String,
     },
     Skip {
         #[serde(flatten)]
         item: ItemKey,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shown: Option<String>,
         time: String,
     },
     /// Takes back the decision on `item` (the latest one standing).
@@ -124,14 +130,15 @@ pub struct Journal {
 
 impl Journal {
     /// Open (or start) the journal at `path`, replay its decisions and record this run.
-    /// `check` says why a journaled decision does not fit the data (an unknown item, an answer
-    /// the item cannot have), which means the journal belongs to other data.
+    /// `check` says why a journaled decision (item, answer or skip, fingerprint of what was
+    /// shown) does not fit the data (an unknown item, changed text, an answer the item cannot
+    /// have), which means the journal belongs to other data.
     pub fn open<A: Serialize + DeserializeOwned>(
         path: &Path,
         settings: &Settings,
         input: &str,
         items: usize,
-        check: impl Fn(&ItemKey, Option<&A>) -> std::result::Result<(), String>,
+        check: impl Fn(&ItemKey, Option<&A>, Option<&str>) -> std::result::Result<(), String>,
     ) -> Result<(Journal, Decisions<A>)> {
         let created = !path.exists();
         let text = read_whole_lines(path)?;
@@ -145,12 +152,12 @@ impl Journal {
                         return Err(at(format!("{what}; continue with the same settings, or give another -o or --journal")));
                     }
                 }
-                Event::Answer { item, answer, .. } => {
-                    check(&item, Some(&answer)).map_err(|e| at(format!("{e}; this journal belongs to other data")))?;
+                Event::Answer { item, answer, shown, .. } => {
+                    check(&item, Some(&answer), shown.as_deref()).map_err(|e| at(format!("{e}; this journal belongs to other data")))?;
                     decisions.record(item, Some(answer));
                 }
-                Event::Skip { item, .. } => {
-                    check(&item, None).map_err(|e| at(format!("{e}; this journal belongs to other data")))?;
+                Event::Skip { item, shown, .. } => {
+                    check(&item, None, shown.as_deref()).map_err(|e| at(format!("{e}; this journal belongs to other data")))?;
                     decisions.record(item, None);
                 }
                 Event::Undo { .. } => {
@@ -175,12 +182,13 @@ impl Journal {
         &self.path
     }
 
-    pub fn answer<A: Serialize>(&mut self, item: &ItemKey, answer: &A) -> Result<()> {
-        self.append(&Event::Answer { item: item.clone(), answer, time: now() })
+    /// `shown`: the fingerprint of what the person saw.
+    pub fn answer<A: Serialize>(&mut self, item: &ItemKey, answer: &A, shown: &str) -> Result<()> {
+        self.append(&Event::Answer { item: item.clone(), answer, shown: Some(shown.to_string()), time: now() })
     }
 
-    pub fn skip(&mut self, item: &ItemKey) -> Result<()> {
-        self.append(&Event::<()>::Skip { item: item.clone(), time: now() })
+    pub fn skip(&mut self, item: &ItemKey, shown: &str) -> Result<()> {
+        self.append(&Event::<()>::Skip { item: item.clone(), shown: Some(shown.to_string()), time: now() })
     }
 
     pub fn undo(&mut self, item: &ItemKey) -> Result<()> {
@@ -254,8 +262,10 @@ mod tests {
     }
 
     fn open(path: &Path, annotator: &str) -> Result<(Journal, Decisions<Score>)> {
-        Journal::open(path, &settings(annotator), "in.parquet", 3, |item, _| {
-            if item.prompt_id == "gone" { Err(format!("{item} is not in the data")) } else { Ok(()) }
+        Journal::open(path, &settings(annotator), "in.parquet", 3, |item, _, shown| match (item.prompt_id.as_str(), shown) {
+            ("gone", _) => Err(format!("{item} is not in the data")),
+            (_, Some("old")) => Err(format!("{item} changed")),
+            _ => Ok(()),
         })
     }
 
@@ -267,9 +277,9 @@ mod tests {
         {
             let (mut journal, decisions) = open(&path, "ana").unwrap();
             assert_eq!(decisions.decided(), 0);
-            journal.answer(&a, &Score { score: 5.0 }).unwrap();
-            journal.skip(&b).unwrap();
-            journal.answer(&c, &Score { score: 2.0 }).unwrap();
+            journal.answer(&a, &Score { score: 5.0 }, "x").unwrap();
+            journal.skip(&b, "x").unwrap();
+            journal.answer(&c, &Score { score: 2.0 }, "x").unwrap();
         }
         let (mut journal, mut decisions) = open(&path, "ana").unwrap();
         assert_eq!((decisions.answered(), decisions.skipped()), (2, 1));
@@ -277,7 +287,7 @@ mod tests {
         let undone = decisions.undo().unwrap();
         assert_eq!(undone, c);
         journal.undo(&undone).unwrap();
-        journal.answer(&b, &Score { score: 7.0 }).unwrap();
+        journal.answer(&b, &Score { score: 7.0 }, "x").unwrap();
         drop(journal);
         let (_, decisions) = open(&path, "ana").unwrap();
         assert_eq!(decisions.get(&a), Some(Some(&Score { score: 5.0 })));
@@ -295,7 +305,7 @@ mod tests {
         file.write_all(b"{\"event\":\"answer\",\"prompt_id\":\"p\",\"sam").unwrap();
         let (mut journal, decisions) = open(&path, "ana").unwrap();
         assert_eq!(decisions.decided(), 0);
-        journal.skip(&ItemKey::response("p", 0)).unwrap();
+        journal.skip(&ItemKey::response("p", 0), "x").unwrap();
         let (_, decisions) = open(&path, "ana").unwrap();
         assert_eq!(decisions.skipped(), 1);
     }
@@ -308,9 +318,14 @@ mod tests {
         let e = open(&path, "bo").unwrap_err();
         assert!(e.to_string().contains("line 1: this journal is ana's, not bo's"), "{e}");
         let (mut journal, _) = open(&path, "ana").unwrap();
-        journal.answer(&ItemKey::response("gone", 0), &Score { score: 1.0 }).unwrap();
+        journal.answer(&ItemKey::response("gone", 0), &Score { score: 1.0 }, "x").unwrap();
         let e = open(&path, "ana").unwrap_err();
         assert!(e.to_string().contains("line 3: gone/0 is not in the data; this journal belongs to other data"), "{e}");
+        std::fs::write(&path, "").unwrap();
+        let (mut journal, _) = open(&path, "ana").unwrap();
+        journal.skip(&ItemKey::response("p", 0), "old").unwrap();
+        let e = open(&path, "ana").unwrap_err();
+        assert!(e.to_string().contains("line 2: p/0 changed"), "{e}");
         std::fs::write(&path, "not json\n").unwrap();
         assert_eq!(open(&path, "ana").unwrap_err().exit_code(), 2);
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::ItemKey;
-use super::session::Judgement;
+use super::session::{Judgement, fingerprint};
 use crate::data::records::ResponseRecord;
 use crate::error::{Result, bad_input};
 
@@ -90,6 +90,13 @@ impl Judgement for RankJudgement<'_> {
             text.push_str(&format!("\n{letter} (sample {})\n{}\n", self.rows[i].sample, self.rows[i].response));
         }
         text
+    }
+
+    /// The prompt and its responses in letter order: a changed text or order is a changed item.
+    fn shown(&self, index: usize) -> String {
+        let group = &self.groups[index];
+        let responses = group.iter().map(|&i| self.rows[i].response.as_str());
+        fingerprint(std::iter::once(self.rows[group[0]].prompt.as_str()).chain(responses))
     }
 
     fn ask(&self, index: usize) -> String {

@@ -5,7 +5,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::ItemKey;
-use super::session::Judgement;
+use super::session::{Judgement, fingerprint};
 use crate::data::records::ResponseRecord;
 use crate::error::{Error, usage};
 
@@ -73,6 +73,11 @@ impl Judgement for ScoreJudgement<'_> {
     fn show(&self, index: usize) -> String {
         let row = &self.rows[index];
         format!("prompt_id {} · sample {}\n\nPROMPT\n{}\n\nRESPONSE\n{}\n", row.prompt_id, row.sample, row.prompt, row.response)
+    }
+
+    fn shown(&self, index: usize) -> String {
+        let row = &self.rows[index];
+        fingerprint([row.prompt.as_str(), row.response.as_str()])
     }
 
     fn ask(&self, _: usize) -> String {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
 
 use super::ItemKey;
 use super::journal::{Decisions, Journal, Settings};
@@ -26,6 +27,8 @@ pub trait Judgement {
     fn items(&self) -> &[ItemKey];
     /// Item `index` as the person sees it.
     fn show(&self, index: usize) -> String;
+    /// A fingerprint of the text judged for item `index` (see [`fingerprint`]).
+    fn shown(&self, index: usize) -> String;
     /// What to type for item `index`, e.g. `1-7 score`.
     fn ask(&self, index: usize) -> String;
     /// A typed line as an answer for item `index`, or what was expected.
@@ -104,8 +107,11 @@ pub struct SessionOptions {
 pub fn run<J: Judgement>(judgement: &J, options: SessionOptions) -> Result<Decisions<J::Answer>> {
     let items = judgement.items();
     let index_of: std::collections::HashMap<&ItemKey, usize> = items.iter().enumerate().map(|(i, k)| (k, i)).collect();
-    let (mut journal, mut decisions) = Journal::open(&options.journal, &options.settings, &options.input, items.len(), |item, answer| {
+    let (mut journal, mut decisions) = Journal::open(&options.journal, &options.settings, &options.input, items.len(), |item, answer, shown| {
         let index = *index_of.get(item).ok_or_else(|| format!("{} {item} is not in {}", J::NOUN, options.input))?;
+        if shown.is_some_and(|shown| shown != judgement.shown(index)) {
+            return Err(format!("the text of {} {item} is not the text that was judged", J::NOUN));
+        }
         answer.map_or(Ok(()), |a| judgement.fits(index, a))
     })?;
     if decisions.decided() > 0 {
@@ -137,7 +143,7 @@ pub fn run<J: Judgement>(judgement: &J, options: SessionOptions) -> Result<Decis
         match command(&line) {
             Command::Quit => return Err(stopped(&journal, &decisions, items.len(), J::NOUN)),
             Command::Skip => {
-                journal.skip(item)?;
+                journal.skip(item, &judgement.shown(index))?;
                 decisions.record(item.clone(), None);
             }
             Command::Undo => match decisions.undo() {
@@ -149,7 +155,7 @@ pub fn run<J: Judgement>(judgement: &J, options: SessionOptions) -> Result<Decis
             },
             Command::Judge(typed) => match judgement.parse(index, typed) {
                 Ok(answer) => {
-                    journal.answer(item, &answer)?;
+                    journal.answer(item, &answer, &judgement.shown(index))?;
                     decisions.record(item.clone(), Some(answer));
                 }
                 Err(expected) if answers.interactive => notice = Some(format!("`{typed}`: {expected}")),
@@ -181,6 +187,16 @@ fn screen<J: Judgement>(judgement: &J, index: usize, decisions: &Decisions<J::An
     let mut stderr = std::io::stderr().lock();
     let _ = stderr.write_all(text.as_bytes());
     let _ = stderr.flush();
+}
+
+/// A short fingerprint of texts: the first 16 hex digits of the SHA-256 of them, each ended by a NUL.
+pub fn fingerprint<'a>(texts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut hasher = Sha256::new();
+    for text in texts {
+        hasher.update(text.as_bytes());
+        hasher.update([0u8]);
+    }
+    hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// The person stopped before the end: say how far they got and how to continue.
