@@ -57,18 +57,24 @@ pub struct RankReport {
     pub skipped_prompts: usize,
 }
 
-/// Indices of `rows` grouped by `prompt_id`, groups in order of first appearance, each group
-/// ordered best first (ties keep their sample order).
-pub fn groups(rows: &[ScoredRecord]) -> Vec<Vec<usize>> {
+/// Row indices grouped by prompt id, groups in order of first appearance, rows in file order.
+pub fn by_prompt<'a>(prompt_ids: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
     let mut index: HashMap<&str, usize> = HashMap::new();
     let mut groups: Vec<Vec<usize>> = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        let slot = *index.entry(row.response.prompt_id.as_str()).or_insert_with(|| {
+    for (i, prompt_id) in prompt_ids.enumerate() {
+        let slot = *index.entry(prompt_id).or_insert_with(|| {
             groups.push(Vec::new());
             groups.len() - 1
         });
         groups[slot].push(i);
     }
+    groups
+}
+
+/// Indices of `rows` grouped by `prompt_id`, groups in order of first appearance, each group
+/// ordered best first (ties keep their sample order).
+pub fn groups(rows: &[ScoredRecord]) -> Vec<Vec<usize>> {
+    let mut groups = by_prompt(rows.iter().map(|r| r.response.prompt_id.as_str()));
     for group in &mut groups {
         group.sort_by(|&a, &b| rows[b].score.total_cmp(&rows[a].score).then(rows[a].response.sample.cmp(&rows[b].response.sample)));
     }
@@ -116,7 +122,7 @@ pub fn rank(options: &RankOptions) -> Result<RankReport> {
 }
 
 fn check_min_margin(options: &RankOptions) -> Result<()> {
-    if !(options.min_margin >= 0.0) {
+    if options.min_margin.is_nan() || options.min_margin < 0.0 {
         return Err(usage(format!("--min-margin {}: must be 0 or more", options.min_margin)));
     }
     Ok(())

@@ -396,19 +396,22 @@ pub fn score(options: &ScoreOptions, scorer: &Scorer) -> Result<ScoreReport> {
     write_scored(&reader, options, scorer)
 }
 
-/// Stream the responses of `reader` to `-o` with the scorer's columns: `column`, `scorer`, and
-/// for known scores `annotator`; other columns carried through.
-fn write_scored(reader: &RecordReader<ResponseRecord>, options: &ScoreOptions, scorer: &Scorer) -> Result<ScoreReport> {
+/// The columns of `schema` a scored output carries through: all but the responses columns and
+/// those the output writes itself (`ours`).
+pub fn carried_fields(schema: &Schema, ours: &[&str]) -> Vec<Field> {
     let own: Vec<String> = ResponseRecord::fields().iter().map(|f| f.name().clone()).collect();
-    let ours = [options.column.as_str(), "scorer", "annotator"];
-    let carried: Vec<Field> = reader
-        .source()
-        .schema()
+    schema
         .fields()
         .iter()
         .filter(|f| !own.contains(f.name()) && !ours.contains(&f.name().as_str()))
         .map(|f| f.as_ref().clone())
-        .collect();
+        .collect()
+}
+
+/// Stream the responses of `reader` to `-o` with the scorer's columns: `column`, `scorer`, and
+/// for known scores `annotator`; other columns carried through.
+fn write_scored(reader: &RecordReader<ResponseRecord>, options: &ScoreOptions, scorer: &Scorer) -> Result<ScoreReport> {
+    let carried = carried_fields(reader.source().schema(), &[options.column.as_str(), "scorer", "annotator"]);
     let mut fields = ResponseRecord::fields();
     fields.push(Field::new(options.column.as_str(), DataType::Float64, scorer.is_known()));
     fields.push(Field::new("scorer", DataType::Utf8, false));

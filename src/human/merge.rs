@@ -18,6 +18,7 @@ use crate::data::records::{Record, RecordReader, ResponseRecord};
 use crate::data::{ColumnType, Kind, ParquetSink, meta};
 use crate::error::{Result, bad_input, usage};
 use crate::progress;
+use crate::score::carried_fields;
 
 pub struct MergeOptions {
     pub inputs: Vec<PathBuf>,
@@ -144,16 +145,8 @@ impl Collected {
     }
 
     fn write(&self, options: &MergeOptions, agreement: &Agreement) -> Result<()> {
-        let own: Vec<String> = ResponseRecord::fields().iter().map(|f| f.name().clone()).collect();
         let ours = [options.column.as_str(), "scorer", "annotator", "annotators", "ratings"];
-        let carried: Vec<Field> = self.batches[0]
-            .data
-            .schema()
-            .fields()
-            .iter()
-            .filter(|f| !own.contains(f.name()) && !ours.contains(&f.name().as_str()))
-            .map(|f| f.as_ref().clone())
-            .collect();
+        let carried = carried_fields(&self.batches[0].data.schema(), &ours);
         let rating_fields = Fields::from(vec![Field::new("annotator", DataType::Utf8, false), Field::new("score", DataType::Float64, false)]);
         let ratings_type = DataType::List(Arc::new(Field::new_list_field(DataType::Struct(rating_fields.clone()), false)));
         let mut fields = ResponseRecord::fields();

@@ -1,7 +1,6 @@
 //! `rank --human`: a person orders the responses of each prompt, shown as A, B, C…, by typing
 //! the letters best first (`CAB`).
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -10,6 +9,7 @@ use super::ItemKey;
 use super::session::{Judgement, fingerprint};
 use crate::data::records::ResponseRecord;
 use crate::error::{Result, bad_input};
+use crate::rank::by_prompt;
 
 /// Letters name the responses of a prompt, so a prompt can show at most 26.
 pub const MOST_RESPONSES: usize = 26;
@@ -32,15 +32,7 @@ pub struct RankJudgement<'a> {
 
 impl<'a> RankJudgement<'a> {
     pub fn new(input: &Path, rows: &'a [ResponseRecord]) -> Result<Self> {
-        let mut slot: HashMap<&str, usize> = HashMap::new();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        for (i, row) in rows.iter().enumerate() {
-            let g = *slot.entry(row.prompt_id.as_str()).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[g].push(i);
-        }
+        let mut groups = by_prompt(rows.iter().map(|r| r.prompt_id.as_str()));
         let single_response_prompts = groups.iter().filter(|g| g.len() < 2).count();
         groups.retain(|g| g.len() >= 2);
         for group in &mut groups {

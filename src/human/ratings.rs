@@ -53,7 +53,7 @@ pub fn read_ratings(path: &Path, column: &str) -> Result<Vec<Rating>> {
             Ok(Rating {
                 key: ItemKey::response(prompt_id, sample),
                 score,
-                annotator: annotators.and_then(|a| text(a)).map(str::to_string),
+                annotator: annotators.and_then(text).map(str::to_string),
                 place: table.place(r),
             })
         })
