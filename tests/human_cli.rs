@@ -425,7 +425,11 @@ fn bad_inputs_exit_2_with_one_line() {
     assert_refused("score", &[s(&responses), "--human", "--scale", "7-1", "-o", o], "--scale 7-1: expected LOW-HIGH", dir.path(), &keep);
     assert_refused("score", &[s(&responses), "--human", "--annotator", "ana", "-o", "-"], "give --journal FILE", dir.path(), &keep);
     assert_refused("score", &[s(&responses), "-o", o], "give one of --reward-model, --rule, --human, --import or --merge", dir.path(), &keep);
-    for args in [vec![s(&responses), "--import", s(&responses), "--human", "-o", o], vec!["--merge", s(&responses), "-o", o]] {
+    for args in [
+        vec![s(&responses), "--import", s(&responses), "--human", "-o", o],
+        vec!["--merge", s(&responses), "-o", o],
+        vec![s(&responses), "--rule", "length", "--keys", "keys.txt", "-o", o],
+    ] {
         let clap_refusal = run("score", &args);
         assert_eq!(clap_refusal.status.code(), Some(2), "{}", stderr(&clap_refusal));
         assert_eq!(files_in(dir.path()), keep);

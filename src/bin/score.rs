@@ -15,6 +15,11 @@ use lathe::human::session::{Annotation, journal_path};
 use lathe::human::annotator_name;
 use lathe::score::{ModelSettings, RewardScorer, ScoreOptions, Scorer, WeightedRule, import, score, score_by_hand};
 
+/// clap waives a `requires` whose target conflicts with a flag given (the modes exclude each
+/// other), so mode-specific flags also name the modes they do not belong to.
+const NOT_HUMAN: [&str; 4] = ["reward_model", "rule", "import", "merge"];
+const NOT_REWARD_MODEL: [&str; 4] = ["rule", "human", "import", "merge"];
+
 #[derive(Parser, Serialize)]
 #[command(
     name = "score",
@@ -80,22 +85,22 @@ struct Args {
     #[arg(long, value_name = "SCORED", num_args = 2.., conflicts_with = "input")]
     merge: Vec<PathBuf>,
     /// Normalise reward-model scores with the `reward_mean`/`reward_std` in its config.json.
-    #[arg(long, requires = "reward_model")]
+    #[arg(long, requires = "reward_model", conflicts_with_all = NOT_REWARD_MODEL)]
     normalize: bool,
     /// Name of the score column (also the column read by --import and --merge).
     #[arg(long, default_value = "score")]
     column: String,
     /// --human: the scores a person may give, LOW-HIGH.
-    #[arg(long, default_value = "1-7")]
+    #[arg(long, default_value = "1-7", requires = "human", conflicts_with_all = NOT_HUMAN)]
     scale: String,
     /// --human: who scores (default: $USER); --import: the annotator of ratings without an `annotator` column.
     #[arg(long)]
     annotator: Option<String>,
     /// --human: read answers from this file, one per line (the end of the file quits).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", requires = "human", conflicts_with_all = NOT_HUMAN)]
     keys: Option<PathBuf>,
     /// --human: the answers journal (default: OUTPUT.journal.jsonl).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", requires = "human", conflicts_with_all = NOT_HUMAN)]
     journal: Option<PathBuf>,
     /// Sequences per model batch (reward model, guards).
     #[arg(long, default_value_t = 16)]

@@ -120,7 +120,8 @@ impl Table {
         let path = self.path.clone();
         let csv_error = |e: arrow::error::ArrowError| bad_input(&path, format!("not readable as CSV ({e})"));
         let (header, _) = format.infer_schema(self.open()?, Some(0)).map_err(csv_error)?;
-        self.names = header.fields().iter().map(|f| f.name().clone()).collect();
+        // Spreadsheets save CSV with a byte-order mark before the first name.
+        self.names = header.fields().iter().map(|f| f.name().trim_start_matches('\u{feff}').to_string()).collect();
         // Every column as text: types are decided per column below, with the row named.
         let schema = Schema::new(self.names.iter().map(|n| Field::new(n, DataType::Utf8, true)).collect::<Vec<_>>());
         let reader = arrow::csv::ReaderBuilder::new(Arc::new(schema)).with_format(format).build(self.open()?).map_err(csv_error)?;
@@ -219,7 +220,7 @@ mod tests {
 
     #[test]
     fn csv_and_jsonl_give_the_same_ratings() {
-        let csv = read("r.csv", "prompt_id,sample,score,annotator\na,0,5,ana\na,1,,ana\n7,2.0,3.5,bo\n", "score").unwrap();
+        let csv = read("r.csv", "\u{feff}prompt_id,sample,score,annotator\na,0,5,ana\na,1,,ana\n7,2.0,3.5,bo\n", "score").unwrap();
         let jsonl = read(
             "r.jsonl",
             "{\"prompt_id\":\"a\",\"sample\":0,\"score\":5,\"annotator\":\"ana\"}\n\n{\"prompt_id\":\"a\",\"sample\":1,\"score\":null,\"annotator\":\"ana\"}\n{\"prompt_id\":7,\"sample\":2,\"score\":3.5,\"annotator\":\"bo\"}\n",
