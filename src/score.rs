@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use candle_core::Device;
 use regex::Regex;
@@ -130,15 +130,16 @@ impl WeightedRule {
         Ok(WeightedRule { rule, weight, spec: spec.to_string() })
     }
 
-    fn needs_reference(&self) -> bool {
+    /// Exact and chrF compare with a `reference` text.
+    pub fn needs_reference(&self) -> bool {
         matches!(self.rule, Rule::Exact | Rule::Chrf)
     }
 
-    /// The rule's value for each row (unweighted).
-    fn values(&self, rows: &[ResponseRecord], references: Option<&StringArray>) -> Result<Vec<f64>> {
+    /// The rule's value (before its weight) for each response; `references` line up with them.
+    pub fn values(&self, responses: &[&str], references: Option<&[&str]>) -> Result<Vec<f64>> {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
-        let reference = |i: usize| references.map_or("", |r| r.value(i));
-        let each = |value: &dyn Fn(usize, &str) -> f64| rows.iter().enumerate().map(|(i, row)| value(i, &row.response)).collect();
+        let reference = |i: usize| references.map_or("", |r| r[i]);
+        let each = |value: &dyn Fn(usize, &str) -> f64| responses.iter().enumerate().map(|(i, response)| value(i, response)).collect();
         Ok(match &self.rule {
             Rule::Length => each(&|_, response| response.chars().count() as f64),
             Rule::Regex(pattern) => each(&|_, response| flag(pattern.is_match(response))),
@@ -146,9 +147,20 @@ impl WeightedRule {
             Rule::Refusal => each(&|_, response| flag(is_refusal(response))),
             Rule::Exact => each(&|i, response| flag(response.trim() == reference(i).trim())),
             Rule::Chrf => each(&|i, response| chrf(response, reference(i))),
-            Rule::Guard(guard) => guard.probabilities(rows)?,
+            Rule::Guard(guard) => guard.probabilities(responses)?,
         })
     }
+}
+
+/// The weighted sum of the rules' values for each response: the score `--rule` gives.
+pub fn rule_scores(rules: &[WeightedRule], responses: &[&str], references: Option<&[&str]>) -> Result<Vec<f64>> {
+    let mut total = vec![0f64; responses.len()];
+    for rule in rules {
+        for (sum, value) in total.iter_mut().zip(rule.values(responses, references)?) {
+            *sum += rule.weight * value;
+        }
+    }
+    Ok(total)
 }
 
 /// A sequence classifier ready to score text: the encoding it was trained with (`lathe_scoring`
@@ -244,6 +256,11 @@ impl RewardScorer {
         })
     }
 
+    /// `reward-model:DIR`, as recorded in the `scorer` column.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Rewards of `prompt + response` texts, batched by length.
     pub fn score(&self, texts: &[String]) -> Result<Vec<f64>> {
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -287,9 +304,8 @@ impl Guard {
     }
 
     /// σ(logit) of the label for each response.
-    fn probabilities(&self, rows: &[ResponseRecord]) -> Result<Vec<f64>> {
-        let texts: Vec<&str> = rows.iter().map(|r| r.response.as_str()).collect();
-        Ok(self.classifier.scores(&texts)?.into_iter().map(|s| 1.0 / (1.0 + (-(s[self.label] as f64)).exp())).collect())
+    pub fn probabilities(&self, responses: &[&str]) -> Result<Vec<f64>> {
+        Ok(self.classifier.scores(responses)?.into_iter().map(|s| 1.0 / (1.0 + (-(s[self.label] as f64)).exp())).collect())
     }
 }
 
@@ -324,7 +340,7 @@ struct Judgements {
 impl Scorer {
     fn name(&self) -> String {
         match self {
-            Scorer::RewardModel(m) => m.name.clone(),
+            Scorer::RewardModel(m) => m.name().to_string(),
             Scorer::Rules(rules) => format!("rules:{}", rules.iter().map(|r| r.spec.as_str()).collect::<Vec<_>>().join(",")),
             Scorer::Known(known) => known.scorer.clone(),
         }
@@ -348,13 +364,9 @@ impl Scorer {
             }
             Scorer::Rules(rules) => {
                 let references = if rules.iter().any(WeightedRule::needs_reference) { Some(batch.strings("reference")?) } else { None };
-                let mut total = vec![0f64; rows.len()];
-                for rule in rules {
-                    for (sum, value) in total.iter_mut().zip(rule.values(rows, references.as_ref())?) {
-                        *sum += rule.weight * value;
-                    }
-                }
-                computed(total)
+                let references: Option<Vec<&str>> = references.as_ref().map(|r| (0..r.len()).map(|i| r.value(i)).collect());
+                let responses: Vec<&str> = rows.iter().map(|r| r.response.as_str()).collect();
+                computed(rule_scores(rules, &responses, references.as_deref())?)
             }
             Scorer::Known(known) => {
                 let judged: Vec<Option<&Judged>> = rows.iter().map(|r| known.by_response.get(&ItemKey::of(r))).collect();
@@ -411,7 +423,11 @@ pub fn carried_fields(schema: &Schema, ours: &[&str]) -> Vec<Field> {
 /// Stream the responses of `reader` to `-o` with the scorer's columns: `column`, `scorer`, and
 /// for known scores `annotator`; other columns carried through.
 fn write_scored(reader: &RecordReader<ResponseRecord>, options: &ScoreOptions, scorer: &Scorer) -> Result<ScoreReport> {
-    let carried = carried_fields(reader.source().schema(), &[options.column.as_str(), "scorer", "annotator"]);
+    let mut ours = vec![options.column.as_str(), "scorer"];
+    if scorer.is_known() {
+        ours.push("annotator");
+    }
+    let carried = carried_fields(reader.source().schema(), &ours);
     let mut fields = ResponseRecord::fields();
     fields.push(Field::new(options.column.as_str(), DataType::Float64, scorer.is_known()));
     fields.push(Field::new("scorer", DataType::Utf8, false));
@@ -551,18 +567,8 @@ mod tests {
     #[test]
     fn rule_values() {
         let value = |spec: &str, response: &str, reference: Option<&str>| {
-            let row = ResponseRecord {
-                prompt_id: "p".into(),
-                prompt: String::new(),
-                response: response.into(),
-                sample: 0,
-                model: "m".into(),
-                finish_reason: "stop".into(),
-                num_tokens: 1,
-                logprob: 0.0,
-            };
-            let references = reference.map(|r| StringArray::from(vec![r]));
-            WeightedRule::parse(spec, &ModelSettings::default()).unwrap().values(&[row], references.as_ref()).unwrap()[0]
+            let references = reference.map(|r| vec![r]);
+            WeightedRule::parse(spec, &ModelSettings::default()).unwrap().values(&[response], references.as_deref()).unwrap()[0]
         };
         assert_eq!(value("length:-0.5", "abcd", None), 4.0);
         assert_eq!(value("regex:^[A-Z]", "Paris", None), 1.0);
@@ -570,5 +576,7 @@ mod tests {
         assert_eq!(value("refusal", "I can't help with that.", None), 1.0);
         assert_eq!(value("exact", " Paris ", Some("Paris")), 1.0);
         assert_eq!(value("chrf", "Paris", Some("Paris")), 1.0);
+        let rules: Vec<WeightedRule> = ["length:-0.5", "contains:a:3"].iter().map(|r| WeightedRule::parse(r, &ModelSettings::default()).unwrap()).collect();
+        assert_eq!(rule_scores(&rules, &["abcd", "xyz"], None).unwrap(), vec![-2.0 + 3.0, -1.5]);
     }
 }
