@@ -503,16 +503,17 @@ pub fn score_by_hand(options: &ScoreOptions, human: &Annotation, scale: Scale) -
 pub fn import(options: &ScoreOptions, ratings_path: &Path, annotator: Option<&str>) -> Result<ScoreReport> {
     let (reader, rows) = read_responses(&options.input)?;
     let all = ratings::read_ratings(ratings_path, &options.column)?;
-    let by_key = ratings::by_response(ratings_path, all.clone())?;
     let responses: HashSet<ItemKey> = rows.iter().map(ItemKey::of).collect();
     let unmatched: Vec<ItemKey> = all.iter().filter(|r| !responses.contains(&r.key)).map(|r| r.key.clone()).collect();
-    if unmatched.len() == all.len() {
+    let rated = all.len();
+    let by_key = ratings::by_response(ratings_path, all)?;
+    if unmatched.len() == rated {
         let first_responses: Vec<ItemKey> = rows.iter().take(3).map(ItemKey::of).collect();
         return Err(bad_input(
             ratings_path,
             format!(
                 "none of its {} ratings names a response of {} (ratings: {}; responses: {})",
-                all.len(),
+                rated,
                 options.input.display(),
                 first_few(&unmatched, 3),
                 first_few(&first_responses, 3)
