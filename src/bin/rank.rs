@@ -8,8 +8,7 @@ use serde::Serialize;
 
 use lathe::Result;
 use lathe::cli::{self, CommonArgs};
-use lathe::human::annotator_name;
-use lathe::human::session::{Annotation, journal_path};
+use lathe::human::session::Annotation;
 use lathe::rank::{Pairs, RankOptions, rank, rank_by_hand};
 use lathe::tokenizer::log_report;
 
@@ -86,12 +85,7 @@ fn run(args: &Args) -> Result<()> {
         config: cli::resolved_config(args)?,
     };
     let report = if args.human {
-        let annotation = Annotation {
-            annotator: annotator_name(args.annotator.as_deref())?,
-            journal: journal_path(args.journal.as_deref(), &args.output)?,
-            keys: args.keys.clone(),
-            quiet: args.common.quiet,
-        };
+        let annotation = Annotation::new(args.annotator.as_deref(), args.journal.as_deref(), &args.output, args.keys.as_deref(), args.common.quiet)?;
         rank_by_hand(&options, &annotation)?
     } else {
         rank(&options)?

@@ -11,8 +11,7 @@ use lathe::cli::{self, CommonArgs};
 use lathe::error::usage;
 use lathe::human::merge::{MergeOptions, merge};
 use lathe::human::scoring::Scale;
-use lathe::human::session::{Annotation, journal_path};
-use lathe::human::annotator_name;
+use lathe::human::session::Annotation;
 use lathe::score::{ModelSettings, RewardScorer, ScoreOptions, Scorer, WeightedRule, import, score, score_by_hand};
 
 /// clap waives a `requires` whose target conflicts with a flag given (the modes exclude each
@@ -131,12 +130,7 @@ fn run(args: &Args) -> Result<()> {
     let options = ScoreOptions { input, output: args.output.clone(), column: args.column.clone(), config };
     if args.human {
         let scale: Scale = args.scale.parse()?;
-        let annotation = Annotation {
-            annotator: annotator_name(args.annotator.as_deref())?,
-            journal: journal_path(args.journal.as_deref(), &args.output)?,
-            keys: args.keys.clone(),
-            quiet: args.common.quiet,
-        };
+        let annotation = Annotation::new(args.annotator.as_deref(), args.journal.as_deref(), &args.output, args.keys.as_deref(), args.common.quiet)?;
         score_by_hand(&options, &annotation, scale)?;
         return Ok(());
     }

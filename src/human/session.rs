@@ -221,6 +221,16 @@ pub struct Annotation {
 }
 
 impl Annotation {
+    /// From the flags: `--annotator` (else `$USER`), `--journal` (else beside `-o`), `--keys`.
+    pub fn new(annotator: Option<&str>, journal: Option<&Path>, output: &Path, keys: Option<&Path>, quiet: bool) -> Result<Self> {
+        Ok(Annotation {
+            annotator: super::annotator_name(annotator)?,
+            journal: journal_path(journal, output)?,
+            keys: keys.map(Path::to_path_buf),
+            quiet,
+        })
+    }
+
     /// The session for judging `input` in `task` (`score`, `rank`).
     pub fn session(&self, task: &str, scale: Option<String>, input: &Path) -> Result<SessionOptions> {
         Ok(SessionOptions {
@@ -234,7 +244,7 @@ impl Annotation {
 }
 
 /// The journal beside `output` (`scored.parquet` → `scored.parquet.journal.jsonl`), or `given`.
-pub fn journal_path(given: Option<&Path>, output: &Path) -> Result<PathBuf> {
+fn journal_path(given: Option<&Path>, output: &Path) -> Result<PathBuf> {
     match given {
         Some(path) => {
             crate::output::check_writable(path)?;
