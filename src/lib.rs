@@ -7,6 +7,7 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod human;
 pub mod metrics;
 pub mod model;
 pub mod output;

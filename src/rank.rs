@@ -1,17 +1,21 @@
-//! Response ranking: the scored responses of each prompt, ordered by score, become preference
-//! pairs (chosen / rejected / margin) or a per-response rank.
+//! Response ranking: the scored responses of each prompt, ordered by score (or by a person at
+//! the terminal), become preference pairs (chosen / rejected / margin) or a per-response rank.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int32Array};
+use arrow::array::{Array, ArrayRef, Int32Array};
 use arrow::datatypes::{DataType, Field};
 use serde::Serialize;
 
-use crate::data::records::{ColumnMap, PreferenceRecord, RecordReader, RecordWriter, ScoredRecord};
-use crate::data::meta;
+use crate::data::records::{PreferenceRecord, RecordReader, RecordWriter, ResponseRecord, ScoredRecord};
+use crate::data::{ColumnType, meta};
 use crate::error::{Result, bad_input, usage};
+use crate::human::ranking::RankJudgement;
+use crate::human::session::{self, Annotation, Judgement};
+use crate::human::read_responses;
+use crate::progress;
 
 /// Which pairs a prompt's ordered responses give.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -47,20 +51,30 @@ pub struct RankReport {
     pub pairs: usize,
     /// Pairs left out as ties or near-ties (`--min-margin`).
     pub ties_dropped: usize,
+    /// Responses left out for want of a score (null or NaN: skipped by a person, not rated).
+    pub unscored: usize,
+    /// `--human`: prompts the person skipped.
+    pub skipped_prompts: usize,
 }
 
-/// Indices of `rows` grouped by `prompt_id`, groups in order of first appearance, each group
-/// ordered best first (ties keep their sample order).
-pub fn groups(rows: &[ScoredRecord]) -> Vec<Vec<usize>> {
+/// Row indices grouped by prompt id, groups in order of first appearance, rows in file order.
+pub fn by_prompt<'a>(prompt_ids: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
     let mut index: HashMap<&str, usize> = HashMap::new();
     let mut groups: Vec<Vec<usize>> = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        let slot = *index.entry(row.response.prompt_id.as_str()).or_insert_with(|| {
+    for (i, prompt_id) in prompt_ids.enumerate() {
+        let slot = *index.entry(prompt_id).or_insert_with(|| {
             groups.push(Vec::new());
             groups.len() - 1
         });
         groups[slot].push(i);
     }
+    groups
+}
+
+/// Indices of `rows` grouped by `prompt_id`, groups in order of first appearance, each group
+/// ordered best first (ties keep their sample order).
+pub fn groups(rows: &[ScoredRecord]) -> Vec<Vec<usize>> {
+    let mut groups = by_prompt(rows.iter().map(|r| r.response.prompt_id.as_str()));
     for group in &mut groups {
         group.sort_by(|&a, &b| rows[b].score.total_cmp(&rows[a].score).then(rows[a].response.sample.cmp(&rows[b].response.sample)));
     }
@@ -101,19 +115,58 @@ pub fn ranks_of(rows: &[ScoredRecord], group: &[usize]) -> Vec<(usize, i32)> {
 }
 
 pub fn rank(options: &RankOptions) -> Result<RankReport> {
-    if !(options.min_margin >= 0.0) {
+    check_min_margin(options)?;
+    let (rows, unscored) = read_scored(&options.input, &options.by)?;
+    let report = write_ranking(&rows, options)?;
+    Ok(RankReport { unscored, ..report })
+}
+
+fn check_min_margin(options: &RankOptions) -> Result<()> {
+    if options.min_margin.is_nan() || options.min_margin < 0.0 {
         return Err(usage(format!("--min-margin {}: must be 0 or more", options.min_margin)));
     }
-    let columns = ColumnMap::default().rename("score", &options.by);
-    let reader = RecordReader::<ScoredRecord>::open_with(&options.input, columns)?;
-    let rows = reader.read_all()?;
+    Ok(())
+}
+
+/// The responses with a score in column `by`, and how many had none (null or NaN).
+fn read_scored(input: &std::path::Path, by: &str) -> Result<(Vec<ScoredRecord>, usize)> {
+    let reader = RecordReader::<ResponseRecord>::open(input)?;
+    reader.source().require(by, ColumnType::Float)?;
+    let has_scorer = reader.source().optional("scorer", ColumnType::Str)?;
+    let (mut rows, mut unscored) = (Vec::new(), 0);
+    for item in reader.batches()? {
+        let (responses, batch) = item?;
+        let scores = batch.optional_f64s(by)?;
+        let scorers = if has_scorer { Some(batch.optional_strings("scorer")?) } else { None };
+        for (i, response) in responses.into_iter().enumerate() {
+            let score = scores.is_valid(i).then(|| scores.value(i)).filter(|s| !s.is_nan());
+            let Some(score) = score else {
+                unscored += 1;
+                continue;
+            };
+            if score.is_infinite() {
+                return Err(batch.error_at(i, by, format!("{score}, expected a finite score")));
+            }
+            let scorer = scorers.as_ref().filter(|s| s.is_valid(i)).map_or(by, |s| s.value(i)).to_string();
+            rows.push(ScoredRecord { response, score, scorer });
+        }
+    }
+    let total = rows.len() + unscored;
+    if total == 0 {
+        return Err(bad_input(input, "holds no responses"));
+    }
     if rows.is_empty() {
-        return Err(bad_input(&options.input, "holds no responses"));
+        return Err(bad_input(input, format!("column `{by}`: none of the {total} responses has a score (all null or NaN); nothing to rank")));
     }
-    if let Some(i) = rows.iter().position(|r| !r.score.is_finite()) {
-        return Err(bad_input(&options.input, format!("row {i}, column `{}`: {}, expected a finite score", options.by, rows[i].score)));
+    if unscored > 0 {
+        progress::warn(format!("note: {unscored} of {total} responses have no score (null or NaN) and are left out"));
     }
-    let groups = groups(&rows);
+    Ok((rows, unscored))
+}
+
+/// Pairs (or listwise ranks) of `rows` to `-o`.
+fn write_ranking(rows: &[ScoredRecord], options: &RankOptions) -> Result<RankReport> {
+    let groups = groups(rows);
     let mut report = RankReport {
         responses: rows.len(),
         prompts: groups.len(),
@@ -122,7 +175,7 @@ pub fn rank(options: &RankOptions) -> Result<RankReport> {
     };
     let metadata = vec![(meta::CONFIG.to_string(), options.config.clone())];
     if options.listwise {
-        let mut ranked: Vec<(usize, i32)> = groups.iter().flat_map(|g| ranks_of(&rows, g)).collect();
+        let mut ranked: Vec<(usize, i32)> = groups.iter().flat_map(|g| ranks_of(rows, g)).collect();
         ranked.sort();
         let ordered: Vec<ScoredRecord> = ranked.iter().map(|&(i, _)| rows[i].clone()).collect();
         let rank_column: ArrayRef = Arc::new(Int32Array::from_iter_values(ranked.iter().map(|&(_, r)| r)));
@@ -133,7 +186,7 @@ pub fn rank(options: &RankOptions) -> Result<RankReport> {
     }
     let mut preferences = Vec::new();
     for group in &groups {
-        let (pairs, dropped) = pairs_of(&rows, group, options.pairs, options.min_margin);
+        let (pairs, dropped) = pairs_of(rows, group, options.pairs, options.min_margin);
         report.ties_dropped += dropped;
         preferences.extend(pairs.into_iter().map(|(c, r)| {
             let (chosen, rejected) = (&rows[c], &rows[r]);
@@ -153,6 +206,45 @@ pub fn rank(options: &RankOptions) -> Result<RankReport> {
     writer.write(&preferences, Vec::new())?;
     writer.finish()?;
     Ok(report)
+}
+
+/// `rank --human`: a person orders the responses of each prompt, best first; response at
+/// position p (from 1) of k gets the score k − p, so a pair's margin is how far apart the two
+/// were placed. The pairs follow `--pairs` and `--min-margin` as for scores.
+pub fn rank_by_hand(options: &RankOptions, human: &Annotation) -> Result<RankReport> {
+    check_min_margin(options)?;
+    let (_, rows) = read_responses(&options.input)?;
+    let judgement = RankJudgement::new(&options.input, &rows)?;
+    if judgement.items().is_empty() {
+        return Err(bad_input(&options.input, "no prompt has two or more responses: nothing to rank"));
+    }
+    let decisions = session::run(&judgement, human.session("rank", None, &options.input)?)?;
+    let scorer = format!("human:{}", human.annotator);
+    let (mut ranked, mut skipped_prompts) = (Vec::new(), 0);
+    for (index, prompt) in judgement.items().iter().enumerate() {
+        let Some(answer) = decisions.get(prompt).flatten() else {
+            skipped_prompts += 1;
+            continue;
+        };
+        let order = judgement.ordered_rows(index, answer);
+        for (position, &i) in order.iter().enumerate() {
+            let score = (order.len() - (position + 1)) as f64;
+            ranked.push(ScoredRecord { response: rows[i].clone(), score, scorer: scorer.clone() });
+        }
+    }
+    let report = write_ranking(&ranked, options)?;
+    progress::log(format!(
+        "every prompt decided: {} ordered, {skipped_prompts} skipped; the answers stay in {}",
+        judgement.items().len() - skipped_prompts,
+        human.journal.display()
+    ));
+    Ok(RankReport {
+        responses: rows.len(),
+        prompts: judgement.items().len() + judgement.single_response_prompts,
+        single_response_prompts: judgement.single_response_prompts,
+        skipped_prompts,
+        ..report
+    })
 }
 
 #[cfg(test)]

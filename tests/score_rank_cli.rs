@@ -59,3 +59,43 @@ fn bad_inputs_exit_2_with_one_line() {
     assert_refused("score", &[s(&responses), "--reward-model", s(&testdata("hf-tiny/causal-lm")), "-o", s(&out)], "is not a reward model", dir.path(), &["responses.parquet"]);
     assert_refused("rank", &[s(&responses), "-o", s(&out)], "score", dir.path(), &["responses.parquet"]);
 }
+
+#[test]
+fn rank_leaves_out_responses_without_a_score_and_refuses_when_none_has_one() {
+    use lathe::data::records::{RecordWriter, ResponseRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let scored = |path: &std::path::Path, scores: &[f64]| {
+        let rows: Vec<ScoredRecord> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, &score)| ScoredRecord {
+                response: ResponseRecord {
+                    prompt_id: "p".into(),
+                    prompt: "Q?".into(),
+                    response: format!("answer {i}"),
+                    sample: i as i32,
+                    model: "m".into(),
+                    finish_reason: "stop".into(),
+                    num_tokens: 2,
+                    logprob: -1.0,
+                },
+                score,
+                scorer: "test".into(),
+            })
+            .collect();
+        let mut writer = RecordWriter::<ScoredRecord>::create(path, "test", vec![], vec![]).unwrap();
+        writer.write(&rows, vec![]).unwrap();
+        writer.finish().unwrap();
+    };
+    let nan = dir.path().join("nan.parquet");
+    scored(&nan, &[f64::NAN, f64::NAN]);
+    let out = dir.path().join("prefs.parquet");
+    assert_refused("rank", &[s(&nan), "-o", s(&out)], "none of the 2 responses has a score (all null or NaN)", dir.path(), &["nan.parquet"]);
+    let some = dir.path().join("some.parquet");
+    scored(&some, &[1.0, f64::NAN, 3.0]);
+    let ranked = ok("rank", &[s(&some), "-o", s(&out)]);
+    assert!(String::from_utf8_lossy(&ranked.stderr).contains("note: 1 of 3 responses have no score"));
+    let pairs = RecordReader::<PreferenceRecord>::open(&out).unwrap().read_all().unwrap();
+    assert_eq!(pairs.len(), 1);
+    assert_eq!((pairs[0].chosen.as_str(), pairs[0].rejected.as_str()), ("answer 2", "answer 0"));
+}

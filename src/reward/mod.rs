@@ -470,7 +470,7 @@ fn pair_metrics(chosen: &[f64], rejected: &[f64]) -> Map<String, Value> {
 }
 
 /// The label names of a multi-label classifier folder (its `id2label` in id order), if it is one.
-fn classifier_labels(config: &LlamaConfig) -> Option<Vec<String>> {
+pub fn classifier_labels(config: &LlamaConfig) -> Option<Vec<String>> {
     if !matches!(config.head, Head::SequenceClassification { .. }) {
         return None;
     }

@@ -27,7 +27,7 @@ use crate::model::folder::{FolderParts, ModelFolder, WEIGHTS};
 use crate::model::{ChatTemplate, Head, Llama, LlamaConfig, Params};
 use crate::output::write_atomic;
 use crate::progress;
-use crate::score::{RewardScorer, WeightedRule};
+use crate::score::{ModelSettings, RewardScorer, WeightedRule, rule_scores};
 use crate::tokenizer::LoadedTokenizer;
 use crate::train::cursor::{EpochCursor, shuffled};
 use crate::train::{Evaluation, StepLoss, Task};
@@ -116,7 +116,8 @@ impl Reward {
                 Ok(Reward::Model(Box::new(RewardScorer::load(model, options.normalize_reward, batch, &options.device)?)))
             }
             (None, false) => {
-                let rules = options.reward_rules.iter().map(|r| WeightedRule::parse(r)).collect::<Result<Vec<_>>>()?;
+                let models = ModelSettings { device: options.device.clone(), batch_size: options.settings.prompts_per_update * options.settings.samples };
+                let rules = options.reward_rules.iter().map(|r| WeightedRule::parse(r, &models)).collect::<Result<Vec<_>>>()?;
                 if let Some(rule) = rules.iter().find(|r| r.needs_reference()) {
                     return Err(usage(format!("--reward-rule {}: needs a `reference`, which rollouts do not have", rule.spec)));
                 }
@@ -141,7 +142,7 @@ impl Reward {
                 let texts: Vec<String> = prompts.iter().zip(responses).map(|(p, r)| format!("{p}{r}")).collect();
                 model.score(&texts)
             }
-            Reward::Rules(rules) => Ok(responses.iter().map(|r| rules.iter().map(|rule| rule.weight * rule.value(r, None)).sum()).collect()),
+            Reward::Rules(rules) => rule_scores(rules, responses, None),
         }
     }
 }
