@@ -60,10 +60,11 @@ demo: build
 # Set REFERENCE_PYTHON to a python with torch, transformers and tokenizers (../shared/bench's
 # venv) to run the PyTorch / HF references in the same sitting.
 REFERENCE_FLAG = $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON),)
+REFERENCE_DIR_FLAG = $(if $(REFERENCE_DIR),--reference-dir $(REFERENCE_DIR),)
 
 bench: build
 	$(PYTHON) bench/bench_tokenize.py $(REFERENCE_FLAG)
-	$(PYTHON) bench/bench_train_generate.py $(REFERENCE_FLAG)
+	$(PYTHON) bench/bench_train_generate.py $(REFERENCE_FLAG) $(REFERENCE_DIR_FLAG)
 
 # Also encode a ~1 GB text to show memory stays bounded (writes ~2 GB under bench-out/).
 bench-large: build
