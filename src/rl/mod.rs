@@ -200,6 +200,8 @@ pub struct RlTask {
     /// When the current update began, and how long its rollout took (speed figures only).
     update_started: Option<Instant>,
     rollout_seconds: f64,
+    /// The KL of the last runaway warning: another comes only when it grows a quarter more.
+    warned_kl: f64,
 }
 
 impl RlTask {
@@ -317,6 +319,7 @@ impl RlTask {
             model_name: options.policy.clone(),
             update_started: None,
             rollout_seconds: 0.0,
+            warned_kl: 0.0,
         })
     }
 
@@ -458,11 +461,12 @@ impl RlTask {
         self.rollout_metrics = self.rollout_metrics(&episodes);
         self.write_rollout_log(&episodes, &raw_scores)?;
         let kl = self.rollout_metrics["objective/kl"].as_f64().unwrap_or(f64::NAN);
-        if kl > self.settings.warn_kl || kl < -self.settings.warn_kl {
+        if kl.abs() > self.settings.warn_kl && kl.abs() > 1.25 * self.warned_kl {
             progress::warn(format!(
-                "update {}: objective/kl {kl:.2} is beyond ±{}: the policy is drifting far from the reference (raise --kl-coef, set --target-kl, or lower --lr)",
+                "update {}: objective/kl {kl:.2} is beyond ±{}: the policy is drifting far from the reference (raise --kl-coef, set --target-kl, or lower --lr); warned again only if it grows by a quarter",
                 self.updates, self.settings.warn_kl
             ));
+            self.warned_kl = kl.abs();
         }
         if self.settings.algo == Algo::Ppo {
             self.kl.update(kl, episodes.len());
