@@ -256,13 +256,7 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
     let prompts = PromptSource::open(&options.prompts)?;
     output::check_writable(&options.output)?;
     let folder = ModelFolder::open(&options.model)?;
-    let template = match &options.chat_template {
-        Some(path) => {
-            let source = std::fs::read_to_string(path).map_err(|e| bad_input(path, format!("cannot read: {e}")))?;
-            Some(ChatTemplate::new(&source, Vec::new())?)
-        }
-        None => folder.chat()?,
-    };
+    let template = chat_template(&folder, options.chat_template.as_deref())?;
     if prompts.needs_template && template.is_none() {
         return Err(bad_input(
             &options.prompts,
@@ -328,6 +322,30 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
     Ok(report)
 }
 
+/// The chat template for `messages` prompts: the file given, else the model's own.
+pub fn chat_template(folder: &ModelFolder, file: Option<&Path>) -> Result<Option<ChatTemplate>> {
+    match file {
+        Some(path) => {
+            let source = std::fs::read_to_string(path).map_err(|e| bad_input(path, format!("cannot read: {e}")))?;
+            Ok(Some(ChatTemplate::new(&source, Vec::new())?))
+        }
+        None => folder.chat(),
+    }
+}
+
+/// The text a prompt turns into (chat `messages` rendered with a generation prompt) and its
+/// token ids. Callers check that `messages` prompts have a template before any work.
+fn encode_prompt(prompt: &Prompt, tokenizer: &LoadedTokenizer, template: Option<&ChatTemplate>) -> Result<(String, Vec<u32>)> {
+    Ok(match prompt {
+        Prompt::Text(text) => (text.clone(), tokenizer.encode_prompt(text)?),
+        Prompt::Messages(messages) => {
+            let rendered = template.expect("checked before work").render(messages, true)?;
+            let ids = tokenizer.encode_with_specials(&rendered)?;
+            (rendered, ids)
+        }
+    })
+}
+
 /// A prompt ready to decode: its id, the text it was rendered to, and its token ids.
 #[derive(Clone, Debug)]
 pub struct ReadyPrompt {
@@ -350,14 +368,7 @@ pub fn read_prompts(path: &Path, tokenizer: &LoadedTokenizer, template: Option<&
         let batch = batch?;
         for (i, row) in batch.rows.iter().enumerate() {
             let row_number = batch.first_row + i as u64;
-            let (text, ids) = match &row.prompt {
-                Prompt::Text(text) => (text.clone(), tokenizer.encode_prompt(text)?),
-                Prompt::Messages(messages) => {
-                    let rendered = template.expect("checked above").render(messages, true)?;
-                    let ids = tokenizer.encode_with_specials(&rendered)?;
-                    (rendered, ids)
-                }
-            };
+            let (text, ids) = encode_prompt(&row.prompt, tokenizer, template)?;
             if ids.is_empty() {
                 return Err(bad_input(path, format!("row {row_number}: the prompt is empty")));
             }
@@ -383,14 +394,7 @@ fn encode_prompts(
 ) -> Result<Encoded> {
     let mut encoded = Encoded { texts: Vec::new(), ids: Vec::new() };
     for (i, row) in batch.rows.iter().enumerate() {
-        let (text, ids) = match &row.prompt {
-            Prompt::Text(text) => (text.clone(), tokenizer.encode_prompt(text)?),
-            Prompt::Messages(messages) => {
-                let rendered = template.expect("checked before work").render(messages, true)?;
-                let ids = tokenizer.encode_with_specials(&rendered)?;
-                (rendered, ids)
-            }
-        };
+        let (text, ids) = encode_prompt(&row.prompt, tokenizer, template)?;
         let row_number = batch.first_row + i as u64;
         if ids.is_empty() {
             return Err(bad_input(&options.prompts, format!("row {row_number}: the prompt is empty")));

@@ -10,7 +10,8 @@ pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(((x * mask)?.sum_all()? / count)?)
 }
 
-fn scalar(x: &Tensor) -> Result<f64> {
+/// A one-element tensor as f64, outside the graph.
+pub fn scalar(x: &Tensor) -> Result<f64> {
     Ok(x.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 

@@ -22,7 +22,7 @@ use crate::data::parquet_io::lathe_metadata;
 use crate::data::records::{Record, ResponseRecord};
 use crate::data::{Kind, ParquetSink};
 use crate::error::{Result, bad_input, usage};
-use crate::generate::{Generator, ReadyPrompt, Sampling, read_prompts, sample_rng};
+use crate::generate::{Generator, ReadyPrompt, Sampling, chat_template, read_prompts, sample_rng};
 use crate::model::folder::{FolderParts, ModelFolder, WEIGHTS};
 use crate::model::{ChatTemplate, Head, Llama, LlamaConfig, Params};
 use crate::output::write_atomic;
@@ -32,6 +32,7 @@ use crate::tokenizer::LoadedTokenizer;
 use crate::train::cursor::{EpochCursor, shuffled};
 use crate::train::{Evaluation, StepLoss, Task};
 use advantage::{KlController, KlEstimator};
+use loss::scalar;
 use rollout::{Episode, Layout, mean_entropy, unpack};
 
 const VALUE_DIR: &str = "value_model";
@@ -213,13 +214,7 @@ impl RlTask {
             return Err(bad_input(&folder.dir, "--policy must be a causal LM (LlamaForCausalLM), not a classifier"));
         }
         let tokenizer = folder.load_matching_tokenizer()?;
-        let template = match &options.chat_template {
-            Some(path) => {
-                let source = std::fs::read_to_string(path).map_err(|e| bad_input(path, format!("cannot read: {e}")))?;
-                Some(ChatTemplate::new(&source, Vec::new())?)
-            }
-            None => folder.chat()?,
-        };
+        let template = chat_template(&folder, options.chat_template.as_deref())?;
         let limit = folder.config.max_position_embeddings;
         let mut prompts = read_ready_prompts(&options.prompts, &tokenizer, template.as_ref(), options.max_prompt_length, s.max_new_tokens, limit)?;
         let val = match (&options.val, options.val_fraction) {
@@ -772,10 +767,6 @@ impl Task for RlTask {
         out.insert("kl_coef".into(), json!(self.kl.coef));
         out
     }
-}
-
-fn scalar(x: &Tensor) -> Result<f64> {
-    Ok(x.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 fn check_settings(s: &RlSettings) -> Result<()> {

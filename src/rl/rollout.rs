@@ -155,10 +155,11 @@ pub fn mean_entropy(logits: &Tensor, mask: &Tensor) -> Result<f64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn episode(query: &[u32], response: &[u32]) -> Episode {
+    /// An episode with only its tokens set (and placeholder score and log-probabilities).
+    pub(crate) fn episode(query: &[u32], response: &[u32]) -> Episode {
         Episode {
             prompt: 0,
             sample: 0,

@@ -1,5 +1,6 @@
 use candle_core::Device;
 
+use super::rollout::tests::episode;
 use super::rollout::{Episode, Layout, unpack};
 use crate::generate::{Generator, Sampling, sample_rng};
 use crate::model::{Llama, ModelFolder};
@@ -11,24 +12,6 @@ fn fixture_model() -> Llama {
     Llama::new(&folder.config, &params).unwrap()
 }
 
-fn episode(query: Vec<u32>, response: Vec<u32>) -> Episode {
-    Episode {
-        prompt: 0,
-        sample: 0,
-        query,
-        response,
-        stopped: false,
-        text: String::new(),
-        score: 0.0,
-        logprobs: vec![],
-        ref_logprobs: vec![],
-        values: vec![],
-        kl: vec![],
-        advantages: vec![],
-        returns: vec![],
-    }
-}
-
 /// The log-probabilities PPO trains on (one padded forward over prompt + response) are those
 /// the sampler drew from (the KV cache, token by token), alone or padded among others.
 #[test]
@@ -38,7 +21,7 @@ fn training_logprobs_match_sampling_and_ignore_padding() {
     let generator = Generator { model: &model, eos: vec![0], pad: 3, max_new_tokens: 12, sampling: Sampling { temperature: 1.0, top_k: 0, top_p: 1.0 }, ignore_eos: true };
     let mut rngs: Vec<_> = (0..2).map(|i| sample_rng(7, i, 0)).collect();
     let completions = generator.run(&prompts, &mut rngs, |_| {}).unwrap();
-    let episodes: Vec<Episode> = prompts.iter().zip(&completions).map(|(p, c)| episode(p.clone(), c.tokens.clone())).collect();
+    let episodes: Vec<Episode> = prompts.iter().zip(&completions).map(|(p, c)| episode(p, &c.tokens)).collect();
     let refs: Vec<&Episode> = episodes.iter().collect();
     let batched = unpack(&Layout::new(&refs, 3, &Device::Cpu).unwrap().logprobs(&model, 1.0).unwrap().0, &refs).unwrap();
     for (i, (e, c)) in episodes.iter().zip(&completions).enumerate() {
