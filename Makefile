@@ -4,12 +4,16 @@ BIN := target/release
 DEMO := demo-out
 PYTHON ?= python3
 
-.PHONY: build test demo bench bench-large clean
+.PHONY: build test browser demo bench bench-large clean
 
 build:
 	$(CARGO) build --release --locked
 
-test:
+# The browser tests need Debian's chromium; the script installs it once and never fails.
+browser:
+	@bash scripts/install-browser.sh
+
+test: browser
 	$(CARGO) test --release --locked
 
 demo: build
