@@ -134,6 +134,20 @@ pub struct Generator<'a> {
 impl Generator<'_> {
     /// Complete every prompt; `rngs[i]` drives sequence `i`. `on_tokens` hears of progress.
     pub fn run(&self, prompts: &[Vec<u32>], rngs: &mut [StdRng], mut on_tokens: impl FnMut(u64)) -> Result<Vec<Completion>> {
+        self.run_observed(prompts, rngs, |chosen, _| on_tokens(chosen.iter().flatten().count() as u64))
+    }
+
+    /// [`Generator::run`], with `observe(chosen, done)` called after every step: `chosen[i]`
+    /// is the token sequence `i` picked this step (`None` once it is done), and `done[i]` is
+    /// already true when that token was an EOS. Setting `done[i]` stops sequence `i` there
+    /// (a server's cancellation, stop strings or per-request length); when every sequence is
+    /// done decoding ends.
+    pub fn run_observed(
+        &self,
+        prompts: &[Vec<u32>],
+        rngs: &mut [StdRng],
+        mut observe: impl FnMut(&[Option<u32>], &mut [bool]),
+    ) -> Result<Vec<Completion>> {
         let device = self.model.device().clone();
         let b = prompts.len();
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -168,6 +182,7 @@ impl Generator<'_> {
             let rows: Vec<Vec<f32>> = logits.to_vec2()?;
             let mut chosen = vec![self.pad; b];
             let active: Vec<usize> = (0..b).filter(|&i| !done[i]).collect();
+            let mut picked: Vec<Option<u32>> = vec![None; b];
             for &i in &active {
                 let token = self.sampling.pick(&rows[i], &mut rngs[i]);
                 out[i].logprob += log_prob(&rows[i], token);
@@ -178,8 +193,9 @@ impl Generator<'_> {
                     out[i].tokens.push(token);
                 }
                 chosen[i] = token;
+                picked[i] = Some(token);
             }
-            on_tokens(active.len() as u64);
+            observe(&picked, &mut done);
             if done.iter().all(|&d| d) || step + 1 == self.max_new_tokens {
                 break;
             }
@@ -335,7 +351,7 @@ pub fn chat_template(folder: &ModelFolder, file: Option<&Path>) -> Result<Option
 
 /// The text a prompt turns into (chat `messages` rendered with a generation prompt) and its
 /// token ids. Callers check that `messages` prompts have a template before any work.
-fn encode_prompt(prompt: &Prompt, tokenizer: &LoadedTokenizer, template: Option<&ChatTemplate>) -> Result<(String, Vec<u32>)> {
+pub fn encode_prompt(prompt: &Prompt, tokenizer: &LoadedTokenizer, template: Option<&ChatTemplate>) -> Result<(String, Vec<u32>)> {
     Ok(match prompt {
         Prompt::Text(text) => (text.clone(), tokenizer.encode_prompt(text)?),
         Prompt::Messages(messages) => {

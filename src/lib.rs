@@ -17,6 +17,7 @@ pub mod progress;
 pub mod rank;
 pub mod safety;
 pub mod score;
+pub mod serve;
 pub mod reward;
 pub mod rl;
 pub mod tokenizer;

@@ -309,6 +309,43 @@ impl Guard {
     }
 }
 
+/// A multi-label guard classifier judging text for every one of its labels at once
+/// (serve-guard's input and output guards).
+pub struct MultilabelGuard {
+    classifier: Classifier,
+    /// The label names, in the model's id order.
+    pub labels: Vec<String>,
+    /// The per-label thresholds `rm-train` chose (config.json `thresholds`), where recorded.
+    pub thresholds: HashMap<String, f64>,
+}
+
+impl MultilabelGuard {
+    pub fn load(model: &str, models: &ModelSettings) -> Result<Self> {
+        let folder = ModelFolder::open(model)?;
+        let labels = classifier_labels(&folder.config).ok_or_else(|| {
+            bad_input(&folder.dir, "is not a multi-label classifier (config.json needs problem_type multi_label_classification and id2label; rm-train --task multilabel makes one)")
+        })?;
+        let thresholds = folder
+            .config
+            .raw
+            .get("thresholds")
+            .and_then(Value::as_object)
+            .map(|t| t.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
+            .unwrap_or_default();
+        Ok(MultilabelGuard { classifier: Classifier::load(&folder, models.batch_size, &models.device)?, labels, thresholds })
+    }
+
+    /// σ(logit) of every label for each text: `[text][label]`.
+    pub fn probabilities(&self, texts: &[&str]) -> Result<Vec<Vec<f64>>> {
+        Ok(self
+            .classifier
+            .scores(texts)?
+            .into_iter()
+            .map(|s| s.into_iter().map(|x| 1.0 / (1.0 + (-(x as f64)).exp())).collect())
+            .collect())
+    }
+}
+
 /// A score decided before writing: a person's answer or an imported rating.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Judged {
