@@ -341,13 +341,13 @@ async fn collect(mut events: mpsc::UnboundedReceiver<Event>) -> Result<(String, 
 }
 
 /// Overlapping pieces of `text` for the guards: `chunk` characters each, with `overlap`
-/// characters of the piece before; one piece when the text is short.
+/// characters of the piece before: the pieces a stream's output is checked in.
 pub(crate) fn windows(text: &str, chunk: usize, overlap: usize) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
     if chars.is_empty() {
         return Vec::new();
     }
-    if chars.len() <= chunk + overlap {
+    if chars.len() <= chunk {
         return vec![text.to_string()];
     }
     let mut out = Vec::new();
@@ -446,11 +446,15 @@ impl Reply {
                         if tx.send(Ok(self.chunk(false, Some(&delta), None))).await.is_err() {
                             return;
                         }
-                    } else if pending_chars >= chunk_chars {
-                        if !self.release(&full, &mut released, overlap, &tx).await {
-                            return;
+                    } else {
+                        // Whole chunks only, so the pieces checked are those `windows` makes.
+                        while pending_chars >= chunk_chars {
+                            let upto = full[released..].char_indices().nth(chunk_chars).map_or(full.len(), |(i, _)| released + i);
+                            if !self.release(&full, upto, &mut released, overlap, &tx).await {
+                                return;
+                            }
+                            pending_chars -= chunk_chars;
                         }
-                        pending_chars = 0;
                     }
                 }
                 Some(Event::Done { finish_reason, completion_tokens }) => {
@@ -469,7 +473,7 @@ impl Reply {
             }
         }
         if let Some((finish_reason, completion_tokens)) = finish {
-            if guarded && released < full.len() && !self.release(&full, &mut released, overlap, &tx).await {
+            if guarded && released < full.len() && !self.release(&full, full.len(), &mut released, overlap, &tx).await {
                 return;
             }
             let _ = tx.send(Ok(self.chunk(false, None, Some(finish_reason)))).await;
@@ -484,9 +488,9 @@ impl Reply {
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
     }
 
-    /// Check the text not yet released (with `overlap` characters before it) and send it, or
-    /// end the stream when the output guards block it. Returns whether the stream goes on.
-    async fn release(&self, full: &str, released: &mut usize, overlap: usize, tx: &SseSender) -> bool {
+    /// Check the text from `released` to `upto` (with `overlap` characters before it) and send
+    /// it, or end the stream when the output guards block it. Returns whether the stream goes on.
+    async fn release(&self, full: &str, upto: usize, released: &mut usize, overlap: usize, tx: &SseSender) -> bool {
         let state = &self.state;
         let mut start = *released;
         for _ in 0..overlap {
@@ -495,8 +499,8 @@ impl Reply {
                 None => break,
             }
         }
-        let window = full[start..].to_string();
-        let verdict = match state.guard_step(Direction::Output, &state.output_guards, vec![window], &self.id, full).await {
+        let window = full[start..upto].to_string();
+        let verdict = match state.guard_step(Direction::Output, &state.output_guards, vec![window], &self.id, &full[..upto]).await {
             Ok(v) => v,
             Err(e) => {
                 let _ = tx.send(Ok(SseEvent::default().data(e.body().to_string()))).await;
@@ -509,8 +513,8 @@ impl Reply {
             let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
             return false;
         }
-        let piece = &full[*released..];
-        *released = full.len();
+        let piece = &full[*released..upto];
+        *released = upto;
         piece.is_empty() || tx.send(Ok(self.chunk(false, Some(piece), None))).await.is_ok()
     }
 }
@@ -646,7 +650,7 @@ mod tests {
 
     #[test]
     fn windows_overlap_and_cover_the_text() {
-        assert_eq!(windows("short", 4, 2), vec!["short"]);
+        assert_eq!(windows("abc", 4, 2), vec!["abc"]);
         let w = windows("abcdefghij", 4, 2);
         assert_eq!(w, vec!["abcd", "cdefgh", "ghij"]);
         assert!(windows("", 4, 2).is_empty());
