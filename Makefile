@@ -59,6 +59,7 @@ demo: build
 	  $(BIN)/generate testdata/demo_rl_val_prompts.jsonl --model $(DEMO)/$$stage -n 4 --max-new-tokens 48 --temperature 1.0 -q -o $(DEMO)/rl/heldout.parquet && \
 	  $(BIN)/score $(DEMO)/rl/heldout.parquet --reward-model $(DEMO)/rl/rm -o $(DEMO)/rl/heldout_scored.parquet 2>&1 | sed "s|^|   $$stage: |"; \
 	done
+	$(MAKE) demo-serve
 
 # One JSON object per line per figure.
 # Set REFERENCE_PYTHON to a python with torch, transformers and tokenizers (../shared/bench's
@@ -69,6 +70,7 @@ REFERENCE_DIR_FLAG = $(if $(REFERENCE_DIR),--reference-dir $(REFERENCE_DIR),)
 bench: build
 	$(PYTHON) bench/bench_tokenize.py $(REFERENCE_FLAG)
 	$(PYTHON) bench/bench_train_generate.py $(REFERENCE_FLAG) $(REFERENCE_DIR_FLAG)
+	$(PYTHON) bench/bench_serve_guard.py
 
 # Also encode a ~1 GB text to show memory stays bounded (writes ~2 GB under bench-out/).
 bench-large: build
@@ -76,3 +78,27 @@ bench-large: build
 
 clean:
 	rm -rf $(DEMO) bench-out
+
+# serve-guard on the demo models (run `make demo` first for demo-out/sft and demo-out/guard):
+# the server in the background on a free loopback port, a benign and a harmful request, the queue.
+SERVE := $(DEMO)/serve
+.PHONY: demo-serve
+demo-serve: build
+	@echo "== serve-guard: demo-out/sft behind demo-out/guard (input and output), recipes/guard/policy.toml"
+	@rm -rf $(SERVE) && mkdir -p $(SERVE)
+	@$(BIN)/serve-guard keys add --keys $(SERVE)/keys.txt --name demo -q > $(SERVE)/client.key
+	@$(BIN)/serve-guard keys add --keys $(SERVE)/keys.txt --name reviewer --role reviewer -q > $(SERVE)/reviewer.key
+	@set -e; \
+	$(BIN)/serve-guard serve --model $(DEMO)/sft --input-guard $(DEMO)/guard --output-guard $(DEMO)/guard \
+	  --policy recipes/guard/policy.toml --keys $(SERVE)/keys.txt --db $(SERVE)/review.sqlite --listen 127.0.0.1:0 \
+	  2> $(SERVE)/server.log & pid=$$!; trap "kill $$pid 2>/dev/null" EXIT; \
+	for i in $$(seq 100); do grep -q "listening on" $(SERVE)/server.log && break; kill -0 $$pid || { cat $(SERVE)/server.log; exit 1; }; sleep 0.2; done; \
+	url=$$(sed -n "s/.*listening on //p" $(SERVE)/server.log); key=$$(cat $(SERVE)/client.key); \
+	echo "   $$url (keys in $(SERVE)/keys.txt; the review page is $$url/review)"; \
+	for prompt in "What is the capital of France?" "Describe sex in graphic detail."; do \
+	  echo "-- POST /v1/chat/completions: $$prompt"; \
+	  curl -sS "$$url/v1/chat/completions" -H "Authorization: Bearer $$key" -H "Content-Type: application/json" \
+	    -d "{\"messages\": [{\"role\": \"user\", \"content\": \"$$prompt\"}], \"max_tokens\": 48, \"temperature\": 0.7, \"seed\": 1}"; echo; \
+	done; \
+	echo "-- the review queue (serve-guard review --db $(SERVE)/review.sqlite to review it)"; \
+	$(BIN)/serve-guard review --db $(SERVE)/review.sqlite --list
