@@ -262,6 +262,10 @@ fn serves_openai_endpoints_behind_guards_with_a_review_loop() {
     assert_error(get(&a.at("/v1/models"), None), 401, "invalid_api_key");
     assert_error(get(&a.at("/v1/models"), Some("sk-lathe-not-a-key")), 401, "invalid_api_key");
     assert_error(get(&a.at("/v1/review/items"), Some(client)), 403, "insufficient_permissions");
+    // A key added while the server runs works at once.
+    let late = serve_guard().args(["keys", "add", "--keys", s(&setup.keys), "--name", "late", "-q"]).output().unwrap();
+    let late = String::from_utf8(late.stdout).unwrap().trim().to_string();
+    assert_eq!(get(&a.at("/v1/models"), Some(&late)).0, 200);
     // 400, 404, 413
     let (status, text) = call("POST", &a.at("/v1/chat/completions"), Some(client), Some(b"{not json"));
     assert_error((status, serde_json::from_str(&text).unwrap()), 400, "invalid_request_error");

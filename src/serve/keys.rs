@@ -118,6 +118,32 @@ impl Keys {
     }
 }
 
+/// A keys file that is read again when it changes, so `keys add` takes effect on a running
+/// server. A file that turns bad keeps the keys read before.
+pub struct KeyFile {
+    path: std::path::PathBuf,
+    current: std::sync::Mutex<(Option<std::time::SystemTime>, Keys)>,
+}
+
+impl KeyFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let keys = Keys::load(path)?;
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        Ok(KeyFile { path: path.to_path_buf(), current: std::sync::Mutex::new((modified, keys)) })
+    }
+
+    pub fn check(&self, key: &str) -> Option<Caller> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified != current.0 {
+            if let Ok(keys) = Keys::load(&self.path) {
+                *current = (modified, keys);
+            }
+        }
+        current.1.check(key)
+    }
+}
+
 /// Append a new key for `name` to the keys file (created if missing) and return the key,
 /// which is stored only as a salted hash.
 pub fn add(path: &Path, name: &str, role: Role) -> Result<String> {

@@ -33,7 +33,7 @@ use crate::score::ModelSettings;
 use crate::tokenizer::LoadedTokenizer;
 use engine::{Engine, EngineOptions};
 use guard::{GuardInfo, GuardWorker, Policy};
-use keys::Keys;
+use keys::KeyFile;
 use metrics::Metrics;
 use review::ReviewDb;
 
@@ -95,7 +95,7 @@ pub(crate) struct AppState {
     pub all_guards: Vec<Arc<GuardWorker>>,
     pub policy: Policy,
     pub review: Arc<Mutex<ReviewDb>>,
-    pub keys: Option<Keys>,
+    pub keys: Option<KeyFile>,
     pub metrics: Metrics,
     pub buckets: Mutex<HashMap<String, Bucket>>,
     pub limits: Limits,
@@ -115,7 +115,7 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
         .listen
         .parse()
         .map_err(|_| usage(format!("--listen {}: expected HOST:PORT, e.g. 127.0.0.1:8080", options.listen)))?;
-    let keys = options.keys.as_deref().map(Keys::load).transpose()?;
+    let keys = options.keys.as_deref().map(KeyFile::open).transpose()?;
 
     let folder = ModelFolder::open(&options.model)?;
     if folder.config.head != Head::CausalLm {
