@@ -476,6 +476,28 @@ fn rate_limit_and_full_queue_answer_429(model: &Path, setup: &Setup, dir: &Path)
     assert!(answers.iter().any(|a| a.0 == 200), "some were served");
     let full = answers.into_iter().find(|a| a.0 == 429).expect("a full queue answers 429");
     assert_error(full, 429, "queue_full");
+    // A client that goes away mid-stream stops its generation. The fixture decodes 100 tokens
+    // in a few milliseconds, sometimes before the close is seen, so a few tries are allowed.
+    let stopped_early = (0..5).any(|_| {
+        use std::io::Read;
+        let cancelled = metric(&c, "lathe_engine_cancelled_total");
+        let tokens = metric(&c, "lathe_generated_tokens_total");
+        let address = c.url.trim_start_matches("http://").to_string();
+        let mut socket = std::net::TcpStream::connect(&address).unwrap();
+        let body = json!({"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 100, "temperature": 1.0, "stream": true}).to_string();
+        write!(socket, "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", setup.client, body.len()).unwrap();
+        let mut first = [0u8; 64];
+        let n = socket.read(&mut first).unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+        drop(socket);
+        let started = Instant::now();
+        while metric(&c, "lathe_engine_cancelled_total") == cancelled && started.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        metric(&c, "lathe_engine_cancelled_total") == cancelled + 1.0 && metric(&c, "lathe_generated_tokens_total") - tokens < 100.0
+    });
+    assert!(stopped_early, "a generation whose client left was never stopped before its 100 tokens");
     // The reviewer key has its own budget of 20 a minute.
     for _ in 0..20 {
         assert_eq!(get(&c.at("/v1/models"), Some(&setup.reviewer)).0, 200);
