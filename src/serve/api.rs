@@ -78,19 +78,19 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `stop`: one string or a list of them.
+/// `stop`, `prompt`, `input`: one string or a list of them.
 #[derive(Deserialize, Debug, Clone)]
 #[serde(untagged)]
-pub enum Stop {
+pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
 
-impl Stop {
+impl OneOrMany {
     pub fn into_vec(self) -> Vec<String> {
         match self {
-            Stop::One(s) => vec![s],
-            Stop::Many(v) => v,
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
         }
     }
 }
@@ -111,7 +111,7 @@ pub struct SamplingParams {
     pub top_p: Option<f64>,
     pub n: Option<usize>,
     pub seed: Option<u64>,
-    pub stop: Option<Stop>,
+    pub stop: Option<OneOrMany>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
@@ -183,31 +183,14 @@ impl ChatRequest {
 
 #[derive(Deserialize, Debug, Clone)]
 pub struct CompletionRequest {
-    pub prompt: PromptInput,
+    pub prompt: OneOrMany,
     #[serde(flatten)]
     pub params: SamplingParams,
 }
 
-/// `prompt` / `input`: one string or a list of strings.
-#[derive(Deserialize, Debug, Clone)]
-#[serde(untagged)]
-pub enum PromptInput {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl PromptInput {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            PromptInput::One(s) => vec![s],
-            PromptInput::Many(v) => v,
-        }
-    }
-}
-
 #[derive(Deserialize, Debug, Clone)]
 pub struct ModerationRequest {
-    pub input: PromptInput,
+    pub input: OneOrMany,
     pub model: Option<String>,
 }
 

@@ -306,7 +306,7 @@ async fn generate(state: Shared, endpoint: Endpoint, headers: HeaderMap, body: B
         max_tokens,
         sampling,
         seed,
-        stop: prepared.params.stop.clone().map(api::Stop::into_vec).unwrap_or_default(),
+        stop: prepared.params.stop.clone().map(api::OneOrMany::into_vec).unwrap_or_default(),
         deadline,
         events: events_tx,
     };
