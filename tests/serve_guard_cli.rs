@@ -505,6 +505,9 @@ fn rate_limit_and_full_queue_answer_429(model: &Path, setup: &Setup, dir: &Path)
     assert_error(get(&c.at("/v1/models"), Some(&setup.reviewer)), 429, "rate_limit_exceeded");
 }
 
+/// Review verdicts the server acknowledged: (decision id, labels).
+type Acknowledged = Arc<Mutex<Vec<(i64, Vec<String>)>>>;
+
 /// Reviews acknowledged while requests pour in survive a SIGKILL, and the database is sound.
 fn sigkill_under_load_loses_no_acknowledged_review(model: &Path, setup: &Setup, dir: &Path) {
     let db = dir.join("kill.sqlite");
@@ -528,7 +531,7 @@ fn sigkill_under_load_loses_no_acknowledged_review(model: &Path, setup: &Setup, 
             })
         })
         .collect();
-    let acknowledged: Arc<Mutex<Vec<(i64, Vec<String>)>>> = Arc::default();
+    let acknowledged: Acknowledged = Arc::default();
     let reviewer = {
         let (list, key, acknowledged) = (server.at("/v1/review/items?limit=20"), setup.reviewer.clone(), acknowledged.clone());
         let base = server.url.clone();
@@ -582,10 +585,20 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A child process killed when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Driver {
-    child: Child,
     url: String,
     session: String,
+    _chromedriver: KillOnDrop,
 }
 
 impl Driver {
@@ -627,9 +640,7 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.cmd("DELETE", "", Value::Null);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = agent().delete(&format!("{}/session/{}", self.url, self.session)).call();
     }
 }
 
@@ -640,7 +651,7 @@ fn review_page_in_headless_chromium(server: &Server, reviewer: &str, db: &Path) 
         return;
     }
     let port = free_port();
-    let child = Command::new(chromedriver).arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let chromedriver = KillOnDrop(Command::new(chromedriver).arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     let url = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
     while agent().get(&format!("{url}/status")).call().is_err() {
@@ -661,7 +672,7 @@ fn review_page_in_headless_chromium(server: &Server, reviewer: &str, db: &Path) 
         eprintln!("SKIPPED the /review browser check: chromium would not start: {created}");
         return;
     };
-    let driver = Driver { child, url, session: session.to_string() };
+    let driver = Driver { url, session: session.to_string(), _chromedriver: chromedriver };
     driver.cmd("POST", "/url", json!({"url": server.at("/review")}));
     driver.wait_for("the sign-in form shows", |s| s.contains("Reviewer key"));
     let key = driver.find("#key");

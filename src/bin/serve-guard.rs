@@ -37,7 +37,7 @@ struct Args {
 #[derive(Subcommand, Serialize)]
 enum Command {
     /// Serve the model (POST /v1/chat/completions, /v1/completions, /v1/moderations; GET /v1/models, /health, /metrics, /review).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),

@@ -241,19 +241,20 @@ impl ReviewDb {
     /// Per guard and category, how its decisions held up under review.
     pub fn stats(&self) -> Result<Vec<CategoryStats>> {
         let items = self.list(Which::Reviewed, usize::MAX >> 1)?;
-        let mut by_key: BTreeMap<(String, String), Vec<(f64, f64, bool)>> = BTreeMap::new();
+        let mut by_key: BTreeMap<(String, String), Vec<Observation>> = BTreeMap::new();
         for item in &items {
             let truth = item.labels.clone().unwrap_or_default();
             for j in &item.scores {
-                by_key.entry((j.guard.clone(), j.category.clone())).or_default().push((j.score, j.threshold, truth.contains(&j.category)));
+                let seen = Observation { score: j.score, threshold: j.threshold, truth: truth.contains(&j.category) };
+                by_key.entry((j.guard.clone(), j.category.clone())).or_default().push(seen);
             }
         }
         Ok(by_key
             .into_iter()
             .map(|((guard, category), rows)| {
-                let threshold = rows.last().map_or(0.5, |r| r.1);
+                let threshold = rows.last().map_or(0.5, |r| r.threshold);
                 let mut s = CategoryStats { guard, category, reviewed: rows.len(), positives: 0, tp: 0, fp: 0, tn: 0, fn_: 0, precision: None, false_positive_rate: None, recall: None, threshold, suggested_threshold: None };
-                for &(score, threshold, truth) in &rows {
+                for &Observation { score, threshold, truth } in &rows {
                     let predicted = score >= threshold;
                     s.positives += usize::from(truth);
                     match (predicted, truth) {
@@ -303,19 +304,28 @@ pub struct CategoryStats {
     pub suggested_threshold: Option<f64>,
 }
 
-fn suggest_threshold(rows: &[(f64, f64, bool)]) -> Option<f64> {
-    if !rows.iter().any(|r| r.2) || rows.iter().all(|r| r.2) {
+/// One reviewed score of one category: the guard's score, the threshold it was judged by, and
+/// whether the reviewer gave the text that label.
+#[derive(Clone, Copy)]
+struct Observation {
+    score: f64,
+    threshold: f64,
+    truth: bool,
+}
+
+fn suggest_threshold(rows: &[Observation]) -> Option<f64> {
+    if !rows.iter().any(|r| r.truth) || rows.iter().all(|r| r.truth) {
         return None;
     }
-    let mut scores: Vec<f64> = rows.iter().map(|r| r.0).collect();
+    let mut scores: Vec<f64> = rows.iter().map(|r| r.score).collect();
     scores.sort_by(f64::total_cmp);
     scores.dedup();
     let mut candidates: Vec<f64> = scores.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
     candidates.push(scores[0]);
     let f1 = |t: f64| {
-        let tp = rows.iter().filter(|r| r.0 >= t && r.2).count() as f64;
-        let fp = rows.iter().filter(|r| r.0 >= t && !r.2).count() as f64;
-        let fn_ = rows.iter().filter(|r| r.0 < t && r.2).count() as f64;
+        let tp = rows.iter().filter(|r| r.score >= t && r.truth).count() as f64;
+        let fp = rows.iter().filter(|r| r.score >= t && !r.truth).count() as f64;
+        let fn_ = rows.iter().filter(|r| r.score < t && r.truth).count() as f64;
         2.0 * tp / (2.0 * tp + fp + fn_).max(1.0)
     };
     candidates.into_iter().map(|t| (f1(t), t)).max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.total_cmp(&a.1))).map(|(_, t)| t.clamp(0.0, 1.0))
