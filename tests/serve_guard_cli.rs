@@ -498,6 +498,13 @@ fn rate_limit_and_full_queue_answer_429(model: &Path, setup: &Setup, dir: &Path)
         metric(&c, "lathe_engine_cancelled_total") == cancelled + 1.0 && metric(&c, "lathe_generated_tokens_total") - tokens < 100.0
     });
     assert!(stopped_early, "a generation whose client left was never stopped before its 100 tokens");
+    drop(c);
+    // Past --request-timeout the answer is 504 (and the generation stops).
+    let slow = Server::start(&["--model", s(model), "--db", s(&dir.join("t.sqlite")), "--request-timeout", "0.001"]);
+    let story = json!({"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 100});
+    assert_error(post(&slow.at("/v1/chat/completions"), None, &story), 504, "timeout");
+    drop(slow);
+    let c = Server::start(&["--model", s(model), "--keys", s(&setup.keys), "--db", s(&dir.join("c2.sqlite")), "--rate-limit", "20"]);
     // The reviewer key has its own budget of 20 a minute.
     for _ in 0..20 {
         assert_eq!(get(&c.at("/v1/models"), Some(&setup.reviewer)).0, 200);

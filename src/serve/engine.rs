@@ -23,6 +23,8 @@ use crate::tokenizer::LoadedTokenizer;
 pub enum Event {
     Delta(String),
     Done { finish_reason: &'static str, completion_tokens: usize },
+    /// The request's deadline passed; decoding stopped.
+    TimedOut,
     Failed(String),
 }
 
@@ -190,8 +192,11 @@ impl Worker {
         match result {
             Ok(_) => {
                 for seq in live {
-                    if seq.finish == Some("cancelled") {
+                    if matches!(seq.finish, Some("cancelled" | "timeout")) {
                         self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                        if seq.finish == Some("timeout") {
+                            let _ = seq.request.events.send(Event::TimedOut);
+                        }
                         continue;
                     }
                     let finish_reason = seq.finish.unwrap_or("length");
@@ -219,8 +224,11 @@ impl Worker {
 
     /// Send the text the new token completes. `Err(reason)` ends the sequence.
     fn advance(&self, seq: &mut Live) -> std::result::Result<(), &'static str> {
-        if seq.request.events.is_closed() || Instant::now() >= seq.request.deadline {
+        if seq.request.events.is_closed() {
             return Err("cancelled");
+        }
+        if Instant::now() >= seq.request.deadline {
+            return Err("timeout");
         }
         let text = self.tokenizer.decode(&seq.tokens).map_err(|_| "stop")?;
         // A token ending inside a UTF-8 character decodes to U+FFFD; wait for the rest.

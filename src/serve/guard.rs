@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, bad_input, failed};
-use crate::score::{ModelSettings, MultilabelGuard};
+use crate::score::MultilabelGuard;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -338,7 +338,7 @@ pub fn guard_name(spec: &str) -> (String, String) {
 const GUARD_BATCH: usize = 32;
 
 impl GuardWorker {
-    /// Load a guard (refusing anything but a multi-label classifier) and start its thread.
+    /// Start a loaded guard's thread.
     pub fn start(name: String, guard: MultilabelGuard, threads: usize) -> Result<Self> {
         let labels = guard.labels.clone();
         let (jobs, queue) = mpsc::channel::<Job>();
@@ -356,12 +356,6 @@ impl GuardWorker {
             .spawn(move || pool.install(|| guard_loop(guard, queue)))
             .map_err(|e| failed(format!("guard {name}: cannot start its thread: {e}")))?;
         Ok(GuardWorker { name, labels, jobs })
-    }
-
-    pub fn load(spec: &str, models: &ModelSettings) -> Result<(String, MultilabelGuard)> {
-        let (name, model) = guard_name(spec);
-        let guard = MultilabelGuard::load(&model, models)?;
-        Ok((name, guard))
     }
 
     fn send(&self, texts: Vec<String>) -> tokio::sync::oneshot::Receiver<std::result::Result<Vec<Vec<f64>>, String>> {

@@ -334,6 +334,7 @@ async fn collect(mut events: mpsc::UnboundedReceiver<Event>) -> Result<(String, 
         match event {
             Event::Delta(d) => text.push_str(&d),
             Event::Done { finish_reason, completion_tokens } => return Ok((text, finish_reason, completion_tokens)),
+            Event::TimedOut => return Err(ApiError::timeout()),
             Event::Failed(e) => return Err(ApiError::internal(format!("generation failed: {e}"))),
         }
     }
@@ -459,6 +460,11 @@ impl Reply {
                 }
                 Some(Event::Done { finish_reason, completion_tokens }) => {
                     finish = Some((finish_reason, completion_tokens));
+                    break;
+                }
+                Some(Event::TimedOut) => {
+                    let _ = tx.send(Ok(SseEvent::default().data(ApiError::timeout().body().to_string()))).await;
+                    finish = None;
                     break;
                 }
                 Some(Event::Failed(e)) => {

@@ -129,23 +129,23 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
 
     // Guards: one worker per distinct name, shared by the input and output sides.
     let settings = ModelSettings { device: options.device.clone(), batch_size: 16 };
-    let mut loaded: Vec<(String, crate::score::MultilabelGuard)> = Vec::new();
+    let mut loaded: Vec<(String, String, crate::score::MultilabelGuard)> = Vec::new();
     let mut sides: Vec<(bool, String)> = Vec::new();
     for (is_input, spec) in options.input_guards.iter().map(|s| (true, s)).chain(options.output_guards.iter().map(|s| (false, s))) {
         let (name, model) = guard::guard_name(spec);
-        if let Some((_, existing)) = loaded.iter().find(|(n, _)| *n == name) {
-            let _ = existing;
-            let same_model = options.input_guards.iter().chain(&options.output_guards).filter(|s| guard::guard_name(s).0 == name).all(|s| guard::guard_name(s).1 == model);
-            if !same_model {
-                return Err(usage(format!("two different guards are named `{name}`; name them apart with NAME=MODEL")));
+        match loaded.iter().find(|(n, _, _)| *n == name) {
+            Some((_, first, _)) if *first != model => {
+                return Err(usage(format!("two different guards are named `{name}` ({first}, {model}); name them apart with NAME=MODEL")));
             }
-        } else {
-            let (name, guard) = GuardWorker::load(spec, &settings)?;
-            loaded.push((name, guard));
+            Some(_) => {}
+            None => {
+                let guard = crate::score::MultilabelGuard::load(&model, &settings)?;
+                loaded.push((name.clone(), model, guard));
+            }
         }
         sides.push((is_input, name));
     }
-    let infos: Vec<GuardInfo> = loaded.iter().map(|(name, g)| GuardInfo { name, labels: &g.labels, thresholds: &g.thresholds }).collect();
+    let infos: Vec<GuardInfo> = loaded.iter().map(|(name, _, g)| GuardInfo { name, labels: &g.labels, thresholds: &g.thresholds }).collect();
     let policy = Policy::load(options.policy.as_deref(), &infos)?;
     let review = ReviewDb::open(&options.db)?;
 
@@ -170,7 +170,7 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
     )?;
     let guard_threads = options.threads.div_ceil(loaded.len().max(1)).max(1);
     let mut workers: Vec<Arc<GuardWorker>> = Vec::new();
-    for (name, guard) in loaded {
+    for (name, _, guard) in loaded {
         workers.push(Arc::new(GuardWorker::start(name, guard, guard_threads)?));
     }
     let pick = |input: bool| -> Vec<Arc<GuardWorker>> {
