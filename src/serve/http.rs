@@ -25,7 +25,8 @@ use super::guard::{self, Action, Direction, GuardWorker, Verdict};
 use super::keys::{Caller, Role};
 use super::review::{NewDecision, Verdict as ReviewVerdict, Which};
 use crate::data::Message;
-use crate::generate::Sampling;
+use crate::data::records::Prompt;
+use crate::generate::{Sampling, encode_prompt};
 
 type Shared = Arc<AppState>;
 
@@ -196,8 +197,7 @@ struct Prepared {
     guard_texts: Vec<String>,
     /// The conversation as the review queue shows it.
     transcript: String,
-    messages: Option<Vec<Message>>,
-    prompt: Option<String>,
+    prompt: Prompt,
 }
 
 fn transcript(messages: &[Message]) -> String {
@@ -215,7 +215,7 @@ async fn prepare(state: &AppState, endpoint: Endpoint, headers: &HeaderMap, body
             if messages.len() > 1 {
                 guard_texts.extend(messages.iter().filter(|m| !m.content.trim().is_empty()).map(|m| m.content.clone()));
             }
-            Prepared { params: request.params, guard_texts, transcript: whole, messages: Some(messages), prompt: None }
+            Prepared { params: request.params, guard_texts, transcript: whole, prompt: Prompt::Messages(messages) }
         }
         Endpoint::Completion => {
             let request: CompletionRequest = read_json(body, headers, limit).await?;
@@ -224,7 +224,7 @@ async fn prepare(state: &AppState, endpoint: Endpoint, headers: &HeaderMap, body
                 return Err(ApiError::bad_param("prompt", "`prompt` must be one string (one prompt per request)"));
             }
             let prompt = prompts.remove(0);
-            Prepared { params: request.params, guard_texts: vec![prompt.clone()], transcript: prompt.clone(), messages: None, prompt: Some(prompt) }
+            Prepared { params: request.params, guard_texts: vec![prompt.clone()], transcript: prompt.clone(), prompt: Prompt::Text(prompt) }
         }
     })
 }
@@ -277,15 +277,10 @@ async fn generate(state: Shared, endpoint: Endpoint, headers: HeaderMap, body: B
         return Ok(if stream { reply.refusal_stream(&refusal) } else { reply.full(&refusal, "content_filter", 0, 0) });
     }
 
-    let ids = match (&prepared.messages, &prepared.prompt) {
-        (Some(messages), _) => {
-            let rendered = state.template.render(messages, true).map_err(|e| ApiError::bad_param("messages", e.one_line()))?;
-            state.tokenizer.encode_with_specials(&rendered)
-        }
-        (None, Some(prompt)) => state.tokenizer.encode_prompt(prompt),
-        (None, None) => unreachable!("prepare gives messages or a prompt"),
-    }
-    .map_err(|e| ApiError::internal(e.one_line()))?;
+    let (_, ids) = encode_prompt(&prepared.prompt, &state.tokenizer, Some(&state.template)).map_err(|e| match e {
+        crate::Error::Input(message) => ApiError::bad_param("messages", message),
+        other => ApiError::internal(other.one_line()),
+    })?;
     if ids.is_empty() {
         return Err(ApiError::bad_request("The prompt is empty"));
     }
