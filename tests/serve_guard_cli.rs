@@ -336,22 +336,23 @@ fn serves_openai_endpoints_behind_guards_with_a_review_loop() {
     // Input: the category by which the harmful text most exceeds the benign one.
     let margin = |c: &str| score(0, c).min(score(1, c)) - score(2, c);
     let input_category = categories.iter().max_by(|x, y| margin(x).total_cmp(&margin(y))).unwrap().clone();
-    assert!(margin(&input_category) > 1e-6, "the guard scores the harmful text above the benign one on some category: {scores:?}");
+    assert!(margin(&input_category) > 1e-4, "the guard scores the harmful text above the benign one on some category: {scores:?}");
     let input_threshold = score(2, &input_category) + margin(&input_category) / 2.0;
     let bad = HARMFUL;
     // Output: a category some later window scores above every window before it.
     let window_score = |k: usize, c: &str| score(3 + k, c);
-    let (output_category, cut, output_threshold) = categories
+    // The widest such gap, so scoring a window alone or in a batch cannot cross the threshold.
+    let (gap, output_category, cut, output_threshold) = categories
         .iter()
         .flat_map(|c| (1..answer_windows.len()).map(move |k| (c.clone(), k)))
-        .filter_map(|(c, k)| {
+        .map(|(c, k)| {
             let before = (0..k).map(|j| window_score(j, &c)).fold(0.0, f64::max);
-            (window_score(k, &c) > before + 1e-6).then(|| (c.clone(), k, (before + window_score(k, &c)) / 2.0))
+            let at = window_score(k, &c);
+            (at - before, c, k, (before + at) / 2.0)
         })
-        .next()
-        .expect("some window scores above the ones before it");
-    let good_output_ok = (0..cut).all(|j| window_score(j, &output_category) < output_threshold);
-    assert!(good_output_ok);
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .unwrap();
+    assert!(gap > 1e-4, "some window scores above the ones before it: {scores:?}");
 
     // Server B: input guard `in`, output guard `out`, thresholds from the scores above.
     let policy = dir.path().join("policy.toml");
