@@ -335,7 +335,7 @@ pub fn chat_template(folder: &ModelFolder, file: Option<&Path>) -> Result<Option
 
 /// The text a prompt turns into (chat `messages` rendered with a generation prompt) and its
 /// token ids. Callers check that `messages` prompts have a template before any work.
-fn encode_prompt(prompt: &Prompt, tokenizer: &LoadedTokenizer, template: Option<&ChatTemplate>) -> Result<(String, Vec<u32>)> {
+pub fn encode_prompt(prompt: &Prompt, tokenizer: &LoadedTokenizer, template: Option<&ChatTemplate>) -> Result<(String, Vec<u32>)> {
     Ok(match prompt {
         Prompt::Text(text) => (text.clone(), tokenizer.encode_prompt(text)?),
         Prompt::Messages(messages) => {
