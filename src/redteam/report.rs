@@ -119,7 +119,7 @@ fn bar_chart(summary: &Summary) -> String {
     let height = row * summary.categories.len() as f64 + 30.0;
     let x = |rate: f64| label_width + rate * plot_width;
     let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" role=\"img\" aria-label=\"attack-success rate by category\" font-size=\"12\">",
+        "<svg width=\"{w}\" height=\"{height}\" role=\"img\" aria-label=\"attack-success rate by category\" font-size=\"12\">",
         w = label_width + plot_width + 20.0
     );
     for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
