@@ -468,3 +468,6 @@ fn export_disagreements(path: &Path, suite: &Suite, judged: &[Judged], target: &
     writer.finish()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
