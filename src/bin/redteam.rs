@@ -122,6 +122,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<()> {
+    // Answers in flight are journaled before stopping; a second Ctrl-C stops at once.
+    cli::set_graceful_interrupt(true);
     if let Some(rate) = args.fail_above {
         if !(0.0..=1.0).contains(&rate) {
             return Err(usage(format!("--fail-above {rate}: expected a rate in [0, 1]")));

@@ -27,7 +27,7 @@ use crate::data::meta;
 use crate::data::parquet_io::DEFAULT_BATCH_ROWS;
 use crate::data::records::{ChatRecord, FindingRecord, PreferenceRecord, RecordWriter, ResponseRecord};
 use crate::data::{ColumnType, Message};
-use crate::error::{Result, bad_input, failed};
+use crate::error::{Error, Result, bad_input, failed};
 use crate::output;
 use crate::progress::{self, Progress, Unit};
 use detect::{Detector, DetectorModels, Verdict};
@@ -118,7 +118,7 @@ pub fn redteam(options: &RedteamOptions, target: &Target) -> Result<RedteamRepor
     let mut journal = Journal::open(&journal_path, &header, resumed > 0)?;
     let bar = Progress::new("attacking", Some(attempts.len() as u64), Unit::Items("attempts"));
     bar.inc(resumed as u64);
-    target.complete(&pending, &options.generation, &mut |finished| {
+    let answered = target.complete(&pending, &options.generation, &mut |finished| {
         for (i, outcome) in finished {
             let attempt = pending[i];
             journal.append(&JournalEntry { id: attempt.id.clone(), fingerprint: attempt.fingerprint(), outcome: outcome.clone() })?;
@@ -126,7 +126,17 @@ pub fn redteam(options: &RedteamOptions, target: &Target) -> Result<RedteamRepor
             bar.inc(1);
         }
         journal.sync()
-    })?;
+    });
+    if let Err(Error::Interrupted) = answered {
+        bar.finish();
+        progress::log(format!(
+            "{} of {} attempts answered and kept in {}; run the same command again to continue",
+            outcomes.len(),
+            attempts.len(),
+            journal_path.display()
+        ));
+    }
+    answered?;
     bar.finish();
     let seconds = started.elapsed().as_secs_f64();
 
