@@ -283,6 +283,9 @@ impl RewardScorer {
 pub struct GuardModel {
     classifier: Classifier,
     pub labels: Vec<String>,
+    /// The per-label decision thresholds rm-train chose on held-out data (`thresholds` in
+    /// config.json), in label order, when the folder has them for every label.
+    pub thresholds: Option<Vec<f64>>,
     pub dir: PathBuf,
 }
 
@@ -292,7 +295,10 @@ impl GuardModel {
         let labels = classifier_labels(&folder.config).ok_or_else(|| {
             bad_input(&folder.dir, "is not a multi-label classifier (config.json needs problem_type multi_label_classification and id2label; rm-train --task multilabel makes one)")
         })?;
-        Ok(GuardModel { classifier: Classifier::load(&folder, models.batch_size, &models.device)?, labels, dir: folder.dir })
+        let thresholds = folder.config.raw.get("thresholds").and_then(Value::as_object).and_then(|map| {
+            labels.iter().map(|l| map.get(l).and_then(Value::as_f64)).collect::<Option<Vec<f64>>>()
+        });
+        Ok(GuardModel { classifier: Classifier::load(&folder, models.batch_size, &models.device)?, labels, thresholds, dir: folder.dir })
     }
 
     /// The index of `label`, or bad input naming the labels there are.

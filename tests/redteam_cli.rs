@@ -144,22 +144,32 @@ fn category<'a>(summary: &'a Value, name: &str) -> &'a Value {
 #[test]
 fn a_local_model_run_writes_findings_summary_and_a_report_that_chromium_opens() {
     let dir = tempfile::tempdir().unwrap();
-    let suite = write_suite(dir.path(), "[detectors.reward]\nkind = \"reward\"\nthreshold = 0.0\n");
-    // The reward detector judges the counterfactual pairs too: a continuous score per group.
-    let text = std::fs::read_to_string(&suite).unwrap().replace(
-        "category = \"bias\"\ndetectors = [\"refusal\"]",
-        "category = \"bias\"\ndetectors = [\"reward\", \"refusal\"]",
-    );
+    let suite = write_suite(dir.path(), "[detectors.reward]\nkind = \"reward\"\nthreshold = 0.0\n[detectors.guard]\nkind = \"guard\"\n");
+    // The reward model judges the counterfactual pairs too (a continuous score per group), and a
+    // guard classifier (trained here in seconds) the harmful requests.
+    let text = std::fs::read_to_string(&suite)
+        .unwrap()
+        .replace("category = \"bias\"\ndetectors = [\"refusal\"]", "category = \"bias\"\ndetectors = [\"reward\", \"refusal\"]")
+        .replace("detectors = [\"refusal\", \"affirmative\"]", "detectors = [\"guard\", \"refusal\", \"affirmative\"]");
     std::fs::write(&suite, text).unwrap();
+    let guard = dir.path().join("guard");
+    ok("rm-train", &[
+        s(&testdata("moderation_openai_samples.slice.parquet")), "--model", s(&testdata("hf-tiny/causal-lm")), "-o", s(&guard),
+        "--task", "multilabel", "--steps", "5", "--batch-size", "8", "--max-length", "64", "--val-fraction", "0.3", "-q",
+    ]);
     let out = dir.path().join("findings.parquet");
     let report = dir.path().join("report.html");
     ok("redteam", &[
         "--model", s(&testdata("hf-tiny/causal-lm")),
         "--reward-model", s(&testdata("hf-tiny/reward-model")),
+        "--guard", s(&guard),
         "--suite", s(&suite), "-o", s(&out), "--report", s(&report), "--max-new-tokens", "16", "-q",
     ]);
     let rows = findings(&out);
-    assert_eq!(rows.len(), FINDINGS + 4, "every attempt × detector (plus the reward verdicts)");
+    assert_eq!(rows.len(), FINDINGS + 4 + 8, "every attempt × detector (plus the reward and guard verdicts)");
+    let guard_rows: Vec<&FindingRecord> = rows.iter().filter(|r| r.detector == "guard").collect();
+    assert_eq!(guard_rows.len(), 8);
+    assert!(guard_rows.iter().all(|r| (0.0..=1.0).contains(&r.score)), "the highest label probability");
     assert!(rows.iter().all(|r| !r.response.is_empty() || r.probe.starts_with("task")), "the model answered");
     let bias: Vec<&FindingRecord> = rows.iter().filter(|r| r.probe == "bias.letter").collect();
     assert!(bias.iter().all(|r| r.attribute.as_deref() == Some("gender") && r.group.is_some()));
@@ -172,6 +182,9 @@ fn a_local_model_run_writes_findings_summary_and_a_report_that_chromium_opens() 
     let (low, rate, high) = (harmful["ci_low"].as_f64().unwrap(), harmful["rate"].as_f64().unwrap(), harmful["ci_high"].as_f64().unwrap());
     assert!(low <= rate && rate <= high && high <= 1.0);
     assert_eq!(harmful["attempts"], 8);
+    assert!(harmful["detectors"]["guard"]["attempts"] == 8 && harmful["detectors"]["affirmative"]["attempts"] == 8);
+    let pairs: Vec<&Value> = summary["agreement"].as_array().unwrap().iter().filter(|a| a["detectors"][0] == "guard" || a["detectors"][1] == "guard").collect();
+    assert_eq!(pairs.len(), 2, "κ of the guard against refusal and against the regex");
     let gap = summary["counterfactual"].as_array().unwrap().iter().find(|g| g["detector"] == "reward").unwrap();
     assert_eq!(gap["pairs"], 2);
     assert!((0.0..=1.0).contains(&gap["p_value"].as_f64().unwrap()));

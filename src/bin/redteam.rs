@@ -190,6 +190,17 @@ fn run(args: &Args) -> Result<()> {
             100.0 * c.rate.ci_high,
             if c.over_budget { "  OVER BUDGET" } else { "" }
         ));
+        let others: Vec<String> = c
+            .detectors
+            .iter()
+            .map(|(name, d)| {
+                let change = d.change.map(|x| format!(" ({:+.1} pts)", 100.0 * x)).unwrap_or_default();
+                format!("{name} {:.1}%{change}", 100.0 * d.rate.rate)
+            })
+            .collect();
+        if others.len() > 1 {
+            progress::log(format!("  {:<16} by detector: {}", "", others.join(", ")));
+        }
     }
     for g in &summary.counterfactual {
         progress::log(format!("  bias {}/{} [{}]: gap {:.3}, p = {:.4} over {} pairs", g.probe, g.attribute, g.detector, g.test.gap, g.test.p_value, g.pairs));

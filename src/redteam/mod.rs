@@ -33,7 +33,7 @@ use crate::progress::{self, Progress, Unit};
 use detect::{Detector, DetectorModels, Verdict};
 use stats::Rate;
 use suite::{Attempt, Section, Suite};
-use summary::{GateBound, Judged, Summary, SummaryInputs, disagreements, summarise};
+use summary::{BaselineRates, GateBound, Judged, Summary, SummaryInputs, disagreements, summarise};
 use target::{GenerationSettings, Outcome, Target};
 
 pub struct RedteamOptions {
@@ -98,7 +98,7 @@ pub fn redteam(options: &RedteamOptions, target: &Target) -> Result<RedteamRepor
         output::check_writable(path)?;
     }
     let baseline = match &options.baseline {
-        Some(path) => Some((path.display().to_string(), baseline_rates(path)?)),
+        Some(path) => Some(baseline_rates(path)?),
         None => None,
     };
 
@@ -359,38 +359,50 @@ fn write_findings(path: &Path, suite: &Suite, judged: &[Judged], target: &str, c
     Ok(())
 }
 
-/// Per attack category, the attack-success rate of an earlier findings file: its primary rows
-/// of attack families, or every row of a findings file from elsewhere.
-fn baseline_rates(path: &Path) -> Result<BTreeMap<String, Rate>> {
+/// Per attack category (and detector), the attack-success rates of an earlier findings file:
+/// its rows of attack families, or every row of a findings file from elsewhere.
+fn baseline_rates(path: &Path) -> Result<BaselineRates> {
     let source = ParquetSource::open(path)?;
     source.expect_kind(crate::data::Kind::Findings)?;
     source.require("category", ColumnType::Str)?;
+    source.require("detector", ColumnType::Str)?;
     source.require("success", ColumnType::Bool)?;
     let ours = source.has_column("primary") && source.has_column("family");
-    let mut counts: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut primary: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut by_detector: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
     for batch in source.batches(None, DEFAULT_BATCH_ROWS)? {
         let batch = batch?;
-        let (categories, successes) = (batch.strings("category")?, batch.bools("success")?);
-        let primary = if ours { Some(batch.bools("primary")?) } else { None };
+        let (categories, detectors, successes) = (batch.strings("category")?, batch.strings("detector")?, batch.bools("success")?);
+        let primaries = if ours { Some(batch.bools("primary")?) } else { None };
         let families = if ours { Some(batch.strings("family")?) } else { None };
         let errors = if source.has_column("error") { Some(batch.optional_strings("error")?) } else { None };
         for i in 0..batch.len() {
-            if let (Some(primary), Some(families)) = (&primary, &families) {
-                let attack = ["harmful", "jailbreak", "encoding", "injection", "leakage"].contains(&families.value(i));
-                if !primary.value(i) || !attack {
-                    continue;
-                }
-            }
-            if errors.as_ref().is_some_and(|e| arrow::array::Array::is_valid(e, i)) {
+            let attack = families.as_ref().is_none_or(|f| ATTACK_FAMILIES.contains(&f.value(i)));
+            if !attack || errors.as_ref().is_some_and(|e| arrow::array::Array::is_valid(e, i)) {
                 continue;
             }
-            let entry = counts.entry(categories.value(i).to_string()).or_default();
-            entry.0 += u64::from(successes.value(i));
+            let success = u64::from(successes.value(i));
+            let category = categories.value(i).to_string();
+            let entry = by_detector.entry((category.clone(), detectors.value(i).to_string())).or_default();
+            entry.0 += success;
             entry.1 += 1;
+            if primaries.as_ref().is_none_or(|p| p.value(i)) {
+                let entry = primary.entry(category).or_default();
+                entry.0 += success;
+                entry.1 += 1;
+            }
         }
     }
-    Ok(counts.into_iter().map(|(c, (s, n))| (c, Rate::wilson(s, n))).collect())
+    let rates = |counts: &(u64, u64)| Rate::wilson(counts.0, counts.1);
+    Ok(BaselineRates {
+        path: path.display().to_string(),
+        primary: primary.iter().map(|(k, v)| (k.clone(), rates(v))).collect(),
+        by_detector: by_detector.iter().map(|(k, v)| (k.clone(), rates(v))).collect(),
+    })
 }
+
+/// Families whose findings are attacks (see [`suite::Family::section`]).
+const ATTACK_FAMILIES: [&str; 5] = ["harmful", "jailbreak", "encoding", "injection", "leakage"];
 
 fn successful_attacks<'a>(suite: &Suite, judged: &'a [Judged<'a>]) -> Vec<&'a Judged<'a>> {
     judged

@@ -93,7 +93,7 @@ fn categories(page: &mut String, summary: &Summary) {
         percent(summary.attack.ci_high)
     );
     page.push_str(&bar_chart(summary));
-    page.push_str("<table><tr><th>category</th><th>attempts</th><th>successes</th><th>rate</th><th>95% CI</th><th>budget</th><th>baseline</th><th>change</th></tr>\n");
+    page.push_str("<table><tr><th>category</th><th>attempts</th><th>successes</th><th>rate</th><th>95% CI</th><th>budget</th><th>baseline</th><th>change</th><th>by detector</th></tr>\n");
     for c in &summary.categories {
         let budget = c.budget.map(percent).unwrap_or_else(|| "—".into());
         let class = if c.over_budget { " class=\"bad\"" } else { "" };
@@ -101,13 +101,22 @@ fn categories(page: &mut String, summary: &Summary) {
             let class = if d > 0.0 { "bad" } else { "good" };
             format!("<span class=\"{class}\">{:+.1} pts</span>", 100.0 * d)
         });
+        let detectors: Vec<String> = c
+            .detectors
+            .iter()
+            .map(|(name, d)| {
+                let change = d.change.map(|x| format!(" ({:+.1})", 100.0 * x)).unwrap_or_default();
+                format!("{} {}{change}", escape(name), percent(d.rate.rate))
+            })
+            .collect();
         let _ = write!(
             page,
-            "<tr><td{class}>{}</td>{}<td class=\"n\">{budget}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
+            "<tr><td{class}>{}</td>{}<td class=\"n\">{budget}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>\n",
             escape(&c.category),
             rate_cells(&c.rate),
             c.baseline.map(|b| percent(b.rate)).unwrap_or_else(|| "—".into()),
-            change.unwrap_or_else(|| "—".into())
+            change.unwrap_or_else(|| "—".into()),
+            detectors.join("<br>")
         );
     }
     page.push_str("</table>\n");

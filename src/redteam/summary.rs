@@ -62,6 +62,26 @@ pub struct CategorySummary {
     /// Against `--baseline`: the baseline's rate and the change.
     pub baseline: Option<Rate>,
     pub change: Option<f64>,
+    /// Every detector's rate over the category's attempts it judged (the first decides above).
+    pub detectors: BTreeMap<String, DetectorRate>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DetectorRate {
+    #[serde(flatten)]
+    pub rate: Rate,
+    pub baseline: Option<Rate>,
+    pub change: Option<f64>,
+}
+
+/// Attack-success rates of an earlier findings file (`--baseline`).
+#[derive(Clone, Debug, Default)]
+pub struct BaselineRates {
+    pub path: String,
+    /// By category, from each attempt's deciding detector.
+    pub primary: BTreeMap<String, Rate>,
+    /// By (category, detector).
+    pub by_detector: BTreeMap<(String, String), Rate>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -136,8 +156,7 @@ pub struct SummaryInputs<'a> {
     pub seconds: f64,
     pub fail_above: Option<f64>,
     pub bound: GateBound,
-    /// Per category: the baseline's attack-success rate.
-    pub baseline: Option<(String, BTreeMap<String, Rate>)>,
+    pub baseline: Option<BaselineRates>,
     pub seed: u64,
 }
 
@@ -203,7 +222,16 @@ pub fn summarise(inputs: &SummaryInputs) -> Summary {
                     budget.unwrap_or_default()
                 ));
             }
-            let baseline = inputs.baseline.as_ref().and_then(|(_, rates)| rates.get(category).copied());
+            let baseline = inputs.baseline.as_ref().and_then(|b| b.primary.get(category).copied());
+            let mut detectors: BTreeMap<String, DetectorRate> = BTreeMap::new();
+            let names: std::collections::BTreeSet<&String> = items.iter().flat_map(|j| j.verdicts.iter().map(|(d, _)| d)).collect();
+            for name in names {
+                let judged: Vec<bool> = items.iter().filter_map(|j| j.verdict(name)).map(|v| v.success).collect();
+                let rate = Rate::wilson(judged.iter().filter(|&&x| x).count() as u64, judged.len() as u64);
+                let baseline =
+                    inputs.baseline.as_ref().and_then(|b| b.by_detector.get(&(category.clone(), name.clone())).copied());
+                detectors.insert(name.clone(), DetectorRate { rate, change: baseline.map(|b| rate.rate - b.rate), baseline });
+            }
             CategorySummary {
                 category: category.clone(),
                 rate,
@@ -212,6 +240,7 @@ pub fn summarise(inputs: &SummaryInputs) -> Summary {
                 over_budget,
                 change: baseline.map(|b| rate.rate - b.rate),
                 baseline,
+                detectors,
             }
         })
         .collect();
@@ -231,7 +260,7 @@ pub fn summarise(inputs: &SummaryInputs) -> Summary {
         counterfactual: counterfactual_gaps(suite, judged, inputs.seed),
         bbq: bbq(suite, judged),
         gate: Gate { fail_above: inputs.fail_above, bound: match inputs.bound { GateBound::Upper => "upper", GateBound::Point => "point" }, failed },
-        baseline: inputs.baseline.as_ref().map(|(path, _)| path.clone()),
+        baseline: inputs.baseline.as_ref().map(|b| b.path.clone()),
     }
 }
 

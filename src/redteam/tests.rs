@@ -79,6 +79,8 @@ fn canned_responses_give_known_rates_bounds_gate_and_kappa() {
     assert_eq!((harmful.rate.successes, harmful.rate.attempts), (3, 5));
     assert!((harmful.rate.ci_low - 0.2307).abs() < 5e-4 && (harmful.rate.ci_high - 0.8824).abs() < 5e-4, "{:?}", harmful.rate);
     assert!(harmful.over_budget, "the upper bound 0.88 is over the budget 0.5");
+    assert_eq!((harmful.detectors["sure"].rate.successes, harmful.detectors["sure"].rate.attempts), (1, 4));
+    assert_eq!(harmful.detectors["refusal"].rate.successes, 3);
     assert_eq!(summary.gate.failed.len(), 1);
     let plain = summary.probes.iter().find(|p| p.probe == "plain").unwrap();
     assert_eq!(plain.detectors["sure"].successes, 1);
