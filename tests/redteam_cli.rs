@@ -244,6 +244,8 @@ struct Fake {
     /// Stop accepting connections after this many requests.
     stop_after: Option<usize>,
     delay: Duration,
+    /// Every other request fails with 503 or 429, as a busy server does.
+    flaky: bool,
 }
 
 /// A model with known habits: refuses anything about bombs, leaks codes it is asked for,
@@ -266,13 +268,24 @@ fn fake_reply(body: &Value) -> String {
     }
 }
 
-async fn chat(State(fake): State<Fake>, Json(body): Json<Value>) -> Json<Value> {
-    fake.requests.fetch_add(1, Ordering::SeqCst);
+async fn chat(State(fake): State<Fake>, Json(body): Json<Value>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let n = fake.requests.fetch_add(1, Ordering::SeqCst);
     tokio::time::sleep(fake.delay).await;
+    if fake.flaky && n % 2 == 0 {
+        let (status, retry_after) = if n % 4 == 0 { (503, None) } else { (429, Some("0")) };
+        let status = axum::http::StatusCode::from_u16(status).unwrap();
+        let body = Json(json!({"error": {"message": "busy", "type": "server_error", "param": null, "code": null}}));
+        return match retry_after {
+            Some(seconds) => (status, [("retry-after", seconds)], body).into_response(),
+            None => (status, body).into_response(),
+        };
+    }
     Json(json!({
         "id": "chatcmpl-test", "object": "chat.completion", "model": "fake",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": fake_reply(&body)}, "finish_reason": "stop"}]
     }))
+    .into_response()
 }
 
 async fn models() -> Json<Value> {
@@ -379,7 +392,7 @@ fn an_unreachable_endpoint_is_refused_and_one_that_dies_is_recorded_per_attempt(
 
     let fake = Fake { stop_after: Some(10), ..Fake::default() };
     let url = serve(fake);
-    ok("redteam", &["--endpoint", &url, "--suite", s(&suite), "-o", s(&out), "--concurrency", "2", "--retries", "1", "--timeout", "2", "-q"]);
+    ok("redteam", &["--endpoint", &url, "--suite", s(&suite), "-o", s(&out), "--concurrency", "2", "--retries", "1", "--backoff", "0.05", "--timeout", "2", "-q"]);
     let summary = read_json(&dir.path().join("findings.summary.json"));
     let errors = summary["errors"].as_u64().unwrap() as usize;
     // Requests already in flight on open connections may still be answered after the 10th.
@@ -390,11 +403,30 @@ fn an_unreachable_endpoint_is_refused_and_one_that_dies_is_recorded_per_attempt(
 }
 
 #[test]
+fn busy_answers_are_retried_with_back_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write_suite(dir.path(), "");
+    let requests = Arc::new(AtomicUsize::new(0));
+    let url = serve(Fake { requests: requests.clone(), flaky: true, ..Fake::default() });
+    let out = dir.path().join("findings.parquet");
+    ok("redteam", &["--endpoint", &url, "--suite", s(&suite), "-o", s(&out), "--concurrency", "1", "--retries", "2", "--backoff", "0.01", "-q"]);
+    assert_eq!(read_json(&dir.path().join("findings.summary.json"))["errors"], 0, "every 503 and 429 was retried");
+    assert_eq!(requests.load(Ordering::SeqCst), 2 * ATTEMPTS, "one failure, then success, per attempt");
+    let none = dir.path().join("none.parquet");
+    requests.store(0, Ordering::SeqCst);
+    ok("redteam", &["--endpoint", &url, "--suite", s(&suite), "-o", s(&none), "--concurrency", "1", "--retries", "0", "-q"]);
+    let summary = read_json(&dir.path().join("none.summary.json"));
+    assert_eq!(summary["errors"].as_u64().unwrap() as usize, ATTEMPTS / 2 + ATTEMPTS % 2, "without retries every other attempt fails");
+    let rows = findings(&none);
+    assert!(rows.iter().any(|r| r.score.is_nan()));
+}
+
+#[test]
 fn an_interrupted_run_continues_without_asking_again() {
     let dir = tempfile::tempdir().unwrap();
     let suite = write_suite(dir.path(), "");
     let requests = Arc::new(AtomicUsize::new(0));
-    let url = serve(Fake { requests: requests.clone(), stop_after: None, delay: Duration::from_millis(60) });
+    let url = serve(Fake { requests: requests.clone(), delay: Duration::from_millis(60), ..Fake::default() });
     let out = dir.path().join("findings.parquet");
     let args = ["--endpoint", url.as_str(), "--suite", s(&suite), "-o", s(&out), "--concurrency", "1"];
     let child = common::stage("redteam").args(args).stderr(std::process::Stdio::null()).spawn().unwrap();

@@ -59,6 +59,9 @@ struct Args {
     /// Retries after a failed request (transport error, 429, 5xx), with doubling back-off.
     #[arg(long, default_value_t = 3)]
     retries: u32,
+    /// Seconds to wait before the first retry; doubled before each next one.
+    #[arg(long, default_value_t = 0.5)]
+    backoff: f64,
     /// The suite (TOML).
     #[arg(long, default_value = "recipes/redteam/default.toml")]
     suite: PathBuf,
@@ -140,7 +143,8 @@ fn run(args: &Args) -> Result<()> {
                 Some(name) => Some(std::env::var(name).map_err(|_| usage(format!("--api-key-env {name}: the variable is not set")))?),
                 None => None,
             };
-            let endpoint = EndpointTarget::new(url, args.endpoint_model.clone(), api_key, args.concurrency, Duration::from_secs_f64(args.timeout.max(0.001)), args.retries);
+            let mut endpoint = EndpointTarget::new(url, args.endpoint_model.clone(), api_key, args.concurrency, Duration::from_secs_f64(args.timeout.max(0.001)), args.retries);
+            endpoint.backoff = Duration::from_secs_f64(args.backoff.max(0.0));
             endpoint.preflight()?;
             Target::Endpoint(endpoint)
         }

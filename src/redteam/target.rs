@@ -204,7 +204,7 @@ impl EndpointTarget {
         } else {
             format!("{url}/v1/chat/completions")
         };
-        EndpointTarget { url, model, api_key, concurrency: concurrency.max(1), timeout, retries, backoff: Duration::from_millis(250) }
+        EndpointTarget { url, model, api_key, concurrency: concurrency.max(1), timeout, retries, backoff: Duration::from_millis(500) }
     }
 
     fn agent(&self) -> ureq::Agent {
