@@ -132,7 +132,7 @@ fn run(args: &Args) -> Result<()> {
             return Err(usage(format!("--fail-above {rate}: expected a rate in [0, 1]")));
         }
     }
-    if args.temperature < 0.0 || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    if args.temperature < 0.0 || args.top_p.is_nan() || args.top_p <= 0.0 || args.top_p > 1.0 {
         return Err(usage("--temperature must be >= 0 and --top-p in (0, 1]"));
     }
     let device = lathe::model::device(&args.device)?;

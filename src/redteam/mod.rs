@@ -107,7 +107,7 @@ pub fn redteam(options: &RedteamOptions, target: &Target) -> Result<RedteamRepor
     let header = JournalHeader {
         lathe_redteam_journal: 1,
         target: target.name(),
-        generation: serde_json::to_string(&options.generation).map_err(|e| failed(e))?,
+        generation: serde_json::to_string(&options.generation)?,
     };
     let mut outcomes = if options.restart { HashMap::new() } else { read_journal(&journal_path, &header, &attempts)? };
     let resumed = outcomes.len();
@@ -153,7 +153,7 @@ pub fn redteam(options: &RedteamOptions, target: &Target) -> Result<RedteamRepor
     });
 
     write_findings(&options.output, &suite, &judged, &summary.target, &options.config)?;
-    let summary_json = serde_json::to_string_pretty(&summary).map_err(|e| failed(e))?;
+    let summary_json = serde_json::to_string_pretty(&summary)?;
     output::write_atomic(&summary_path, format!("{summary_json}\n").as_bytes())?;
     if let Some(path) = &options.report {
         output::write_atomic(path, report::html(&suite, &summary, &judged).as_bytes())?;
@@ -275,7 +275,7 @@ impl Journal {
             file
         } else {
             let mut file = File::create(path).map_err(|e| bad_input(path, format!("cannot write the journal: {e}")))?;
-            writeln!(file, "{}", serde_json::to_string(header).map_err(|e| failed(e))?)?;
+            writeln!(file, "{}", serde_json::to_string(header)?)?;
             file
         };
         file.flush()?;
@@ -283,7 +283,7 @@ impl Journal {
     }
 
     fn append(&mut self, entry: &JournalEntry) -> Result<()> {
-        writeln!(self.file, "{}", serde_json::to_string(entry).map_err(|e| failed(e))?)?;
+        writeln!(self.file, "{}", serde_json::to_string(entry)?)?;
         Ok(())
     }
 
@@ -309,7 +309,7 @@ fn write_findings(path: &Path, suite: &Suite, judged: &[Judged], target: &str, c
     let metadata = vec![(meta::CONFIG.to_string(), config.to_string()), ("lathe.redteam.suite".into(), suite.display_name())];
     let mut writer = RecordWriter::<FindingRecord>::create(path, "redteam", metadata, carried)?;
     let mut rows = Vec::new();
-    let mut extra: Vec<(String, &'static str, bool, Option<i32>, String, bool, Option<String>)> = Vec::new();
+    let mut provenance = Vec::new();
     for j in judged {
         let probe = &suite.probes[j.attempt.probe];
         let failed_verdicts: Vec<(String, Verdict)>;
@@ -331,32 +331,32 @@ fn write_findings(path: &Path, suite: &Suite, judged: &[Judged], target: &str, c
                 attribute: j.attempt.attribute.clone(),
                 group: j.attempt.group.clone(),
             });
-            extra.push((
-                j.attempt.id.clone(),
-                probe.family.name(),
-                k == 0,
-                verdict.chosen.map(|c| c as i32),
-                j.outcome.finish_reason.clone(),
-                j.outcome.truncated,
-                j.outcome.error.clone(),
-            ));
+            provenance.push(Provenance { judged: j, family: probe.family.name(), primary: k == 0, chosen: verdict.chosen.map(|c| c as i32) });
         }
     }
-    for (chunk, extra) in rows.chunks(DEFAULT_BATCH_ROWS).zip(extra.chunks(DEFAULT_BATCH_ROWS)) {
+    for (chunk, extra) in rows.chunks(DEFAULT_BATCH_ROWS).zip(provenance.chunks(DEFAULT_BATCH_ROWS)) {
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from_iter_values(extra.iter().map(|e| e.0.as_str()))),
-            Arc::new(StringArray::from_iter_values(extra.iter().map(|e| e.1))),
-            Arc::new(extra.iter().map(|e| Some(e.2)).collect::<BooleanArray>()),
-            Arc::new(extra.iter().map(|e| e.3).collect::<Int32Array>()),
-            Arc::new(StringArray::from_iter_values(extra.iter().map(|e| e.4.as_str()))),
-            Arc::new(extra.iter().map(|e| Some(e.5)).collect::<BooleanArray>()),
-            Arc::new(extra.iter().map(|e| e.6.as_deref()).collect::<StringArray>()),
+            Arc::new(StringArray::from_iter_values(extra.iter().map(|e| e.judged.attempt.id.as_str()))),
+            Arc::new(StringArray::from_iter_values(extra.iter().map(|e| e.family))),
+            Arc::new(extra.iter().map(|e| Some(e.primary)).collect::<BooleanArray>()),
+            Arc::new(extra.iter().map(|e| e.chosen).collect::<Int32Array>()),
+            Arc::new(StringArray::from_iter_values(extra.iter().map(|e| e.judged.outcome.finish_reason.as_str()))),
+            Arc::new(extra.iter().map(|e| Some(e.judged.outcome.truncated)).collect::<BooleanArray>()),
+            Arc::new(extra.iter().map(|e| e.judged.outcome.error.as_deref()).collect::<StringArray>()),
             Arc::new(StringArray::from_iter_values(std::iter::repeat_n(target, extra.len()))),
         ];
         writer.write(chunk, columns)?;
     }
     writer.finish()?;
     Ok(())
+}
+
+/// Where a findings row came from, beside the SPEC columns.
+struct Provenance<'a> {
+    judged: &'a Judged<'a>,
+    family: &'static str,
+    primary: bool,
+    chosen: Option<i32>,
 }
 
 /// Per attack category (and detector), the attack-success rates of an earlier findings file:

@@ -13,14 +13,14 @@ const EXAMPLES_PER_CATEGORY: usize = 3;
 pub fn html(suite: &Suite, summary: &Summary, judged: &[Judged]) -> String {
     let mut page = String::new();
     let title = format!("Red-team report: {}", escape(&summary.target));
-    let _ = write!(
+    let _ = writeln!(
         page,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
-         <title>{title}</title><style>{STYLE}</style></head><body>\n<h1>{title}</h1>\n"
+         <title>{title}</title><style>{STYLE}</style></head><body>\n<h1>{title}</h1>"
     );
-    let _ = write!(
+    let _ = writeln!(
         page,
-        "<p class=\"meta\">Suite <b>{}</b> · {} attempts ({} failed) in {:.1} s ({:.2} attempts/s){}</p>\n",
+        "<p class=\"meta\">Suite <b>{}</b> · {} attempts ({} failed) in {:.1} s ({:.2} attempts/s){}</p>",
         escape(&summary.suite),
         summary.attempts,
         summary.errors,
@@ -53,11 +53,11 @@ fn gate(page: &mut String, summary: &Summary) {
         return;
     }
     if summary.gate.failed.is_empty() {
-        let _ = write!(page, "<p class=\"gate passed\">Every category is within its budget ({} bound).</p>\n", summary.gate.bound);
+        let _ = writeln!(page, "<p class=\"gate passed\">Every category is within its budget ({} bound).</p>", summary.gate.bound);
     } else {
-        let _ = write!(
+        let _ = writeln!(
             page,
-            "<p class=\"gate failed\">Over budget ({} bound): {}</p>\n",
+            "<p class=\"gate failed\">Over budget ({} bound): {}</p>",
             summary.gate.bound,
             escape(&summary.gate.failed.join("; "))
         );
@@ -83,9 +83,9 @@ fn categories(page: &mut String, summary: &Summary) {
     if summary.categories.is_empty() {
         return;
     }
-    let _ = write!(
+    let _ = writeln!(
         page,
-        "<h2>Attack success by category</h2>\n<p>Overall: {} of {} attacks got through ({}, 95% Wilson interval {}–{}).</p>\n",
+        "<h2>Attack success by category</h2>\n<p>Overall: {} of {} attacks got through ({}, 95% Wilson interval {}–{}).</p>",
         summary.attack.successes,
         summary.attack.attempts,
         percent(summary.attack.rate),
@@ -109,9 +109,9 @@ fn categories(page: &mut String, summary: &Summary) {
                 format!("{} {}{change}", escape(name), percent(d.rate.rate))
             })
             .collect();
-        let _ = write!(
+        let _ = writeln!(
             page,
-            "<tr><td{class}>{}</td>{}<td class=\"n\">{budget}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>\n",
+            "<tr><td{class}>{}</td>{}<td class=\"n\">{budget}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
             escape(&c.category),
             rate_cells(&c.rate),
             c.baseline.map(|b| percent(b.rate)).unwrap_or_else(|| "—".into()),
@@ -178,9 +178,9 @@ fn probes(page: &mut String, summary: &Summary) {
     }
     page.push_str("<h2>Attack probes</h2>\n<table><tr><th>probe</th><th>category</th><th>detector</th><th>attempts</th><th>successes</th><th>rate</th><th>95% CI</th><th>failed</th></tr>\n");
     for p in attack {
-        let _ = write!(
+        let _ = writeln!(
             page,
-            "<tr><td>{}</td><td>{}</td><td>{}</td>{}<td class=\"n\">{}</td></tr>\n",
+            "<tr><td>{}</td><td>{}</td><td>{}</td>{}<td class=\"n\">{}</td></tr>",
             escape(&p.probe),
             escape(&p.category),
             escape(&p.detector),
@@ -203,9 +203,9 @@ fn bias(page: &mut String, summary: &Summary) {
             let means: Vec<String> =
                 g.groups.iter().zip(&g.test.group_means).map(|(name, mean)| format!("{}: {mean:.3}", escape(name))).collect();
             let class = if g.test.p_value < 0.05 { " class=\"bad\"" } else { "" };
-            let _ = write!(
+            let _ = writeln!(
                 page,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{:.3}</td><td class=\"n\"><span{class}>{:.4}</span></td><td class=\"n\">{}</td></tr>\n",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{:.3}</td><td class=\"n\"><span{class}>{:.4}</span></td><td class=\"n\">{}</td></tr>",
                 escape(&g.probe),
                 escape(&g.attribute),
                 escape(&g.detector),
@@ -222,9 +222,9 @@ fn bias(page: &mut String, summary: &Summary) {
         page.push_str("<table><tr><th>probe</th><th>category</th><th>accuracy (ambig.)</th><th>accuracy (disambig.)</th><th>bias (ambig.)</th><th>bias (disambig.)</th><th>unparsed</th></tr>\n");
         let show = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "—".into());
         for b in &summary.bbq {
-            let _ = write!(
+            let _ = writeln!(
                 page,
-                "<tr><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
+                "<tr><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
                 escape(&b.probe),
                 escape(&b.category),
                 show(b.scores.accuracy_ambiguous),
@@ -245,9 +245,9 @@ fn tasks(page: &mut String, summary: &Summary) {
     }
     page.push_str("<h2>Task evaluation</h2>\n<table><tr><th>probe</th><th>detector</th><th>items</th><th>correct</th><th>accuracy</th><th>95% CI</th><th>mean score</th></tr>\n");
     for p in tasks {
-        let _ = write!(
+        let _ = writeln!(
             page,
-            "<tr><td>{}</td><td>{}</td>{}<td class=\"n\">{}</td></tr>\n",
+            "<tr><td>{}</td><td>{}</td>{}<td class=\"n\">{}</td></tr>",
             escape(&p.probe),
             escape(&p.detector),
             rate_cells(&p.rate),
@@ -263,9 +263,9 @@ fn agreement(page: &mut String, summary: &Summary) {
     }
     page.push_str("<h2>Detector agreement</h2>\n<table><tr><th>detectors</th><th>items</th><th>disagreements</th><th>Cohen's κ</th></tr>\n");
     for a in &summary.agreement {
-        let _ = write!(
+        let _ = writeln!(
             page,
-            "<tr><td>{} / {}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
+            "<tr><td>{} / {}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
             escape(&a.detectors[0]),
             escape(&a.detectors[1]),
             a.items,
@@ -294,18 +294,18 @@ fn examples(page: &mut String, suite: &Suite, judged: &[Judged]) {
             let score = |j: &Judged| j.primary().map_or(0.0, |v| v.score);
             score(b).total_cmp(&score(a))
         });
-        let _ = write!(
+        let _ = writeln!(
             page,
-            "<details><summary>Content warning: {} successful attacks in <i>{}</i> (click to show {})</summary>\n",
+            "<details><summary>Content warning: {} successful attacks in <i>{}</i> (click to show {})</summary>",
             items.len(),
             escape(category),
             items.len().min(EXAMPLES_PER_CATEGORY)
         );
         for j in items.iter().take(EXAMPLES_PER_CATEGORY) {
             let probe = &suite.probes[j.attempt.probe];
-            let _ = write!(
+            let _ = writeln!(
                 page,
-                "<p><b>{}</b> ({})</p><pre>{}</pre><pre>{}</pre>\n",
+                "<p><b>{}</b> ({})</p><pre>{}</pre><pre>{}</pre>",
                 escape(&probe.name),
                 escape(&j.attempt.id),
                 escape(&j.attempt.user),
