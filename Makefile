@@ -59,6 +59,13 @@ demo: build
 	  $(BIN)/generate testdata/demo_rl_val_prompts.jsonl --model $(DEMO)/$$stage -n 4 --max-new-tokens 48 --temperature 1.0 -q -o $(DEMO)/rl/heldout.parquet && \
 	  $(BIN)/score $(DEMO)/rl/heldout.parquet --reward-model $(DEMO)/rl/rm -o $(DEMO)/rl/heldout_scored.parquet 2>&1 | sed "s|^|   $$stage: |"; \
 	done
+	@echo "== redteam: attack the sft model, then the ppo model, with the default suite (recipes/redteam/default.toml);"
+	@echo "   refusal, canary, answer and chrF detectors plus the demo guard and reward model; the change per category"
+	rm -rf $(DEMO)/redteam && mkdir -p $(DEMO)/redteam
+	$(BIN)/redteam --model $(DEMO)/sft --guard $(DEMO)/guard --reward-model $(DEMO)/rl/rm -o $(DEMO)/redteam/sft.parquet --report $(DEMO)/redteam/sft.html -q
+	$(BIN)/redteam --model $(DEMO)/rl/ppo --guard $(DEMO)/guard --reward-model $(DEMO)/rl/rm -o $(DEMO)/redteam/ppo.parquet --report $(DEMO)/redteam/ppo.html \
+	  --baseline $(DEMO)/redteam/sft.parquet --export-prefs $(DEMO)/redteam/prefs.parquet --export-sft $(DEMO)/redteam/safe_sft.parquet
+	@echo "   reports: $(DEMO)/redteam/sft.html, $(DEMO)/redteam/ppo.html; training data from the findings: $(DEMO)/redteam/prefs.parquet, safe_sft.parquet"
 	$(MAKE) demo-serve
 
 # One JSON object per line per figure.
@@ -70,6 +77,7 @@ REFERENCE_DIR_FLAG = $(if $(REFERENCE_DIR),--reference-dir $(REFERENCE_DIR),)
 bench: build
 	$(PYTHON) bench/bench_tokenize.py $(REFERENCE_FLAG)
 	$(PYTHON) bench/bench_train_generate.py $(REFERENCE_FLAG) $(REFERENCE_DIR_FLAG)
+	$(PYTHON) bench/bench_redteam.py
 	$(PYTHON) bench/bench_serve_guard.py
 
 # Also encode a ~1 GB text to show memory stays bounded (writes ~2 GB under bench-out/).

@@ -15,6 +15,7 @@ pub mod pretrain;
 pub mod sft;
 pub mod progress;
 pub mod rank;
+pub mod redteam;
 pub mod safety;
 pub mod score;
 pub mod serve;

@@ -279,9 +279,49 @@ impl RewardScorer {
     }
 }
 
-/// A multi-label guard classifier (`rm-train --task multilabel`) judging responses for one label.
-pub struct Guard {
+/// A multi-label guard classifier (`rm-train --task multilabel`) with all its labels.
+pub struct GuardModel {
     classifier: Classifier,
+    pub labels: Vec<String>,
+    /// The per-label decision thresholds rm-train chose on held-out data (`thresholds` in
+    /// config.json), in label order, when the folder has them for every label.
+    pub thresholds: Option<Vec<f64>>,
+    pub dir: PathBuf,
+}
+
+impl GuardModel {
+    pub fn load(model: &str, models: &ModelSettings) -> Result<Self> {
+        let folder = ModelFolder::open(model)?;
+        let labels = classifier_labels(&folder.config).ok_or_else(|| {
+            bad_input(&folder.dir, "is not a multi-label classifier (config.json needs problem_type multi_label_classification and id2label; rm-train --task multilabel makes one)")
+        })?;
+        let thresholds = folder.config.raw.get("thresholds").and_then(Value::as_object).and_then(|map| {
+            labels.iter().map(|l| map.get(l).and_then(Value::as_f64)).collect::<Option<Vec<f64>>>()
+        });
+        Ok(GuardModel { classifier: Classifier::load(&folder, models.batch_size, &models.device)?, labels, thresholds, dir: folder.dir })
+    }
+
+    /// The index of `label`, or bad input naming the labels there are.
+    pub fn label_index(&self, label: &str) -> Result<usize> {
+        self.labels.iter().position(|l| l == label).ok_or_else(|| {
+            bad_input(&self.dir, format!("the guard has no label `{label}`; its labels: {}", self.labels.join(", ")))
+        })
+    }
+
+    /// σ(logit) of every label for each text: `[text][label]`.
+    pub fn probabilities(&self, texts: &[&str]) -> Result<Vec<Vec<f64>>> {
+        Ok(self
+            .classifier
+            .scores(texts)?
+            .into_iter()
+            .map(|row| row.into_iter().map(|s| 1.0 / (1.0 + (-(s as f64)).exp())).collect())
+            .collect())
+    }
+}
+
+/// A multi-label guard classifier judging responses for one label.
+pub struct Guard {
+    model: GuardModel,
     label: usize,
 }
 
@@ -293,56 +333,14 @@ impl std::fmt::Debug for Guard {
 
 impl Guard {
     pub fn load(model: &str, label: &str, models: &ModelSettings) -> Result<Self> {
-        let folder = ModelFolder::open(model)?;
-        let labels = classifier_labels(&folder.config).ok_or_else(|| {
-            bad_input(&folder.dir, "is not a multi-label classifier (config.json needs problem_type multi_label_classification and id2label; rm-train --task multilabel makes one)")
-        })?;
-        let index = labels.iter().position(|l| l == label).ok_or_else(|| {
-            bad_input(&folder.dir, format!("the guard has no label `{label}`; its labels: {}", labels.join(", ")))
-        })?;
-        Ok(Guard { classifier: Classifier::load(&folder, models.batch_size, &models.device)?, label: index })
+        let model = GuardModel::load(model, models)?;
+        let label = model.label_index(label)?;
+        Ok(Guard { model, label })
     }
 
     /// σ(logit) of the label for each response.
     pub fn probabilities(&self, responses: &[&str]) -> Result<Vec<f64>> {
-        Ok(self.classifier.scores(responses)?.into_iter().map(|s| 1.0 / (1.0 + (-(s[self.label] as f64)).exp())).collect())
-    }
-}
-
-/// A multi-label guard classifier judging text for every one of its labels at once
-/// (serve-guard's input and output guards).
-pub struct MultilabelGuard {
-    classifier: Classifier,
-    /// The label names, in the model's id order.
-    pub labels: Vec<String>,
-    /// The per-label thresholds `rm-train` chose (config.json `thresholds`), where recorded.
-    pub thresholds: HashMap<String, f64>,
-}
-
-impl MultilabelGuard {
-    pub fn load(model: &str, models: &ModelSettings) -> Result<Self> {
-        let folder = ModelFolder::open(model)?;
-        let labels = classifier_labels(&folder.config).ok_or_else(|| {
-            bad_input(&folder.dir, "is not a multi-label classifier (config.json needs problem_type multi_label_classification and id2label; rm-train --task multilabel makes one)")
-        })?;
-        let thresholds = folder
-            .config
-            .raw
-            .get("thresholds")
-            .and_then(Value::as_object)
-            .map(|t| t.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
-            .unwrap_or_default();
-        Ok(MultilabelGuard { classifier: Classifier::load(&folder, models.batch_size, &models.device)?, labels, thresholds })
-    }
-
-    /// σ(logit) of every label for each text: `[text][label]`.
-    pub fn probabilities(&self, texts: &[&str]) -> Result<Vec<Vec<f64>>> {
-        Ok(self
-            .classifier
-            .scores(texts)?
-            .into_iter()
-            .map(|s| s.into_iter().map(|x| 1.0 / (1.0 + (-(x as f64)).exp())).collect())
-            .collect())
+        Ok(self.model.probabilities(responses)?.into_iter().map(|p| p[self.label]).collect())
     }
 }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, bad_input, failed};
-use crate::score::MultilabelGuard;
+use crate::score::GuardModel;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -339,7 +339,7 @@ const GUARD_BATCH: usize = 32;
 
 impl GuardWorker {
     /// Start a loaded guard's thread.
-    pub fn start(name: String, guard: MultilabelGuard, threads: usize) -> Result<Self> {
+    pub fn start(name: String, guard: GuardModel, threads: usize) -> Result<Self> {
         let labels = guard.labels.clone();
         let (jobs, queue) = mpsc::channel::<Job>();
         let pool = rayon::ThreadPoolBuilder::new()
@@ -366,7 +366,7 @@ impl GuardWorker {
     }
 }
 
-fn guard_loop(guard: MultilabelGuard, queue: mpsc::Receiver<Job>) {
+fn guard_loop(guard: GuardModel, queue: mpsc::Receiver<Job>) {
     while let Ok(first) = queue.recv() {
         let mut jobs = vec![first];
         let mut count = jobs[0].texts.len();

@@ -129,7 +129,7 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
 
     // Guards: one worker per distinct name, shared by the input and output sides.
     let settings = ModelSettings { device: options.device.clone(), batch_size: 16 };
-    let mut loaded: Vec<(String, String, crate::score::MultilabelGuard)> = Vec::new();
+    let mut loaded: Vec<(String, String, crate::score::GuardModel)> = Vec::new();
     let mut sides: Vec<(bool, String)> = Vec::new();
     for (is_input, spec) in options.input_guards.iter().map(|s| (true, s)).chain(options.output_guards.iter().map(|s| (false, s))) {
         let (name, model) = guard::guard_name(spec);
@@ -139,13 +139,18 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
             }
             Some(_) => {}
             None => {
-                let guard = crate::score::MultilabelGuard::load(&model, &settings)?;
+                let guard = crate::score::GuardModel::load(&model, &settings)?;
                 loaded.push((name.clone(), model, guard));
             }
         }
         sides.push((is_input, name));
     }
-    let infos: Vec<GuardInfo> = loaded.iter().map(|(name, _, g)| GuardInfo { name, labels: &g.labels, thresholds: &g.thresholds }).collect();
+    let calibrated: Vec<HashMap<String, f64>> = loaded
+        .iter()
+        .map(|(_, _, g)| g.thresholds.as_ref().map(|t| g.labels.iter().cloned().zip(t.iter().copied()).collect()).unwrap_or_default())
+        .collect();
+    let infos: Vec<GuardInfo> =
+        loaded.iter().zip(&calibrated).map(|((name, _, g), thresholds)| GuardInfo { name, labels: &g.labels, thresholds }).collect();
     let policy = Policy::load(options.policy.as_deref(), &infos)?;
     let review = ReviewDb::open(&options.db)?;
 
