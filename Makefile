@@ -109,4 +109,8 @@ demo-serve: build
 	    -d "{\"messages\": [{\"role\": \"user\", \"content\": \"$$prompt\"}], \"max_tokens\": 48, \"temperature\": 0.7, \"seed\": 1}"; echo; \
 	done; \
 	echo "-- the review queue (serve-guard review --db $(SERVE)/review.sqlite to review it)"; \
-	$(BIN)/serve-guard review --db $(SERVE)/review.sqlite --list
+	$(BIN)/serve-guard review --db $(SERVE)/review.sqlite --list; \
+	echo "== redteam the served endpoint (guards on) with the default suite, against the bare sft model's findings"; \
+	baseline=$$(test -f $(DEMO)/redteam/sft.parquet && echo "--baseline $(DEMO)/redteam/sft.parquet"); \
+	DEMO_KEY=$$key $(BIN)/redteam --endpoint $$url/v1 --api-key-env DEMO_KEY --guard $(DEMO)/guard --reward-model $(DEMO)/rl/rm \
+	  $$baseline -o $(DEMO)/redteam/served.parquet --report $(DEMO)/redteam/served.html

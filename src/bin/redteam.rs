@@ -44,9 +44,9 @@ struct Args {
     /// Or an OpenAI-compatible server: base URL (`http://host:port/v1`) or the chat-completions URL.
     #[arg(long, value_name = "URL")]
     endpoint: Option<String>,
-    /// The `model` field sent to the endpoint.
-    #[arg(long, default_value = "default", requires = "endpoint")]
-    endpoint_model: String,
+    /// The `model` field sent to the endpoint (default: the first of its GET /v1/models).
+    #[arg(long, requires = "endpoint")]
+    endpoint_model: Option<String>,
     /// Environment variable holding the endpoint's API key.
     #[arg(long, value_name = "NAME", requires = "endpoint")]
     api_key_env: Option<String>,
@@ -143,7 +143,7 @@ fn run(args: &Args) -> Result<()> {
                 Some(name) => Some(std::env::var(name).map_err(|_| usage(format!("--api-key-env {name}: the variable is not set")))?),
                 None => None,
             };
-            let mut endpoint = EndpointTarget::new(url, args.endpoint_model.clone(), api_key, args.concurrency, Duration::from_secs_f64(args.timeout.max(0.001)), args.retries);
+            let mut endpoint = EndpointTarget::new(url, args.endpoint_model.clone().unwrap_or_default(), api_key, args.concurrency, Duration::from_secs_f64(args.timeout.max(0.001)), args.retries);
             endpoint.backoff = Duration::from_secs_f64(args.backoff.max(0.0));
             endpoint.preflight()?;
             Target::Endpoint(endpoint)

@@ -186,8 +186,10 @@ fn load_detectors(suite: &Suite, models: &DetectorModels) -> Result<BTreeMap<Str
     let mut loaded = BTreeMap::new();
     for probe in &suite.probes {
         for name in &probe.detectors {
-            if !loaded.contains_key(name) {
-                loaded.insert(name.clone(), Detector::load(name, &suite.detectors[name], models)?);
+            for needed in std::iter::once(name).chain(&suite.detectors[name].of) {
+                if !loaded.contains_key(needed) {
+                    loaded.insert(needed.clone(), Detector::load(needed, &suite.detectors[needed], models)?);
+                }
             }
         }
     }
@@ -205,25 +207,39 @@ fn judge<'a>(
         .iter()
         .map(|a| Judged { attempt: a, outcome: &outcomes[&a.id], verdicts: Vec::new() })
         .collect();
+    // A detector judges the attempts of probes that list it, or list an `all` holding it.
+    let runs_on = |name: &String, probe: usize| {
+        suite.probes[probe].detectors.iter().any(|d| d == name || suite.detectors[d].of.contains(name))
+    };
+    let mut verdicts: HashMap<(usize, &str), Verdict> = HashMap::new();
     let bar = Progress::new("judging", None, Unit::Items("verdicts"));
-    for (name, detector) in detectors {
-        let mine: Vec<usize> = (0..judged.len())
-            .filter(|&i| !judged[i].failed() && suite.probes[judged[i].attempt.probe].detectors.contains(name))
-            .collect();
+    for (name, detector) in detectors.iter().filter(|(_, d)| !matches!(d, Detector::All(_))) {
+        let mine: Vec<usize> = (0..judged.len()).filter(|&i| !judged[i].failed() && runs_on(name, judged[i].attempt.probe)).collect();
         let chosen: Vec<&Attempt> = mine.iter().map(|&i| judged[i].attempt).collect();
         let prompts: Vec<&str> = mine.iter().map(|&i| judged[i].outcome.scored_prompt.as_str()).collect();
         let responses: Vec<&str> = mine.iter().map(|&i| judged[i].outcome.response.as_str()).collect();
-        let verdicts = detector.judge(&chosen, &prompts, &responses)?;
-        bar.inc(verdicts.len() as u64);
-        for (&i, verdict) in mine.iter().zip(verdicts) {
-            judged[i].verdicts.push((name.clone(), verdict));
+        let found = detector.judge(&chosen, &prompts, &responses)?;
+        bar.inc(found.len() as u64);
+        for (&i, verdict) in mine.iter().zip(found) {
+            verdicts.insert((i, name.as_str()), verdict);
         }
     }
     bar.finish();
-    // The probe's order: its first detector decides.
-    for j in &mut judged {
-        let order = &suite.probes[j.attempt.probe].detectors;
-        j.verdicts.sort_by_key(|(name, _)| order.iter().position(|d| d == name));
+    // In the probe's order: its first detector decides.
+    for (i, j) in judged.iter_mut().enumerate() {
+        if j.failed() {
+            continue;
+        }
+        for name in &suite.probes[j.attempt.probe].detectors {
+            let verdict = match &detectors[name] {
+                Detector::All(members) => {
+                    let members: Vec<&Verdict> = members.iter().filter_map(|m| verdicts.get(&(i, m.as_str()))).collect();
+                    Detector::combine(&members)
+                }
+                _ => verdicts[&(i, name.as_str())].clone(),
+            };
+            j.verdicts.push((name.clone(), verdict));
+        }
     }
     Ok(judged)
 }

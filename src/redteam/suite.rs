@@ -108,6 +108,9 @@ pub enum DetectorKind {
     Answer,
     /// chrF against the reference; success = at or over `threshold`.
     Chrf,
+    /// Success only when every detector in `of` says success (e.g. the response complied *and*
+    /// the guard finds it harmful): score 1 or 0.
+    All,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -131,6 +134,9 @@ pub struct DetectorSpec {
     /// refusing the run.
     #[serde(default)]
     pub optional: bool,
+    /// `all`: the detectors that must all say success.
+    #[serde(default)]
+    pub of: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -311,10 +317,19 @@ impl Suite {
 
     /// Leave out detectors that cannot run here; probes left with none are refused.
     pub fn drop_detectors(&mut self, names: &[String]) -> Result<()> {
+        let mut names = names.to_vec();
+        // An `all` detector loses the members left out, and goes itself when none remain.
+        for (name, spec) in &mut self.detectors {
+            spec.of.retain(|m| !names.contains(m));
+            if spec.kind == DetectorKind::All && spec.of.is_empty() && !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
         for probe in &mut self.probes {
             probe.detectors.retain(|d| !names.contains(d));
             if probe.detectors.is_empty() {
-                return Err(bad_input(&self.path, format!("probe `{}`: no detector left to run (left out: {})", probe.name, names.join(", "))));
+                let left_out = names.join(", ");
+                return Err(bad_input(&self.path, format!("probe `{}`: no detector left to run (left out: {left_out})", probe.name)));
             }
         }
         Ok(())
@@ -340,6 +355,20 @@ impl Suite {
             return Err(at("no [[probes]]".into()));
         }
         for (name, spec) in &self.detectors {
+            if spec.kind == DetectorKind::All {
+                if spec.of.is_empty() {
+                    return Err(at(format!("detector `{name}`: kind all needs `of = [detector, ...]`")));
+                }
+                for member in &spec.of {
+                    match self.detectors.get(member) {
+                        None => return Err(at(format!("detector `{name}`: unknown detector `{member}` in `of`"))),
+                        Some(m) if m.kind == DetectorKind::All => {
+                            return Err(at(format!("detector `{name}`: `{member}` is itself of kind all")));
+                        }
+                        _ => {}
+                    }
+                }
+            }
             match spec.kind {
                 DetectorKind::Regex if spec.pattern.is_none() => return Err(at(format!("detector `{name}`: kind regex needs `pattern`"))),
                 DetectorKind::Regex => {
@@ -363,7 +392,9 @@ impl Suite {
                     let known: Vec<&str> = self.detectors.keys().map(String::as_str).collect();
                     return Err(at(format!("unknown detector `{detector}` (the suite defines: {})", known.join(", "))));
                 };
-                check_detector_fits(probe, spec.kind).map_err(|what| at(format!("detector `{detector}`: {what}")))?;
+                for kind in std::iter::once(spec.kind).chain(spec.of.iter().map(|m| self.detectors[m].kind)) {
+                    check_detector_fits(probe, kind).map_err(|what| at(format!("detector `{detector}`: {what}")))?;
+                }
             }
             let templates = if probe.templates.is_empty() && probe.templates_from.is_none() {
                 probe.family.default_templates().iter().map(|t| t.to_string()).collect()
@@ -800,6 +831,8 @@ mod tests {
         assert!(no_slot.unwrap_err().to_string().contains("template 1 has no {payload} slot"));
         let misfit = suite(&format!("{DETECTORS}[[probes]]\nname = \"p\"\nfamily = \"harmful\"\ndetectors = [\"canary\"]\npayloads = {{ values = [\"x\"] }}\n"));
         assert!(misfit.unwrap_err().to_string().contains("canary does not apply to harmful probes"));
+        let bad_all = suite(&format!("{DETECTORS}[detectors.both]\nkind = \"all\"\nof = [\"refusal\", \"judge\"]\n[[probes]]\nname = \"p\"\nfamily = \"harmful\"\ndetectors = [\"both\"]\npayloads = {{ values = [\"x\"] }}\n"));
+        assert!(bad_all.unwrap_err().to_string().contains("detector `both`: unknown detector `judge` in `of`"));
         let bad_kind = suite("[detectors.x]\nkind = \"vibes\"\n[[probes]]\nname = \"p\"\nfamily = \"harmful\"\ndetectors = [\"x\"]\n");
         assert!(bad_kind.unwrap_err().to_string().contains("line 2"), "TOML errors name the line");
     }

@@ -184,6 +184,7 @@ fn attempt_key(attempt: &Attempt) -> u64 {
 /// An OpenAI-compatible chat endpoint.
 pub struct EndpointTarget {
     pub url: String,
+    /// The `model` field of requests; empty: the first model the endpoint lists.
     pub model: String,
     pub api_key: Option<String>,
     pub concurrency: usize,
@@ -216,8 +217,9 @@ impl EndpointTarget {
     }
 
     /// Refuse an endpoint that cannot be reached at all before any work (exit 2); one that
-    /// fails later is recorded per attempt.
-    pub fn preflight(&self) -> Result<()> {
+    /// fails later is recorded per attempt. Without a model name, ask for the first one the
+    /// endpoint lists (`GET /v1/models`), else send `default`.
+    pub fn preflight(&mut self) -> Result<()> {
         let models = self.url.replace("/chat/completions", "/models");
         let mut request = self.agent().get(&models);
         if let Some(key) = &self.api_key {
@@ -227,7 +229,14 @@ impl EndpointTarget {
             Ok(response) if response.status().as_u16() == 401 => {
                 Err(usage(format!("--endpoint {}: 401 unauthorized (pass the key's variable with --api-key-env)", self.url)))
             }
-            Ok(_) => Ok(()),
+            Ok(mut response) => {
+                if self.model.is_empty() {
+                    let listed: Option<Value> = response.body_mut().read_json().ok();
+                    let first = listed.as_ref().and_then(|v| v["data"][0]["id"].as_str()).unwrap_or("default");
+                    self.model = first.to_string();
+                }
+                Ok(())
+            }
             Err(e) => Err(usage(format!("--endpoint {}: unreachable ({e})", self.url))),
         }
     }

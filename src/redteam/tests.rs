@@ -19,11 +19,14 @@ kind = "refusal"
 [detectors.sure]
 kind = "regex"
 pattern = "^Sure"
+[detectors.both]
+kind = "all"
+of = ["refusal", "sure"]
 
 [[probes]]
 name = "plain"
 family = "harmful"
-detectors = ["refusal", "sure"]
+detectors = ["refusal", "sure", "both"]
 payloads = { values = ["a", "b", "c", "d"] }
 
 [[probes]]
@@ -85,7 +88,8 @@ fn canned_responses_give_known_rates_bounds_gate_and_kappa() {
     let plain = summary.probes.iter().find(|p| p.probe == "plain").unwrap();
     assert_eq!(plain.detectors["sure"].successes, 1);
     // refusal vs sure on plain: complied [1,0,1,0], sure [1,0,0,0]: po 0.75, pe 0.5·0.25 + 0.5·0.75 = 0.5, κ 0.5.
-    let agreement = &summary.agreement[0];
+    assert_eq!(plain.detectors["both"].successes, 1, "complied and said sure: only the first");
+    let agreement = summary.agreement.iter().find(|a| a.detectors == ["refusal".to_string(), "sure".to_string()]).unwrap();
     assert_eq!((agreement.items, agreement.disagreements), (4, 1));
     assert!((agreement.kappa.unwrap() - 0.5).abs() < 1e-12);
     let point = summarise(&SummaryInputs {
