@@ -39,8 +39,15 @@ pub fn log(message: impl Display) {
     if on_terminal() {
         let _ = bars().println(message.to_string());
     } else {
-        eprintln!("{message}");
+        line(message);
     }
+}
+
+/// One line on standard error. A closed or full stderr (a log reader that went away) loses
+/// the line instead of panicking, as `eprintln!` would, in a long-running stage or server.
+pub fn line(message: impl Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{message}");
 }
 
 /// Something the user must know even with `--quiet`: data changed or left out, a model
@@ -49,7 +56,7 @@ pub fn warn(message: impl Display) {
     if on_terminal() && !quiet() {
         let _ = bars().println(message.to_string());
     } else {
-        eprintln!("{message}");
+        line(message);
     }
 }
 
@@ -120,7 +127,7 @@ impl Progress {
     pub fn finish(&self) {
         self.bar.finish_and_clear();
         if self.plain {
-            eprintln!("{}", self.plain_line());
+            line(self.plain_line());
         }
     }
 
@@ -131,7 +138,7 @@ impl Progress {
         let mut last = self.last_plain.lock().unwrap_or_else(|e| e.into_inner());
         if last.elapsed() >= PLAIN_EVERY {
             *last = Instant::now();
-            eprintln!("{}", self.plain_line());
+            line(self.plain_line());
         }
     }
 

@@ -381,6 +381,57 @@ fn an_endpoint_run_is_judged_gated_and_exported_for_rm_train() {
     assert!(!sft_rows.is_empty() && sft_rows.iter().all(|r| r.messages.last().unwrap().content == "I can't help with that."));
 }
 
+/// Our own server as the endpoint: the model name comes from its /v1/models, the key from the
+/// environment, and prompts over the fixture's 128-token context come back as 400s that are
+/// recorded per attempt while the rest are answered.
+#[test]
+fn redteam_attacks_a_model_served_by_serve_guard() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write_suite(dir.path(), "");
+    let keys = dir.path().join("keys.txt");
+    let key = ok("serve-guard", &["keys", "add", "--keys", s(&keys), "--name", "redteam", "-q"]);
+    let key = String::from_utf8(key.stdout).unwrap().trim().to_string();
+    let mut server = common::stage("serve-guard")
+        .args(["serve", "--model", s(&testdata("hf-tiny/causal-lm")), "--keys", s(&keys), "--db", s(&dir.path().join("review.sqlite"))])
+        .args(["--listen", "127.0.0.1:0", "--threads", "1"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Keep reading the server's log after the address: a closed pipe would fail its writes.
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let log = server.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(log).lines().map_while(Result::ok) {
+            if let Some(url) = line.split("listening on ").nth(1) {
+                let _ = sender.send(url.trim().to_string());
+            }
+        }
+    });
+    let url = receiver.recv_timeout(Duration::from_secs(60)).expect("the server starts");
+    let out = dir.path().join("findings.parquet");
+    let run = common::stage("redteam")
+        .args(["--endpoint", &format!("{url}/v1"), "--api-key-env", "REDTEAM_TEST_KEY", "--suite", s(&suite), "-o", s(&out), "--max-new-tokens", "8", "-q"])
+        .env("REDTEAM_TEST_KEY", &key)
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let summary = read_json(&dir.path().join("findings.summary.json"));
+    let errors = summary["errors"].as_u64().unwrap() as usize;
+    assert!(errors > 0 && errors < ATTEMPTS, "the long jailbreak prompts exceed 128 tokens: {errors}");
+    let source = lathe::data::ParquetSource::open(&out).unwrap();
+    let mut failures = Vec::new();
+    for batch in source.batches(Some(&["error", "primary"]), 1024).unwrap() {
+        let batch = batch.unwrap();
+        let (messages, primary) = (batch.optional_strings("error").unwrap(), batch.bools("primary").unwrap());
+        failures.extend((0..batch.len()).filter(|&i| primary.value(i) && arrow::array::Array::is_valid(&messages, i)).map(|i| messages.value(i).to_string()));
+    }
+    assert_eq!(failures.len(), errors);
+    assert!(failures.iter().all(|m| m.starts_with("HTTP 400") && m.contains("maximum context length")), "{failures:?}");
+}
+
 #[test]
 fn an_unreachable_endpoint_is_refused_and_one_that_dies_is_recorded_per_attempt() {
     let dir = tempfile::tempdir().unwrap();

@@ -59,7 +59,7 @@ async fn observe(State(state): State<Shared>, request: Request, next: Next) -> R
     let seconds = started.elapsed().as_secs_f64();
     state.metrics.request(&path, response.status().as_u16(), seconds);
     if !state.limits.quiet && path != "/metrics" && path != "/health" {
-        eprintln!("serve-guard: {method} {path} {} {:.1}ms", response.status().as_u16(), seconds * 1000.0);
+        crate::progress::line(format!("serve-guard: {method} {path} {} {:.1}ms", response.status().as_u16(), seconds * 1000.0));
     }
     response
 }
@@ -154,13 +154,13 @@ impl AppState {
             let stored = tokio::task::spawn_blocking(move || db.lock().unwrap_or_else(|p| p.into_inner()).insert(&decision)).await;
             let ok = matches!(stored, Ok(Ok(_)));
             if !ok && !self.limits.quiet {
-                eprintln!("serve-guard: request {request_id}: could not queue the decision for review");
+                crate::progress::line(format!("serve-guard: request {request_id}: could not queue the decision for review"));
             }
             self.metrics.review_queued(ok);
         }
         if !self.limits.quiet && verdict.action != Action::Allow {
             let hits: Vec<String> = verdict.judged.iter().filter(|j| j.hit).map(|j| format!("{}/{}={:.3}", j.guard, j.category, j.score)).collect();
-            eprintln!("serve-guard: request {request_id}: {} {} ({})", direction.name(), verdict.action.name(), hits.join(", "));
+            crate::progress::line(format!("serve-guard: request {request_id}: {} {} ({})", direction.name(), verdict.action.name(), hits.join(", ")));
         }
         Ok(verdict)
     }
@@ -266,7 +266,7 @@ async fn generate(state: Shared, endpoint: Endpoint, headers: HeaderMap, body: B
     let stream = prepared.params.stream;
     let include_usage = prepared.params.stream_options.as_ref().is_some_and(|o| o.include_usage);
     if state.limits.log_content {
-        eprintln!("serve-guard: request {id} prompt: {:?}", prepared.transcript);
+        crate::progress::line(format!("serve-guard: request {id} prompt: {:?}", prepared.transcript));
     }
     let reply = Reply { state: state.clone(), endpoint, id: id.clone(), created, include_usage };
 
@@ -318,7 +318,7 @@ async fn generate(state: Shared, endpoint: Endpoint, headers: HeaderMap, body: B
         finish_reason = "content_filter";
     }
     if state.limits.log_content {
-        eprintln!("serve-guard: request {id} response ({finish_reason}): {text:?}");
+        crate::progress::line(format!("serve-guard: request {id} response ({finish_reason}): {text:?}"));
     }
     Ok(reply.full(&text, finish_reason, prompt_tokens, completion_tokens))
 }
@@ -483,7 +483,7 @@ impl Reply {
                 let _ = tx.send(Ok(SseEvent::default().data(api::usage_chunk(self.endpoint, &self.id, self.created, &state.model_id, usage).to_string()))).await;
             }
             if state.limits.log_content {
-                eprintln!("serve-guard: request {} response ({finish_reason}): {full:?}", self.id);
+                crate::progress::line(format!("serve-guard: request {} response ({finish_reason}): {full:?}", self.id));
             }
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;

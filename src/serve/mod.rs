@@ -225,16 +225,16 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
         let bound = listener.local_addr()?;
         if !options.quiet {
             let guards = |side: &[Arc<GuardWorker>]| if side.is_empty() { "none".to_string() } else { side.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ") };
-            eprintln!(
+            crate::progress::line(format!(
                 "serve-guard: model {} · input guards: {} · output guards: {} · policy {} · review queue {}",
                 state.model_id,
                 guards(&state.input_guards),
                 guards(&state.output_guards),
                 state.policy.version,
                 options.db.display()
-            );
+            ));
         }
-        eprintln!("serve-guard: listening on http://{bound}");
+        crate::progress::line(format!("serve-guard: listening on http://{bound}"));
         axum::serve(listener, http::router(state)).await.map_err(|e| failed(format!("the server stopped: {e}")))
     })
 }

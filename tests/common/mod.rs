@@ -17,6 +17,7 @@ pub fn stage(name: &str) -> Command {
         "rank" => env!("CARGO_BIN_EXE_rank"),
         "ppo" => env!("CARGO_BIN_EXE_ppo"),
         "redteam" => env!("CARGO_BIN_EXE_redteam"),
+        "serve-guard" => env!("CARGO_BIN_EXE_serve-guard"),
         other => panic!("no stage {other}"),
     };
     Command::new(path)
