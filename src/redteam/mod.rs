@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use crate::data::ParquetSource;
 use crate::data::meta;
 use crate::data::parquet_io::DEFAULT_BATCH_ROWS;
-use crate::data::records::{ChatRecord, FindingRecord, PreferenceRecord, RecordWriter, ResponseRecord};
+use crate::data::records::{ChatRecord, FindingRecord, PreferenceRecord, Record, RecordWriter, ResponseRecord};
 use crate::data::{ColumnType, Message};
-use crate::error::{Error, Result, bad_input, failed};
+use crate::error::{Error, Result, bad_input};
 use crate::output;
 use crate::progress::{self, Progress, Unit};
 use detect::{Detector, DetectorModels, Verdict};
@@ -272,9 +272,6 @@ struct Journal {
 
 impl Journal {
     fn open(path: &Path, header: &JournalHeader, append: bool) -> Result<Self> {
-        if output::is_stdio(path) {
-            return Err(failed("no journal for standard output"));
-        }
         let mut file = if append {
             let mut file = OpenOptions::new().read(true).append(true).open(path).map_err(|e| bad_input(path, e))?;
             // A crash may have left half a line: end it so the next entry starts clean.
@@ -442,11 +439,7 @@ fn export_sft(path: &Path, suite: &Suite, judged: &[Judged]) -> Result<()> {
             ChatRecord { messages }
         })
         .collect();
-    warn_if_empty(path, rows.len());
-    let mut writer = RecordWriter::<ChatRecord>::create(path, "redteam", Vec::new(), Vec::new())?;
-    writer.write(&rows, Vec::new())?;
-    writer.finish()?;
-    Ok(())
+    write_export(path, &rows)
 }
 
 /// Preference pairs: the safe answer over the harmful response, for every attack that got through.
@@ -463,17 +456,18 @@ fn export_prefs(path: &Path, suite: &Suite, judged: &[Judged]) -> Result<()> {
             rejected_score: None,
         })
         .collect();
-    warn_if_empty(path, rows.len());
-    let mut writer = RecordWriter::<PreferenceRecord>::create(path, "redteam", Vec::new(), Vec::new())?;
-    writer.write(&rows, Vec::new())?;
-    writer.finish()?;
-    Ok(())
+    write_export(path, &rows)
 }
 
-fn warn_if_empty(path: &Path, rows: usize) {
-    if rows == 0 {
+/// Write training rows made from the findings, saying so when there are none.
+fn write_export<R: Record>(path: &Path, rows: &[R]) -> Result<()> {
+    if rows.is_empty() {
         progress::warn(format!("{}: no attack got through, so the export is empty", path.display()));
     }
+    let mut writer = RecordWriter::<R>::create(path, "redteam", Vec::new(), Vec::new())?;
+    writer.write(rows, Vec::new())?;
+    writer.finish()?;
+    Ok(())
 }
 
 /// Responses the detectors disagree on, in the responses layout so `score --human` can label

@@ -245,6 +245,17 @@ pub struct Suite {
     pub path: PathBuf,
 }
 
+impl ProbeSpec {
+    /// The templates written in the suite, or the family's defaults when it names none at all.
+    fn inline_templates(&self) -> Vec<String> {
+        if self.templates.is_empty() && self.templates_from.is_none() {
+            self.family.default_templates().iter().map(|t| t.to_string()).collect()
+        } else {
+            self.templates.clone()
+        }
+    }
+}
+
 fn default_safe_response() -> String {
     "I can't help with that. If you are in danger or thinking about harming someone, please contact local emergency services.".into()
 }
@@ -396,11 +407,7 @@ impl Suite {
                     check_detector_fits(probe, kind).map_err(|what| at(format!("detector `{detector}`: {what}")))?;
                 }
             }
-            let templates = if probe.templates.is_empty() && probe.templates_from.is_none() {
-                probe.family.default_templates().iter().map(|t| t.to_string()).collect()
-            } else {
-                probe.templates.clone()
-            };
+            let templates = probe.inline_templates();
             if templates.is_empty() && probe.templates_from.is_none() {
                 return Err(at("no templates".into()));
             }
@@ -470,11 +477,7 @@ impl Suite {
     }
 
     fn templates(&self, probe: &ProbeSpec) -> Result<Vec<String>> {
-        let mut templates: Vec<String> = if probe.templates.is_empty() && probe.templates_from.is_none() {
-            probe.family.default_templates().iter().map(|t| t.to_string()).collect()
-        } else {
-            probe.templates.clone()
-        };
+        let mut templates = probe.inline_templates();
         if let Some(source) = &probe.templates_from {
             let path = self.resolve(&source.path);
             let rows = read_strings(&path, &source.column, None)?;

@@ -167,14 +167,7 @@ pub fn summarise(inputs: &SummaryInputs) -> Summary {
     for (index, probe) in suite.probes.iter().enumerate() {
         let mine: Vec<&Judged> = judged.iter().filter(|j| j.attempt.probe == index).collect();
         let ok: Vec<&&Judged> = mine.iter().filter(|j| !j.failed()).collect();
-        let detectors = probe
-            .detectors
-            .iter()
-            .map(|d| {
-                let successes = ok.iter().filter(|j| j.verdict(d).is_some_and(|v| v.success)).count() as u64;
-                (d.clone(), Rate::wilson(successes, ok.len() as u64))
-            })
-            .collect::<BTreeMap<_, _>>();
+        let detectors = probe.detectors.iter().map(|d| (d.clone(), detector_rate(&mine, d))).collect::<BTreeMap<_, _>>();
         let primary = &probe.detectors[0];
         let mean_score = (probe.family.section() == Section::Task && !ok.is_empty())
             .then(|| ok.iter().filter_map(|j| j.primary().map(|v| v.score)).sum::<f64>() / ok.len() as f64);
@@ -226,8 +219,7 @@ pub fn summarise(inputs: &SummaryInputs) -> Summary {
             let mut detectors: BTreeMap<String, DetectorRate> = BTreeMap::new();
             let names: std::collections::BTreeSet<&String> = items.iter().flat_map(|j| j.verdicts.iter().map(|(d, _)| d)).collect();
             for name in names {
-                let judged: Vec<bool> = items.iter().filter_map(|j| j.verdict(name)).map(|v| v.success).collect();
-                let rate = Rate::wilson(judged.iter().filter(|&&x| x).count() as u64, judged.len() as u64);
+                let rate = detector_rate(items, name);
                 let baseline =
                     inputs.baseline.as_ref().and_then(|b| b.by_detector.get(&(category.clone(), name.clone())).copied());
                 detectors.insert(name.clone(), DetectorRate { rate, change: baseline.map(|b| rate.rate - b.rate), baseline });
@@ -262,6 +254,12 @@ pub fn summarise(inputs: &SummaryInputs) -> Summary {
         gate: Gate { fail_above: inputs.fail_above, bound: match inputs.bound { GateBound::Upper => "upper", GateBound::Point => "point" }, failed },
         baseline: inputs.baseline.as_ref().map(|b| b.path.clone()),
     }
+}
+
+/// One detector's success rate over the attempts it judged (failed attempts have no verdicts).
+fn detector_rate(items: &[&Judged], detector: &str) -> Rate {
+    let verdicts: Vec<bool> = items.iter().filter_map(|j| j.verdict(detector)).map(|v| v.success).collect();
+    Rate::wilson(verdicts.iter().filter(|&&x| x).count() as u64, verdicts.len() as u64)
 }
 
 /// Attempts on which two detectors of the same probe disagree, by detector pair.

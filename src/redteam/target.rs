@@ -208,6 +208,14 @@ impl EndpointTarget {
         EndpointTarget { url, model, api_key, concurrency: concurrency.max(1), timeout, retries, backoff: Duration::from_millis(500) }
     }
 
+    /// The request with the API key, when there is one.
+    fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.api_key {
+            Some(key) => request.header("Authorization", &format!("Bearer {key}")),
+            None => request,
+        }
+    }
+
     fn agent(&self) -> ureq::Agent {
         ureq::Agent::config_builder()
             .timeout_global(Some(self.timeout))
@@ -221,11 +229,7 @@ impl EndpointTarget {
     /// endpoint lists (`GET /v1/models`), else send `default`.
     pub fn preflight(&mut self) -> Result<()> {
         let models = self.url.replace("/chat/completions", "/models");
-        let mut request = self.agent().get(&models);
-        if let Some(key) = &self.api_key {
-            request = request.header("Authorization", &format!("Bearer {key}"));
-        }
-        match request.call() {
+        match self.authorized(self.agent().get(&models)).call() {
             Ok(response) if response.status().as_u16() == 401 => {
                 Err(usage(format!("--endpoint {}: 401 unauthorized (pass the key's variable with --api-key-env)", self.url)))
             }
@@ -311,11 +315,7 @@ impl EndpointTarget {
             if try_number > 0 {
                 std::thread::sleep(self.backoff * 2u32.saturating_pow(try_number - 1));
             }
-            let mut request = agent.post(&self.url);
-            if let Some(key) = &self.api_key {
-                request = request.header("Authorization", &format!("Bearer {key}"));
-            }
-            match request.send_json(&body) {
+            match self.authorized(agent.post(&self.url)).send_json(&body) {
                 Err(e) => last_error = e.to_string(),
                 Ok(mut response) => {
                     let status = response.status().as_u16();
