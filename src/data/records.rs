@@ -696,6 +696,143 @@ impl Record for PreferenceRecord {
     }
 }
 
+/// A preference pair in TRL's conversational layout: `prompt`, `chosen` and `rejected` as chat
+/// messages. Without a `prompt` column (TRL's implicit prompt) the prompt is empty and
+/// `chosen`/`rejected` hold whole conversations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatPreferenceRecord {
+    pub prompt: Vec<Message>,
+    pub chosen: Vec<Message>,
+    pub rejected: Vec<Message>,
+}
+
+impl Record for ChatPreferenceRecord {
+    const KIND: Kind = Kind::Preferences;
+
+    fn check(source: &ParquetSource, columns: &ColumnMap) -> Result<Vec<String>> {
+        let mut needed = require_all(source, columns, &[("chosen", ColumnType::Messages), ("rejected", ColumnType::Messages)])?;
+        needed.extend(optional_columns(source, columns, &[("prompt", ColumnType::Messages)])?);
+        Ok(needed)
+    }
+
+    fn read(batch: &Batch, columns: &ColumnMap) -> Result<Vec<Self>> {
+        let prompt_name = columns.get("prompt");
+        let prompts = match batch.column(prompt_name) {
+            Some(_) => <Vec<Message> as Turns>::read(batch, prompt_name)?,
+            None => vec![Vec::new(); batch.len()],
+        };
+        let chosen = <Vec<Message> as Turns>::read(batch, columns.get("chosen"))?;
+        let rejected = <Vec<Message> as Turns>::read(batch, columns.get("rejected"))?;
+        Ok(prompts
+            .into_iter()
+            .zip(chosen.into_iter().zip(rejected))
+            .map(|(prompt, (chosen, rejected))| ChatPreferenceRecord { prompt, chosen, rejected })
+            .collect())
+    }
+
+    fn fields() -> Vec<Field> {
+        ["prompt", "chosen", "rejected"].iter().map(|name| field(name, messages_type(), false)).collect()
+    }
+
+    fn to_arrays(rows: &[Self]) -> Vec<ArrayRef> {
+        vec![
+            messages_array(rows.iter().map(|r| Some(r.prompt.as_slice()))),
+            messages_array(rows.iter().map(|r| Some(r.chosen.as_slice()))),
+            messages_array(rows.iter().map(|r| Some(r.rejected.as_slice()))),
+        ]
+    }
+}
+
+/// What a prompt or an answer is in TRL's layouts: text (standard) or chat messages
+/// (conversational).
+pub trait Turns: Sized + Clone {
+    const TYPE: ColumnType;
+    fn data_type() -> DataType;
+    fn read(batch: &Batch, name: &str) -> Result<Vec<Self>>;
+    fn array<'a>(rows: impl Iterator<Item = &'a Self>) -> ArrayRef
+    where
+        Self: 'a;
+}
+
+impl Turns for String {
+    const TYPE: ColumnType = ColumnType::Str;
+
+    fn data_type() -> DataType {
+        DataType::Utf8
+    }
+
+    fn read(batch: &Batch, name: &str) -> Result<Vec<Self>> {
+        Ok(string_values(&batch.strings(name)?).collect())
+    }
+
+    fn array<'a>(rows: impl Iterator<Item = &'a Self>) -> ArrayRef {
+        strings(rows.map(String::as_str))
+    }
+}
+
+impl Turns for Vec<Message> {
+    const TYPE: ColumnType = ColumnType::Messages;
+
+    fn data_type() -> DataType {
+        messages_type()
+    }
+
+    fn read(batch: &Batch, name: &str) -> Result<Vec<Self>> {
+        let rows = batch.messages(name)?;
+        check_roles(batch, name, rows.iter().enumerate())?;
+        Ok(rows)
+    }
+
+    fn array<'a>(rows: impl Iterator<Item = &'a Self>) -> ArrayRef {
+        messages_array(rows.map(|m| Some(m.as_slice())))
+    }
+}
+
+/// TRL's unpaired preference layout (KTO's data): a prompt, one completion and whether it is
+/// desirable (`label: bool`); prompt and completion are both text or both chat messages.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnpairedRecord<T> {
+    pub prompt: T,
+    pub completion: T,
+    pub label: bool,
+}
+
+impl<T: Turns> Record for UnpairedRecord<T> {
+    const KIND: Kind = Kind::Preferences;
+
+    fn check(source: &ParquetSource, columns: &ColumnMap) -> Result<Vec<String>> {
+        require_all(source, columns, &[("prompt", T::TYPE), ("completion", T::TYPE), ("label", ColumnType::Bool)])
+    }
+
+    fn read(batch: &Batch, columns: &ColumnMap) -> Result<Vec<Self>> {
+        let prompts = T::read(batch, columns.get("prompt"))?;
+        let completions = T::read(batch, columns.get("completion"))?;
+        let label_name = columns.get("label");
+        let labels = batch.optional_bools(label_name)?;
+        prompts
+            .into_iter()
+            .zip(completions)
+            .enumerate()
+            .map(|(i, (prompt, completion))| match labels.is_valid(i) {
+                true => Ok(UnpairedRecord { prompt, completion, label: labels.value(i) }),
+                false => Err(batch.error_at(i, label_name, "null, expected true (desirable) or false (undesirable)")),
+            })
+            .collect()
+    }
+
+    fn fields() -> Vec<Field> {
+        vec![field("prompt", T::data_type(), false), field("completion", T::data_type(), false), field("label", DataType::Boolean, false)]
+    }
+
+    fn to_arrays(rows: &[Self]) -> Vec<ArrayRef> {
+        vec![
+            T::array(rows.iter().map(|r| &r.prompt)),
+            T::array(rows.iter().map(|r| &r.completion)),
+            Arc::new(rows.iter().map(|r| Some(r.label)).collect::<BooleanArray>()),
+        ]
+    }
+}
+
 /// Labeled text: `labels: list<string>` (empty = clean), or one boolean column per category
 /// where null means "not labeled for this category" (masked out of a loss).
 #[derive(Clone, Debug, PartialEq)]

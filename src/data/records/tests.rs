@@ -61,6 +61,13 @@ fn every_kind_round_trips() {
         chosen_score: Some(2.0),
         rejected_score: None,
     }]);
+    let turn = |role: &str, content: &str| vec![Message::new(role, content)];
+    round_trip(vec![ChatPreferenceRecord { prompt: turn("user", "q"), chosen: turn("assistant", "a"), rejected: turn("assistant", "b") }]);
+    round_trip(vec![
+        UnpairedRecord { prompt: "p".to_string(), completion: "c".to_string(), label: true },
+        UnpairedRecord { prompt: "p".to_string(), completion: "d".to_string(), label: false },
+    ]);
+    round_trip(vec![UnpairedRecord { prompt: turn("user", "q"), completion: turn("assistant", "a"), label: false }]);
     round_trip(vec![
         LabeledTextRecord { text: "ok".into(), labels: vec![], unlabeled: vec![] },
         LabeledTextRecord { text: "bad".into(), labels: vec!["hate".into(), "violence".into()], unlabeled: vec![] },
