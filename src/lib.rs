@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod dpo;
 pub mod error;
 pub mod generate;
 pub mod human;

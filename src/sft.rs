@@ -118,14 +118,37 @@ impl Renderer {
         Ok(Some(self.mark(ids, &offsets, &spans)))
     }
 
-    /// Encode a prompt/completion pair: the completion is the answer; EOS ends it.
+    /// A renderer for prompt/completion pairs scored on the completion only (as `dpo` reads
+    /// them): text pairs become `prompt + completion + EOS`, chat pairs are rendered with
+    /// `template`.
+    pub fn for_completions(template: Option<ChatTemplate>, eos_id: Option<u32>) -> Self {
+        Renderer { template, train_on_prompt: false, prompt_completion_as_chat: false, eos_id }
+    }
+
+    /// Encode a chat prompt and the turns that answer it (TRL's conversational
+    /// prompt/completion): the answer is the text the whole conversation's rendering adds after
+    /// the prompt's generation prompt.
+    pub fn continuation(&self, tokenizer: &LoadedTokenizer, prompt: &[Message], completion: &[Message]) -> std::result::Result<Marked, String> {
+        let template = self.template.as_ref().ok_or("chat data needs a chat template; pass --chat-template FILE")?;
+        let head = template.render(prompt, true).map_err(|e| e.to_string())?;
+        let conversation = [prompt, completion].concat();
+        let text = template.render(&conversation, false).map_err(|e| e.to_string())?;
+        if !text.starts_with(&head) {
+            return Err("the chat template renders the prompt differently when an answer follows, so the answer tokens cannot be found; pass another --chat-template".into());
+        }
+        let (ids, offsets) = tokenizer.encode_with_offsets(&text, false).map_err(|e| e.to_string())?;
+        Ok(self.mark(ids, &offsets, &[head.len()..text.len()]))
+    }
+
+    /// Encode a prompt/completion pair: the completion is the answer; EOS ends it (unless the
+    /// completion already ends with it, as TRL checks).
     pub fn prompt_completion(&self, tokenizer: &LoadedTokenizer, prompt: &str, completion: &str) -> std::result::Result<Option<Marked>, String> {
         if self.prompt_completion_as_chat {
             return self.chat(tokenizer, &[Message::new("user", prompt), Message::new("assistant", completion)]);
         }
         let text = format!("{prompt}{completion}");
         let (mut ids, mut offsets) = tokenizer.encode_with_offsets(&text, true).map_err(|e| e.to_string())?;
-        if let Some(eos) = self.eos_id {
+        if let Some(eos) = self.eos_id.filter(|&eos| ids.last() != Some(&eos) || completion.is_empty()) {
             ids.push(eos);
             offsets.push((text.len(), text.len() + 1));
         }
@@ -311,8 +334,22 @@ impl SftTask {
     }
 }
 
-/// Summed loss, counted targets and correct argmax predictions over rows of examples.
-pub fn sequence_loss(model: &Llama, examples: &[Example], rows: &[Row], pad: u32) -> Result<RowsLoss> {
+/// The LM-head logits of every counted target of some rows, in row order.
+pub struct CountedLogits {
+    /// `[targets, vocab]`, in the graph.
+    pub logits: Tensor,
+    /// `[targets]` ids, and the same ids on the host.
+    pub targets: Tensor,
+    pub target_ids: Vec<u32>,
+    /// The example (index into `examples`) each target belongs to.
+    pub owners: Vec<usize>,
+    /// Non-padding tokens.
+    pub tokens: usize,
+}
+
+/// One forward over rows of examples; only counted positions go through the LM head, since
+/// the prompt's logits are never needed.
+pub fn counted_logits(model: &Llama, examples: &[Example], rows: &[Row], pad: u32) -> Result<CountedLogits> {
     let device = model.device();
     let batch = RowBatch::build(examples, rows, pad, device)?;
     let options = ForwardOptions {
@@ -322,16 +359,21 @@ pub fn sequence_loss(model: &Llama, examples: &[Example], rows: &[Row], pad: u32
     };
     let hidden = model.forward(&batch.input_ids, options, None)?;
     let (b, t, h) = hidden.dims3()?;
-    // Only counted positions go through the LM head: the prompt's logits are never needed.
     let index: Vec<u32> = batch.targeted.iter().map(|&(row, pos)| (row * t + pos) as u32).collect();
     let index = Tensor::from_vec(index, batch.targeted.len(), device)?;
     let picked = hidden.reshape((b * t, h))?.index_select(&index, 0)?;
     let logits = model.lm_logits(&picked.unsqueeze(0)?)?.squeeze(0)?;
     let targets = Tensor::from_vec(batch.targets.clone(), batch.targets.len(), device)?;
-    let sum = crate::model::ops::cross_entropy_rows(&logits, &targets)?.sum_all()?;
-    let predicted: Vec<u32> = logits.detach().argmax(D::Minus1)?.to_vec1()?;
-    let correct = predicted.iter().zip(&batch.targets).filter(|(p, t)| p == t).count();
-    Ok(RowsLoss { sum, count: batch.targets.len(), correct, tokens: batch.tokens })
+    Ok(CountedLogits { logits, targets, target_ids: batch.targets, owners: batch.owners, tokens: batch.tokens })
+}
+
+/// Summed loss, counted targets and correct argmax predictions over rows of examples.
+pub fn sequence_loss(model: &Llama, examples: &[Example], rows: &[Row], pad: u32) -> Result<RowsLoss> {
+    let counted = counted_logits(model, examples, rows, pad)?;
+    let sum = crate::model::ops::cross_entropy_rows(&counted.logits, &counted.targets)?.sum_all()?;
+    let predicted: Vec<u32> = counted.logits.detach().argmax(D::Minus1)?.to_vec1()?;
+    let correct = predicted.iter().zip(&counted.target_ids).filter(|(p, t)| p == t).count();
+    Ok(RowsLoss { sum, count: counted.target_ids.len(), correct, tokens: counted.tokens })
 }
 
 pub struct RowsLoss {
@@ -348,9 +390,11 @@ struct RowBatch {
     input_ids: Tensor,
     position_ids: Option<Tensor>,
     segment_ids: Option<Tensor>,
-    /// (row, position) of every counted target, and the target ids in the same order.
+    /// (row, position) of every counted target, the target ids and their examples in the same
+    /// order.
     targeted: Vec<(usize, usize)>,
     targets: Vec<u32>,
+    owners: Vec<usize>,
     tokens: usize,
 }
 
@@ -360,7 +404,7 @@ impl RowBatch {
         let longest = lengths.iter().copied().max().unwrap_or(1).max(1);
         let packed = rows.iter().any(|r| r.len() > 1);
         let (mut ids, mut positions, mut segments) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut targeted, mut targets) = (Vec::new(), Vec::new());
+        let (mut targeted, mut targets, mut owners) = (Vec::new(), Vec::new(), Vec::new());
         for (r, row) in rows.iter().enumerate() {
             let mut at = 0;
             for (segment, &i) in row.iter().enumerate() {
@@ -372,6 +416,7 @@ impl RowBatch {
                     if example.counted[p] {
                         targeted.push((r, at + p));
                         targets.push(example.targets[p]);
+                        owners.push(i);
                     }
                 }
                 at += example.ids.len();
@@ -389,6 +434,7 @@ impl RowBatch {
             segment_ids: packed.then(|| Tensor::from_vec(segments, shape, device)).transpose()?,
             targeted,
             targets,
+            owners,
             tokens: lengths.iter().sum(),
         })
     }

@@ -147,6 +147,19 @@ impl LoadedTokenizer {
 
 }
 
+/// Refuse a model (`flag` names it) whose tokenizer gives some token of `policy` another id.
+pub fn check_same_vocabulary(policy: &LoadedTokenizer, other: &LoadedTokenizer, dir: &Path, flag: &str) -> Result<()> {
+    let theirs = other.tokenizer.get_vocab(true);
+    let mismatch = policy.tokenizer.get_vocab(true).into_iter().find(|(token, id)| theirs.get(token) != Some(id));
+    match mismatch {
+        None => Ok(()),
+        Some((token, id)) => Err(bad_input(
+            dir,
+            format!("{flag}: its tokenizer differs from the policy's (token {token:?} is id {id} in the policy's); it must read the policy's token ids"),
+        )),
+    }
+}
+
 /// SHA-256 of the tokenizer's canonical (library-serialised, compact) JSON.
 pub fn canonical_sha256(tokenizer: &Tokenizer) -> Result<String> {
     let canonical = tokenizer.to_string(false)?;

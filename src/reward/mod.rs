@@ -443,7 +443,7 @@ pub fn bradley_terry_loss(chosen: &Tensor, rejected: &Tensor, margin: Option<&Te
 }
 
 /// `log(1 + eˣ)`, stable for large |x|, differentiable.
-fn softplus(x: &Tensor) -> Result<Tensor> {
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
     let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
     Ok((x.relu()? + tail)?)
 }

@@ -28,7 +28,7 @@ use crate::model::{ChatTemplate, Head, Llama, LlamaConfig, Params};
 use crate::output::write_atomic;
 use crate::progress;
 use crate::score::{ModelSettings, RewardScorer, WeightedRule, rule_scores};
-use crate::tokenizer::LoadedTokenizer;
+use crate::tokenizer::{LoadedTokenizer, check_same_vocabulary};
 use crate::train::cursor::{EpochCursor, shuffled};
 use crate::train::{Evaluation, StepLoss, Task};
 use advantage::{KlController, KlEstimator};
@@ -834,17 +834,6 @@ fn read_ready_prompts(
 
 /// The value model reads the policy's token ids, so its vocabulary must give each of the
 /// policy's tokens the same id (it may have more, e.g. a pad token a reward model added).
-fn check_same_vocabulary(policy: &LoadedTokenizer, other: &LoadedTokenizer, dir: &Path, flag: &str) -> Result<()> {
-    let theirs = other.tokenizer.get_vocab(true);
-    let mismatch = policy.tokenizer.get_vocab(true).into_iter().find(|(token, id)| theirs.get(token) != Some(id));
-    match mismatch {
-        None => Ok(()),
-        Some((token, id)) => Err(bad_input(
-            dir,
-            format!("{flag}: its tokenizer differs from the policy's (token {token:?} is id {id} in the policy's); it must read the policy's token ids"),
-        )),
-    }
-}
 
 /// The value model: a one-label sequence classifier (a reward model) as it is, or a causal LM
 /// with its LM head replaced by a zero `score` head (values start at 0).
