@@ -642,7 +642,7 @@ fn length_grouped_batches(lengths: &[usize], batch_size: usize, seed: u64, epoch
 }
 
 /// Best-fit decreasing: examples (longest first) go into the fullest row they fit in.
-fn pack(lengths: &[usize], capacity: usize) -> Vec<Row> {
+pub fn pack(lengths: &[usize], capacity: usize) -> Vec<Row> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i]), i));
     let mut rows: Vec<(usize, Row)> = Vec::new();

@@ -70,26 +70,16 @@ impl DataReport {
                 if max_prompt_length.is_none() { " (--max-prompt-length N keeps the last N prompt tokens)" } else { "" }
             ));
         }
-        if self.prompts_truncated + self.answers_truncated > 0 {
+        if self.prompts_truncated > 0 {
             progress::warn(format!(
-                "dpo: {what}: {} prompts cut from the left to --max-prompt-length {}, {} answers cut at the end to fit --max-length {max_length}",
+                "dpo: {what}: {} prompts cut from the left to --max-prompt-length {}",
                 self.prompts_truncated,
-                max_prompt_length.map_or("-".to_string(), |n| n.to_string()),
-                self.answers_truncated
+                max_prompt_length.unwrap_or(0)
             ));
         }
-    }
-
-    fn add(&mut self, other: &DataReport) {
-        self.rows += other.rows;
-        self.empty += other.empty;
-        self.identical += other.identical;
-        self.prompts_truncated += other.prompts_truncated;
-        self.answers_truncated += other.answers_truncated;
-        self.prompt_fills_max_length += other.prompt_fills_max_length;
-        self.kept += other.kept;
-        self.desirable += other.desirable;
-        self.undesirable += other.undesirable;
+        if self.answers_truncated > 0 {
+            progress::warn(format!("dpo: {what}: {} answers cut at the end to fit --max-length {max_length}", self.answers_truncated));
+        }
     }
 }
 
@@ -118,15 +108,6 @@ impl Examples {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// The last `count` examples, removed (held out).
-    pub fn split_off_last(&mut self, count: usize) -> Examples {
-        let at = self.len() - count;
-        match self {
-            Examples::Pairs(p) => Examples::Pairs(p.split_off(at)),
-            Examples::Judged(j) => Examples::Judged(j.split_off(at)),
-        }
     }
 }
 
@@ -175,52 +156,79 @@ enum Row<T> {
     Judged { prompt: T, completion: T, desirable: bool },
 }
 
-/// Read and encode every file. Pairs become judged answers when `unpaired` (KTO).
-pub fn read(paths: &[PathBuf], encoder: &Encoder, unpaired: bool) -> Result<(Examples, DataReport)> {
+/// What the files held: pairs, and judged answers (KTO's unpaired rows).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Loaded {
+    pub pairs: Vec<Pair>,
+    pub judged: Vec<Judged>,
+}
+
+impl Loaded {
+    pub fn len(&self) -> usize {
+        self.pairs.len() + self.judged.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The last `fraction` of the pairs and of the judged answers, removed (held out); pairs
+    /// are held out whole, so KTO sees both answers of a held-out pair.
+    pub fn hold_out(&mut self, fraction: f64) -> Loaded {
+        let tail = |n: usize| if n < 2 { 0 } else { crate::train::held_out_count(n, fraction) };
+        let (pairs, judged) = (tail(self.pairs.len()), tail(self.judged.len()));
+        Loaded {
+            pairs: self.pairs.split_off(self.pairs.len() - pairs),
+            judged: self.judged.split_off(self.judged.len() - judged),
+        }
+    }
+
+    /// Pairs for the paired losses; for KTO every answer, pairs split as TRL splits them.
+    pub fn into_examples(self, unpaired: bool) -> Examples {
+        if !unpaired {
+            return Examples::Pairs(self.pairs);
+        }
+        let mut judged = unpair(&self.pairs);
+        judged.extend(self.judged);
+        Examples::Judged(judged)
+    }
+}
+
+/// Read and encode every file; unpaired rows only when `unpaired` (KTO).
+pub fn read(paths: &[PathBuf], encoder: &Encoder, unpaired: bool) -> Result<(Loaded, DataReport)> {
     let mut report = DataReport::default();
-    let (mut pairs, mut judged) = (Vec::new(), Vec::new());
+    let mut loaded = Loaded::default();
     for path in paths {
         let source = ParquetSource::open(path)?;
-        let mut file_report = DataReport::default();
         let layout = layout(&source, unpaired)?;
         let has_prompt = source.has_column("prompt");
-        let (file_pairs, file_judged) = match layout {
+        let (pairs, judged) = match layout {
             Layout::TextPairs => {
                 let rows = RecordReader::<PreferenceRecord>::from_source(source, Default::default())?.read_all()?;
                 let rows = rows.into_iter().map(|r| text_pair(r, has_prompt)).collect();
-                encode_rows(rows, path, encoder, &mut file_report, |e, p, a| e.text(p, a))?
+                encode_rows(rows, path, encoder, &mut report, |e, p, a| e.text(p, a))?
             }
             Layout::ChatPairs => {
                 let rows = RecordReader::<ChatPreferenceRecord>::from_source(source, Default::default())?.read_all()?;
                 let rows = rows.into_iter().map(chat_pair).collect();
-                encode_rows(rows, path, encoder, &mut file_report, |e, p, a| e.chat(p, a))?
+                encode_rows(rows, path, encoder, &mut report, |e, p, a| e.chat(p, a))?
             }
             Layout::TextUnpaired => {
                 let rows = RecordReader::<UnpairedRecord<String>>::from_source(source, Default::default())?.read_all()?;
                 let rows = rows.into_iter().map(judged_row).collect();
-                encode_rows(rows, path, encoder, &mut file_report, |e, p, a| e.text(p, a))?
+                encode_rows(rows, path, encoder, &mut report, |e, p, a| e.text(p, a))?
             }
             Layout::ChatUnpaired => {
                 let rows = RecordReader::<UnpairedRecord<Vec<Message>>>::from_source(source, Default::default())?.read_all()?;
                 let rows = rows.into_iter().map(judged_row).collect();
-                encode_rows(rows, path, encoder, &mut file_report, |e, p, a| e.chat(p, a))?
+                encode_rows(rows, path, encoder, &mut report, |e, p, a| e.chat(p, a))?
             }
         };
-        if unpaired {
-            judged.extend(unpair(&file_pairs));
-        } else {
-            pairs.extend(file_pairs);
-        }
-        judged.extend(file_judged);
-        report.add(&file_report);
+        loaded.pairs.extend(pairs);
+        loaded.judged.extend(judged);
     }
-    let examples = if unpaired { Examples::Judged(judged) } else { Examples::Pairs(pairs) };
-    if let Examples::Judged(judged) = &examples {
-        report.desirable = judged.iter().filter(|j| j.desirable).count();
-        report.undesirable = judged.len() - report.desirable;
-    }
-    report.kept = examples.len();
-    Ok((examples, report))
+    report.kept = loaded.len();
+    Ok((loaded, report))
 }
 
 fn text_pair(r: PreferenceRecord, has_prompt: bool) -> Row<String> {

@@ -24,7 +24,7 @@ use crate::generate::chat_template;
 use crate::model::folder::{FolderParts, ModelFolder};
 use crate::model::{Head, Llama, LlamaConfig, Params};
 use crate::progress::{self, Progress, Unit};
-use crate::sft::{Example, Renderer, Row, counted_logits};
+use crate::sft::{Example, Renderer, Row, counted_logits, pack};
 use crate::tokenizer::{PAD_TOKEN, check_same_vocabulary};
 use crate::train::cursor::{EpochCursor, shuffled};
 use crate::train::{Evaluation, StepLoss, Task, sha256_hex};
@@ -39,7 +39,8 @@ pub enum Sampling {
     /// A new shuffle every epoch (pairs); KTO's batches are drawn once from a shuffle and then
     /// visited in a new order every epoch, so each keeps its mismatched KL pairs.
     Random,
-    /// File order, batch after batch (KTOTrainer's default).
+    /// File order, batch after batch (KTOTrainer's default; unpaired pairs then come as TRL
+    /// unpairs them, a thousand pairs' chosen answers before their rejected ones).
     Sequential,
 }
 
@@ -97,7 +98,8 @@ pub struct DpoTask {
     pad_id: u32,
     max_length: usize,
     report: DataReport,
-    val_report: DataReport,
+    /// What reading `--val` found (none with `--val-fraction`).
+    val_report: Option<DataReport>,
     watch: Watches,
 }
 
@@ -136,23 +138,23 @@ impl DpoTask {
         let renderer = Renderer::for_completions(template, eos);
         let encoder = Encoder { renderer: &renderer, tokenizer: &tokenizer, max_length: options.max_length, max_prompt_length: options.max_prompt_length };
         let unpaired = s.loss == Loss::Kto;
-        let (mut train, report) = data::read(&options.inputs, &encoder, unpaired)?;
+        let (mut loaded, mut report) = data::read(&options.inputs, &encoder, unpaired)?;
         report.log("training data", options.max_length, options.max_prompt_length);
-        let (val, val_report) = match (&options.val, options.val_fraction) {
+        let (held, val_report) = match (&options.val, options.val_fraction) {
             (Some(path), _) => {
-                let (val, val_report) = data::read(std::slice::from_ref(path), &encoder, unpaired)?;
+                let (held, val_report) = data::read(std::slice::from_ref(path), &encoder, unpaired)?;
                 val_report.log("held-out data", options.max_length, options.max_prompt_length);
-                (val, val_report)
+                (held, Some(val_report))
             }
             (None, Some(fraction)) => {
-                if train.len() < 2 {
+                if loaded.len() < 2 {
                     return Err(bad_input(&options.inputs[0], "too few examples to hold some out for --val-fraction"));
                 }
-                (train.split_off_last(crate::train::held_out_count(train.len(), fraction)), DataReport::default())
+                (loaded.hold_out(fraction), None)
             }
-            (None, None) => (match &train { Examples::Pairs(_) => Examples::Pairs(Vec::new()), Examples::Judged(_) => Examples::Judged(Vec::new()) }, DataReport::default()),
+            (None, None) => (data::Loaded::default(), None),
         };
-        if train.is_empty() {
+        if loaded.is_empty() {
             return Err(bad_input(
                 &options.inputs[0],
                 format!(
@@ -161,7 +163,11 @@ impl DpoTask {
                 ),
             ));
         }
-
+        let (train, val) = (loaded.into_examples(unpaired), held.into_examples(unpaired));
+        if let Examples::Judged(judged) = &train {
+            report.desirable = judged.iter().filter(|j| j.desirable).count();
+            report.undesirable = judged.len() - report.desirable;
+        }
         let (train, val) = batches(train, val, options.sampling, options.batch_size, options.seed);
         let config = folder.config.clone();
         let params = folder.load_params(&options.device)?;
@@ -234,7 +240,7 @@ impl DpoTask {
             let mut out = SplitLogps { first: vec![0.0; n], second: vec![0.0; n] };
             for batch in &split.batches {
                 let (first, second) = self.sequences(split, batch);
-                let scored = score(model, &[first, second].concat(), self.pad_id)?;
+                let scored = score(model, &[first, second].concat(), self.pad_id, self.max_length)?;
                 let values: Vec<f32> = scored.logps.detach().to_vec1()?;
                 for (k, &i) in batch.iter().enumerate() {
                     out.first[i] = values[k];
@@ -282,7 +288,7 @@ impl DpoTask {
                 let fitted = |prompt: &[u32], answer: &[u32]| answer.len().min(self.max_length - prompt.len()).max(1) as f32;
                 let chosen_tokens: Vec<f32> = batch.iter().map(|&i| fitted(&pairs[i].prompt, &pairs[i].chosen)).collect();
                 let rejected_tokens: Vec<f32> = batch.iter().map(|&i| fitted(&pairs[i].prompt, &pairs[i].rejected)).collect();
-                let scored = score(&self.model, &[first, second].concat(), self.pad_id)?;
+                let scored = score(&self.model, &[first, second].concat(), self.pad_id, self.max_length)?;
                 let (mut chosen, mut rejected) = (scored.logps.narrow(0, 0, b)?, scored.logps.narrow(0, b, b)?);
                 if self.settings.loss == Loss::Simpo {
                     let targets = |range: std::ops::Range<usize>| -> Result<Tensor> {
@@ -321,9 +327,9 @@ impl DpoTask {
             Examples::Judged(judged) => {
                 let reference = reference.expect("kto has a reference");
                 let desirable: Vec<bool> = batch.iter().map(|&i| judged[i].desirable).collect();
-                let mismatched = score(&self.model, &second, self.pad_id)?;
+                let mismatched = score(&self.model, &second, self.pad_id, self.max_length)?;
                 let kl = kl_estimate(&mismatched.logps, &pick(&reference.second)?)?;
-                let scored = score(&self.model, &first, self.pad_id)?;
+                let scored = score(&self.model, &first, self.pad_id, self.max_length)?;
                 let scores = JudgedScores { logps: scored.logps.clone(), reference: pick(&reference.first)?, desirable: &desirable, kl: kl.clone() };
                 let (loss, rewards) = kto_loss(&self.settings, &scores)?;
                 let logits = |want: bool| {
@@ -354,9 +360,11 @@ struct Scored {
     tokens: usize,
 }
 
-/// One forward over the sequences, each its own right-padded row.
-fn score(model: &Llama, sequences: &[Example], pad: u32) -> Result<Scored> {
-    let rows: Vec<Row> = (0..sequences.len()).map(|i| vec![i]).collect();
+/// One forward over the sequences, packed into rows of `capacity` tokens (samples never see
+/// each other; a batch's padding would otherwise be a quarter of its compute).
+fn score(model: &Llama, sequences: &[Example], pad: u32, capacity: usize) -> Result<Scored> {
+    let lengths: Vec<usize> = sequences.iter().map(|e| e.ids.len()).collect();
+    let rows: Vec<Row> = pack(&lengths, capacity);
     let counted = counted_logits(model, sequences, &rows, pad)?;
     let device = model.device();
     let per_target = crate::model::ops::cross_entropy_rows(&counted.logits, &counted.targets)?.neg()?;
@@ -458,19 +466,18 @@ fn check_settings(s: &LossSettings, has_ref_model: bool) -> Result<()> {
     Ok(())
 }
 
-/// Warns once when the chosen answers' log-probabilities fall steadily while the preference
-/// signal (accuracy, or KTO's margin) rises: both answers are being pushed down, the most
-/// reported DPO failure.
+/// Warns once when the chosen answers' log-probabilities fall steadily (below the reference's)
+/// while the margin rises: both answers are being pushed down, the most reported DPO failure.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct FallingChosen {
-    /// (rewards/chosen, signal) of the latest points.
+    /// (rewards/chosen, rewards/margins) of the latest points.
     points: VecDeque<(f64, f64)>,
     warned: bool,
 }
 
 impl FallingChosen {
     /// `segments` windows of `width` points: the chosen rewards' means fall from each to the
-    /// next and end below zero while the signal's mean ends above where it started.
+    /// next and end below zero while the margin's mean ends above where it started.
     fn push(&mut self, chosen: f64, signal: f64, segments: usize, width: usize) -> Option<String> {
         self.points.push_back((chosen, signal));
         while self.points.len() > segments * width {
@@ -491,7 +498,7 @@ impl FallingChosen {
         }
         self.warned = true;
         Some(format!(
-            "rewards/chosen fell from {:.4} to {:.4} while the preference signal rose from {:.3} to {:.3}: the chosen answers' log-probabilities are falling too (both answers pushed down); consider a lower --lr, a higher --beta, --rpo-alpha 1 or --loss ipo",
+            "rewards/chosen fell from {:.4} to {:.4} while rewards/margins rose from {:.4} to {:.4}: the chosen answers' log-probabilities are falling too, the rejected ones only faster; consider a lower --lr, a higher --beta, --rpo-alpha 1 or --loss ipo",
             first.0, last.0, first.1, last.1
         ))
     }
@@ -504,10 +511,11 @@ struct Watches {
     evals: FallingChosen,
 }
 
-/// The rising signal beside `rewards/chosen`: accuracy for pairs, the margin for KTO.
-fn watch_signal(metrics: &Map<String, Value>, prefix: &str) -> Option<(f64, f64)> {
-    let get = |k: &str| metrics.get(&format!("{prefix}{k}")).and_then(Value::as_f64);
-    Some((get("rewards/chosen")?, get("rewards/accuracies").or_else(|| get("rewards/margins"))?))
+/// `rewards/chosen` and the margin beside it: a margin that grows while the chosen rewards
+/// fall means the rejected answers fall faster, both pushed down.
+fn watch_signal(metrics: &Map<String, Value>) -> Option<(f64, f64)> {
+    let get = |k: &str| metrics.get(k).and_then(Value::as_f64);
+    Some((get("rewards/chosen")?, get("rewards/margins")?))
 }
 
 impl Task for DpoTask {
@@ -519,7 +527,7 @@ impl Task for DpoTask {
         let batch = self.cursor.next();
         let outcome = self.batch(&self.train, &batch, self.reference.as_ref().map(|r| &r.train))?;
         let mut metrics = outcome.metrics;
-        if let Some((chosen, signal)) = watch_signal(&metrics, "") {
+        if let Some((chosen, signal)) = watch_signal(&metrics) {
             if let Some(warning) = self.watch.steps.push(chosen, signal, 4, 5) {
                 progress::warn(format!("warning: dpo: over the last 20 steps {warning}"));
             }
@@ -550,7 +558,7 @@ impl Task for DpoTask {
         }
         let metrics: Map<String, Value> =
             sums.into_iter().map(|(k, v)| (k.clone(), json!(v.as_f64().unwrap_or(f64::NAN) / counts[&k] as f64))).collect();
-        if let Some((chosen, signal)) = watch_signal(&metrics, "") {
+        if let Some((chosen, signal)) = watch_signal(&metrics) {
             if let Some(warning) = self.watch.evals.push(chosen, signal, 3, 1) {
                 progress::warn(format!("warning: dpo: over the last 3 evaluations eval_{warning}"));
             }

@@ -16,6 +16,7 @@ pub fn stage(name: &str) -> Command {
         "score" => env!("CARGO_BIN_EXE_score"),
         "rank" => env!("CARGO_BIN_EXE_rank"),
         "ppo" => env!("CARGO_BIN_EXE_ppo"),
+        "dpo" => env!("CARGO_BIN_EXE_dpo"),
         "redteam" => env!("CARGO_BIN_EXE_redteam"),
         "serve-guard" => env!("CARGO_BIN_EXE_serve-guard"),
         other => panic!("no stage {other}"),
