@@ -18,6 +18,14 @@
             tokens always (EOS ignored, as TRL without a stop token), temperature 0.7, 4 PPO epochs,
             1 minibatch, kl 0.05 (k1), AdamW lr 3e-6 linear, 5 updates; episodes/s = 8 / mean
             update time over updates 2-5 (rollout + scoring + 4 epochs), as the reference times it.
+  dpo       dpo_ref.py's workload (TRL DPOTrainer, sigmoid, beta 0.1): the random bench-tiny model of
+            rm-train (policy and reference start equal) on the same hh-rlhf pairs (first 1,038 train,
+            last 115 held out: cut with REFERENCE_PYTHON's pyarrow when given, else --val-fraction),
+            max length 256 (the start kept; pairs whose prompt fills it left out, as TRL), batch 8
+            pairs, AdamW lr 1e-4 constant, betas (0.9, 0.999), no weight decay, clip 1.0, reference
+            log-probabilities precomputed, 40 steps; pairs/s after 3 warm-up steps (the reference
+            pass not counted, as the reference times it), held-out rewards/accuracies, peak RSS.
+            The reference runs on the same model folder (same tokenizer and initial weights).
   generate  the model that run wrote: 16-ish-token prompts, 128 new tokens each (EOS ignored, as the
             reference sets min_new_tokens), batch 1 (64 prompts one at a time) and batch 8 (64
             prompts, 8 at a time), greedy and plain sampling (temperature 1, no top-k/top-p).
@@ -92,17 +100,16 @@ def bench_generate(model, threads):
 REWARD_DATA = os.path.join(ROOT, "testdata", "pref_hh_rlhf_harmless_base.parquet")
 
 
-def bench_reward(tokenizer, tokens, threads):
+def bench_tiny_init(tokenizer, tokens):
     base = os.path.join(OUT, "bench_tiny_init")
-    run_dir = os.path.join(OUT, "bench_reward_run")
-    subprocess.run(["rm", "-rf", base, run_dir], check=True)
+    subprocess.run(["rm", "-rf", base], check=True)
     run([f"{BIN}/pretrain", tokens, "--tokenizer", tokenizer, "--config", os.path.join(ROOT, "recipes", "bench-tiny.toml"),
          "-o", base, "--steps", "0", "-q"])
-    # 0.0997 of 1,153 pairs rounds up to the reference's 115 held-out pairs.
-    _, rss, _ = run([f"{BIN}/rm-train", REWARD_DATA, "--model", base, "-o", run_dir, "--max-length", "256",
-                     "--truncation", "left", "--batch-size", "8", "--steps", "130", "--lr", "3e-4", "--schedule", "constant",
-                     "--weight-decay", "0.1", "--grad-clip", "1.0", "--val-fraction", "0.0997", "--eval-every", "0",
-                     "--checkpoint-every", "0", "--threads", str(threads), "-q"])
+    return base
+
+
+def pairs_per_second(run_dir, batch):
+    """Optimizer steps logged in a run's metrics.jsonl, and pairs/s over the steps after the first 3."""
     steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
     seconds, previous = 0.0, 0
     for step in steps:
@@ -110,9 +117,22 @@ def bench_reward(tokenizer, tokens, threads):
             seconds += (step["tokens_seen"] - previous) / step["tokens_per_second"]
         previous = step["tokens_seen"]
     timed = len([s for s in steps if s["step"] > 3])
+    return len(steps), batch * timed / seconds
+
+
+def bench_reward(tokenizer, tokens, threads):
+    base = bench_tiny_init(tokenizer, tokens)
+    run_dir = os.path.join(OUT, "bench_reward_run")
+    subprocess.run(["rm", "-rf", run_dir], check=True)
+    # 0.0997 of 1,153 pairs rounds up to the reference's 115 held-out pairs.
+    _, rss, _ = run([f"{BIN}/rm-train", REWARD_DATA, "--model", base, "-o", run_dir, "--max-length", "256",
+                     "--truncation", "left", "--batch-size", "8", "--steps", "130", "--lr", "3e-4", "--schedule", "constant",
+                     "--weight-decay", "0.1", "--grad-clip", "1.0", "--val-fraction", "0.0997", "--eval-every", "0",
+                     "--checkpoint-every", "0", "--threads", str(threads), "-q"])
+    _, pairs_per_s = pairs_per_second(run_dir, 8)
     evaluation = json.load(open(os.path.join(run_dir, "eval.json")))
     emit({"bench": "rm-train", "task": "preference", "threads": threads, "train_pairs": evaluation["examples"],
-          "eval_pairs": evaluation["held_out"], "pairs_per_s": round(8 * timed / seconds, 2),
+          "eval_pairs": evaluation["held_out"], "pairs_per_s": round(pairs_per_s, 2),
           "eval_accuracy": round(evaluation["eval_accuracy"], 4), "peak_rss_mb": round(rss, 1)})
 
 
@@ -160,6 +180,46 @@ def bench_reference_ppo(python, reference, tokenizer, threads):
           "peak_rss_mb": round(result["peak_rss_mib"] * 1.048576, 1)})
 
 
+def dpo_split(python):
+    """The reference's split of REWARD_DATA as two files (needs pyarrow), else None."""
+    if not python:
+        return None
+    train, held = os.path.join(OUT, "dpo_train.parquet"), os.path.join(OUT, "dpo_held.parquet")
+    code = ("import pyarrow.parquet as pq, sys; t = pq.read_table(sys.argv[1]); "
+            "pq.write_table(t.slice(0, 1038), sys.argv[2]); pq.write_table(t.slice(1038), sys.argv[3])")
+    subprocess.run([python, "-c", code, REWARD_DATA, train, held], check=True)
+    return train, held
+
+
+def bench_dpo(tokenizer, tokens, threads, python):
+    base = bench_tiny_init(tokenizer, tokens)
+    run_dir = os.path.join(OUT, "bench_dpo_run")
+    subprocess.run(["rm", "-rf", run_dir], check=True)
+    split = dpo_split(python)
+    data = [split[0], "--val", split[1]] if split else [REWARD_DATA, "--val-fraction", "0.0997"]
+    _, rss, _ = run([f"{BIN}/dpo", *data, "--model", base, "-o", run_dir, "--loss", "sigmoid", "--beta", "0.1",
+                     "--max-length", "256", "--batch-size", "8", "--steps", "40", "--lr", "1e-4", "--schedule", "constant",
+                     "--beta1", "0.9", "--beta2", "0.999", "--weight-decay", "0", "--grad-clip", "1.0", "--eval-every", "0",
+                     "--checkpoint-every", "0", "--threads", str(threads), "-q"])
+    steps, pairs_per_s = pairs_per_second(run_dir, 8)
+    evaluation = json.load(open(os.path.join(run_dir, "eval.json")))
+    emit({"bench": "dpo", "loss": "sigmoid", "threads": threads, "train_pairs": evaluation["examples"],
+          "eval_pairs": evaluation["held_out"], "steps": steps, "pairs_per_s": round(pairs_per_s, 2),
+          "eval_rewards_accuracies": round(evaluation["eval_rewards/accuracies"], 4), "peak_rss_mb": round(rss, 1)})
+    return base
+
+
+def bench_reference_dpo(python, reference, base, threads):
+    out = os.path.join(OUT, "reference_dpo.json")
+    # dpo_ref.py cuts the same 1,038 / 115 pairs itself.
+    subprocess.run([python, os.path.join(reference, "dpo_ref.py"), "--model", base, "--data", REWARD_DATA,
+                    "--threads", str(threads), "--json", out], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = json.load(open(out))
+    emit({"bench": "reference_dpo", "impl": "trl-dpo", "threads": threads, "steps": result["steps"],
+          "pairs_per_s": result["pairs_per_s"], "eval_rewards_accuracies": result["eval_rewards_accuracies"],
+          "peak_rss_mb": result["peak_rss_mb"]})
+
+
 def bench_reference(python, threads):
     train_json = os.path.join(OUT, "reference_train.json")
     ckpt = os.path.join(OUT, "reference_tiny_llama")
@@ -181,7 +241,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference-python", default=None, help="python with torch + transformers for ../shared/bench")
-    ap.add_argument("--only", choices=["pretrain", "generate", "rm-train", "ppo"], default=None, help="one workload (and its reference)")
+    ap.add_argument("--only", choices=["pretrain", "generate", "rm-train", "ppo", "dpo"], default=None, help="one workload (and its reference)")
     ap.add_argument("--reference-dir", default=REFERENCE, help="../shared/bench, or a writable copy of it with its venv")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
@@ -199,6 +259,10 @@ def main():
         bench_ppo(tokenizer, tokens, args.threads)
         if args.reference_python:
             bench_reference_ppo(args.reference_python, args.reference_dir, tokenizer, args.threads)
+    if args.only in (None, "dpo"):
+        base = bench_dpo(tokenizer, tokens, args.threads, args.reference_python)
+        if args.reference_python:
+            bench_reference_dpo(args.reference_python, args.reference_dir, base, args.threads)
 
 
 if __name__ == "__main__":

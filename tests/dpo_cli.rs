@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{assert_refused, copy_folder, metric_rows, ok, read_json, run, s, shakespeare_tokens, stage, testdata};
-use lathe::data::records::{PreferenceRecord, PromptCompletionRecord, RecordWriter};
+use common::{assert_refused, copy_folder, metric_rows, ok, read_json, run, s, shakespeare_tokens, stage, testdata, write_rows};
+use lathe::data::records::{PreferenceRecord, PromptCompletionRecord};
 
 const SMALL: &[&str] = &["--max-length", "64", "--batch-size", "4", "--lr", "1e-3", "--weight-decay", "0", "--threads", "2", "-q"];
 
@@ -136,9 +136,7 @@ fn write_pairs(path: &Path, rows: &[(&str, &str, &str)]) {
             rejected_score: None,
         })
         .collect();
-    let mut writer = RecordWriter::<PreferenceRecord>::create(path, "test", vec![], vec![]).unwrap();
-    writer.write(&rows, vec![]).unwrap();
-    writer.finish().unwrap();
+    write_rows(path, &rows);
 }
 
 #[test]
@@ -160,10 +158,7 @@ fn bad_input_is_refused_with_one_line() {
 
     // KTO rows need their label; unpaired rows need KTO.
     let unlabeled = dir.path().join("unlabeled.parquet");
-    let rows = vec![PromptCompletionRecord { prompt: "Q: hi".into(), completion: " hello".into() }];
-    let mut writer = RecordWriter::<PromptCompletionRecord>::create(&unlabeled, "test", vec![], vec![]).unwrap();
-    writer.write(&rows, vec![]).unwrap();
-    writer.finish().unwrap();
+    write_rows(&unlabeled, &[PromptCompletionRecord { prompt: "Q: hi".into(), completion: " hello".into() }]);
     let kept = ["useless.parquet", "mixed.parquet", "unlabeled.parquet"];
     assert_refused("dpo", &dpo_args(&unlabeled, &out, &["--loss", "kto"]), "no column `label`", dir.path(), &kept);
     assert_refused("dpo", &dpo_args(&testdata("hf-tiny/dpo/kto.parquet"), &out, &[]), "use --loss kto", dir.path(), &kept);

@@ -570,6 +570,10 @@ impl Task for DpoTask {
         self.parts.save(dir, &self.config, &self.params)
     }
 
+    fn headline_metrics(&self) -> &'static [&'static str] {
+        &["rewards/accuracies", "rewards/margins", "rewards/chosen", "kl"]
+    }
+
     fn data_state(&self) -> Value {
         json!({"cursor": self.cursor.state(), "watch": self.watch})
     }

@@ -50,28 +50,16 @@ fn fixture_args(steps: u64) -> TrainArgs {
     TrainArgs {
         steps,
         batch_size: 4,
-        grad_accum: 1,
         lr: 1e-3,
-        min_lr: None,
         schedule: ScheduleKind::Constant,
-        warmup_steps: 0,
-        decay_steps: None,
         beta1: 0.9,
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.0,
         grad_clip: 1.0,
-        val: None,
-        val_fraction: None,
         eval_every: 0,
-        eval_on_start: false,
-        eval_batches: 0,
         checkpoint_every: 0,
-        keep_checkpoints: 2,
-        skip_outliers: None,
-        outlier_window: 64,
-        resume: false,
-        device: "cpu".into(),
+        ..TrainArgs::default()
     }
 }
 

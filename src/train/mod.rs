@@ -105,6 +105,18 @@ pub struct TrainArgs {
     pub device: String,
 }
 
+impl Default for TrainArgs {
+    /// The command line's defaults.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            train: TrainArgs,
+        }
+        <Flags as clap::Parser>::parse_from(["train"]).train
+    }
+}
+
 impl TrainArgs {
     pub fn schedule(&self) -> Schedule {
         Schedule {
@@ -175,6 +187,11 @@ pub trait Task {
     fn restore_data_state(&mut self, state: &Value) -> Result<()>;
     /// The model's shape; resuming into a run of another shape is refused.
     fn signature(&self) -> Value;
+    /// Metric names (without `eval_`) the evaluation log line shows besides the plain ones
+    /// (names with a `/`, such as per-label figures, stay in metrics.jsonl otherwise).
+    fn headline_metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Facts for `eval.json` beyond the metrics (e.g. the unigram entropy of the data).
     fn summary(&self) -> Map<String, Value> {
         Map::new()
@@ -409,7 +426,7 @@ fn evaluate<T: Task>(task: &mut T, state: &mut TrainerState, metrics: &mut Metri
         record.insert(format!("eval_{k}"), v.clone());
     }
     metrics.log(&record)?;
-    progress::log(format!("step {}: {}", state.step, describe_eval(&record)));
+    progress::log(format!("step {}: {}", state.step, describe_eval(&record, task.headline_metrics())));
     state.eval_loss = Some(evaluation.loss);
     state.eval_metrics = record;
     if state.best.as_ref().is_none_or(|b| evaluation.loss < b.eval_loss) {
@@ -480,11 +497,12 @@ fn non_finite(checkpoints: &Checkpoints, step: u64, what: &str, value: f64) -> E
 }
 
 /// `eval_loss 0.6931, eval_accuracy 0.5, …`: the scalar eval figures of a record.
-fn describe_eval(record: &Map<String, Value>) -> String {
+fn describe_eval(record: &Map<String, Value>, headline: &[&str]) -> String {
+    let shown = |k: &str| k.strip_prefix("eval_").is_some_and(|name| !name.contains('/') || headline.contains(&name));
     record
         .iter()
         // Per-label and per-bucket figures (`eval_f1/violence`) stay in metrics.jsonl.
-        .filter(|(k, v)| k.starts_with("eval_") && !k.contains('/') && v.is_number())
+        .filter(|(k, v)| shown(k) && v.is_number())
         .map(|(k, v)| match v.as_u64() {
             Some(count) => format!("{k} {count}"),
             None => format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN)),

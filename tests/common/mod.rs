@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use lathe::data::records::{RecordReader, RecordWriter, TextRecord};
+use lathe::data::records::{Record, RecordReader, RecordWriter, TextRecord};
 
 pub fn stage(name: &str) -> Command {
     let path = match name {
@@ -70,8 +70,13 @@ pub fn assert_refused(name: &str, args: &[&str], needle: &str, dir: &Path, keep:
 
 pub fn write_texts(path: &Path, texts: &[String]) {
     let rows: Vec<TextRecord> = texts.iter().map(|t| TextRecord { text: t.clone() }).collect();
-    let mut writer = RecordWriter::<TextRecord>::create(path, "test", vec![], vec![]).unwrap();
-    writer.write(&rows, vec![]).unwrap();
+    write_rows(path, &rows);
+}
+
+/// A Parquet file of typed rows.
+pub fn write_rows<R: Record>(path: &Path, rows: &[R]) {
+    let mut writer = RecordWriter::<R>::create(path, "test", vec![], vec![]).unwrap();
+    writer.write(rows, vec![]).unwrap();
     writer.finish().unwrap();
 }
 
