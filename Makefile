@@ -54,18 +54,41 @@ demo: build
 	$(BIN)/rm-train $(DEMO)/rl/prefs.parquet --model $(DEMO)/rm --config recipes/rm-tiny.toml --steps 100 -o $(DEMO)/rl/rm
 	$(BIN)/ppo testdata/demo_rl_prompts.jsonl --policy $(DEMO)/sft --reward-model $(DEMO)/rl/rm --val testdata/demo_rl_val_prompts.jsonl --config recipes/ppo-tiny.toml -o $(DEMO)/rl/ppo
 	@echo "   curves: $(DEMO)/rl/ppo/curves.svg; every rollout: $(DEMO)/rl/ppo/rollouts/"
-	@echo "== reward of sampled answers to held-out prompts, before and after PPO"
-	@for stage in sft rl/ppo; do \
+	@echo "== dpo beside ppo: the sft model tuned directly on the same rank pairs (recipes/dpo-tiny.toml; reference log-probs computed once)"
+	rm -rf $(DEMO)/dpo && mkdir -p $(DEMO)/dpo
+	$(BIN)/dpo $(DEMO)/rl/prefs.parquet --model $(DEMO)/sft --config recipes/dpo-tiny.toml -o $(DEMO)/dpo/rank
+	@echo "== reward of sampled answers to held-out prompts (the loop's reward model), before and after PPO and DPO"
+	@for stage in sft rl/ppo dpo/rank; do \
 	  $(BIN)/generate testdata/demo_rl_val_prompts.jsonl --model $(DEMO)/$$stage -n 4 --max-new-tokens 48 --temperature 1.0 -q -o $(DEMO)/rl/heldout.parquet && \
 	  $(BIN)/score $(DEMO)/rl/heldout.parquet --reward-model $(DEMO)/rl/rm -o $(DEMO)/rl/heldout_scored.parquet 2>&1 | sed "s|^|   $$stage: |"; \
+	done
+	@echo "== dpo on the hh-rlhf harmless-base pairs (last 10% held out: eval_rewards/accuracies at step 0 and after)"
+	$(BIN)/dpo testdata/pref_hh_rlhf_harmless_base.parquet --model $(DEMO)/sft --config recipes/dpo-tiny.toml -o $(DEMO)/dpo/hh
+	@echo "   curves: $(DEMO)/dpo/hh/curves.svg"
+	@echo "== the hh-rlhf reward model ($(DEMO)/rm, trained apart) on sampled answers to held-out prompts: sft, then dpo"
+	@for stage in sft dpo/hh; do \
+	  $(BIN)/generate testdata/demo_rl_val_prompts.jsonl --model $(DEMO)/$$stage -n 4 --max-new-tokens 48 --temperature 1.0 -q -o $(DEMO)/dpo/heldout.parquet && \
+	  $(BIN)/score $(DEMO)/dpo/heldout.parquet --reward-model $(DEMO)/rm -o $(DEMO)/dpo/heldout_scored.parquet 2>&1 | sed "s|^|   $$stage: |"; \
 	done
 	@echo "== redteam: attack the sft model, then the ppo model, with the default suite (recipes/redteam/default.toml);"
 	@echo "   refusal, canary, answer and chrF detectors plus the demo guard and reward model; the change per category"
 	rm -rf $(DEMO)/redteam && mkdir -p $(DEMO)/redteam
-	$(BIN)/redteam --model $(DEMO)/sft --guard $(DEMO)/guard --reward-model $(DEMO)/rl/rm -o $(DEMO)/redteam/sft.parquet --report $(DEMO)/redteam/sft.html -q
+	$(BIN)/redteam --model $(DEMO)/sft --guard $(DEMO)/guard --reward-model $(DEMO)/rl/rm -o $(DEMO)/redteam/sft.parquet --report $(DEMO)/redteam/sft.html \
+	  --export-prefs $(DEMO)/redteam/sft_prefs.parquet -q
 	$(BIN)/redteam --model $(DEMO)/rl/ppo --guard $(DEMO)/guard --reward-model $(DEMO)/rl/rm -o $(DEMO)/redteam/ppo.parquet --report $(DEMO)/redteam/ppo.html \
 	  --baseline $(DEMO)/redteam/sft.parquet --export-prefs $(DEMO)/redteam/prefs.parquet --export-sft $(DEMO)/redteam/safe_sft.parquet
 	@echo "   reports: $(DEMO)/redteam/sft.html, $(DEMO)/redteam/ppo.html; training data from the findings: $(DEMO)/redteam/prefs.parquet, safe_sft.parquet"
+	@echo "== dpo (with the RPO term: plain DPO only pushes the harmful answers down) on the sft model's red-team findings"
+	@echo "   (redteam --export-prefs: the suite's safe answer over each answer that got through), then the same suite again,"
+	@echo "   against the sft model's findings: trained on these very attacks, so it shows memorisation as much as safety"
+	$(BIN)/dpo $(DEMO)/redteam/sft_prefs.parquet --model $(DEMO)/sft --config recipes/dpo-tiny.toml --rpo-alpha 1 -o $(DEMO)/dpo/redteam
+	$(BIN)/redteam --model $(DEMO)/dpo/redteam --guard $(DEMO)/guard --reward-model $(DEMO)/rl/rm -o $(DEMO)/redteam/dpo.parquet --report $(DEMO)/redteam/dpo.html \
+	  --baseline $(DEMO)/redteam/sft.parquet
+	@echo "== and the price: benign held-out prompts answered with a refusal (greedy; score --rule refusal), sft then dpo on the findings"
+	@for stage in sft dpo/redteam; do \
+	  $(BIN)/generate testdata/demo_rl_val_prompts.jsonl --model $(DEMO)/$$stage -n 1 --max-new-tokens 48 --temperature 0 -q -o $(DEMO)/dpo/benign.parquet && \
+	  $(BIN)/score $(DEMO)/dpo/benign.parquet --rule refusal -o $(DEMO)/dpo/benign_scored.parquet 2>&1 | sed "s|^|   $$stage: |"; \
+	done
 	$(MAKE) demo-serve
 
 # One JSON object per line per figure.

@@ -137,7 +137,7 @@ impl Renderer {
             return Err("the chat template renders the prompt differently when an answer follows, so the answer tokens cannot be found; pass another --chat-template".into());
         }
         let (ids, offsets) = tokenizer.encode_with_offsets(&text, false).map_err(|e| e.to_string())?;
-        Ok(self.mark(ids, &offsets, &[head.len()..text.len()]))
+        Ok(self.mark(ids, &offsets, std::slice::from_ref(&(head.len()..text.len()))))
     }
 
     /// Encode a prompt/completion pair: the completion is the answer; EOS ends it (unless the

@@ -147,7 +147,8 @@ impl LoadedTokenizer {
 
 }
 
-/// Refuse a model (`flag` names it) whose tokenizer gives some token of `policy` another id.
+/// A model that reads the policy's token ids (a value model, a reference) must give each of the
+/// policy's tokens the same id (it may have more, e.g. a pad token a reward model added).
 pub fn check_same_vocabulary(policy: &LoadedTokenizer, other: &LoadedTokenizer, dir: &Path, flag: &str) -> Result<()> {
     let theirs = other.tokenizer.get_vocab(true);
     let mismatch = policy.tokenizer.get_vocab(true).into_iter().find(|(token, id)| theirs.get(token) != Some(id));

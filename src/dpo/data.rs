@@ -285,11 +285,11 @@ impl Blank for Vec<Message> {
 }
 
 impl Encoder<'_> {
-    fn text(&self, prompt: &String, answer: &String) -> std::result::Result<Marked, String> {
+    fn text(&self, prompt: &str, answer: &str) -> std::result::Result<Marked, String> {
         Ok(self.renderer.prompt_completion(self.tokenizer, prompt, answer)?.expect("plain prompt/completion always has an answer"))
     }
 
-    fn chat(&self, prompt: &Vec<Message>, answer: &Vec<Message>) -> std::result::Result<Marked, String> {
+    fn chat(&self, prompt: &[Message], answer: &[Message]) -> std::result::Result<Marked, String> {
         self.renderer.continuation(self.tokenizer, prompt, answer)
     }
 

@@ -478,7 +478,7 @@ struct FallingChosen {
 impl FallingChosen {
     /// `segments` windows of `width` points: the chosen rewards' means fall from each to the
     /// next and end below zero while the margin's mean ends above where it started.
-    fn push(&mut self, chosen: f64, signal: f64, segments: usize, width: usize) -> Option<String> {
+    fn push(&mut self, chosen: f64, signal: f64, segments: usize, width: usize, prefix: &str) -> Option<String> {
         self.points.push_back((chosen, signal));
         while self.points.len() > segments * width {
             self.points.pop_front();
@@ -498,7 +498,7 @@ impl FallingChosen {
         }
         self.warned = true;
         Some(format!(
-            "rewards/chosen fell from {:.4} to {:.4} while rewards/margins rose from {:.4} to {:.4}: the chosen answers' log-probabilities are falling too, the rejected ones only faster; consider a lower --lr, a higher --beta, --rpo-alpha 1 or --loss ipo",
+            "{prefix}rewards/chosen fell from {:.4} to {:.4} while {prefix}rewards/margins rose from {:.4} to {:.4}: the chosen answers' log-probabilities are falling too, the rejected ones only faster; consider a lower --lr, a higher --beta, --rpo-alpha 1 or --loss ipo",
             first.0, last.0, first.1, last.1
         ))
     }
@@ -528,7 +528,7 @@ impl Task for DpoTask {
         let outcome = self.batch(&self.train, &batch, self.reference.as_ref().map(|r| &r.train))?;
         let mut metrics = outcome.metrics;
         if let Some((chosen, signal)) = watch_signal(&metrics) {
-            if let Some(warning) = self.watch.steps.push(chosen, signal, 4, 5) {
+            if let Some(warning) = self.watch.steps.push(chosen, signal, 4, 5, "") {
                 progress::warn(format!("warning: dpo: over the last 20 steps {warning}"));
             }
         }
@@ -559,8 +559,8 @@ impl Task for DpoTask {
         let metrics: Map<String, Value> =
             sums.into_iter().map(|(k, v)| (k.clone(), json!(v.as_f64().unwrap_or(f64::NAN) / counts[&k] as f64))).collect();
         if let Some((chosen, signal)) = watch_signal(&metrics) {
-            if let Some(warning) = self.watch.evals.push(chosen, signal, 3, 1) {
-                progress::warn(format!("warning: dpo: over the last 3 evaluations eval_{warning}"));
+            if let Some(warning) = self.watch.evals.push(chosen, signal, 3, 1, "eval_") {
+                progress::warn(format!("warning: dpo: over the last 3 evaluations {warning}"));
             }
         }
         Ok(Some(Evaluation { loss: loss_sum / examples.max(1) as f64, perplexity: false, metrics }))

@@ -183,3 +183,15 @@ fn five_ipo_steps_match_trl() {
 fn five_kto_steps_match_trl() {
     parity("dpo/kto.parquet", Loss::Kto);
 }
+
+#[test]
+fn falling_chosen_rewards_with_a_growing_margin_warn_once() {
+    let mut watch = FallingChosen::default();
+    let warned: Vec<bool> = (0..30).map(|i| watch.push(-0.01 * i as f64, 0.02 * i as f64, 4, 5, "").is_some()).collect();
+    assert_eq!(warned.iter().filter(|w| **w).count(), 1, "one warning");
+    assert!(warned[19], "as soon as the window is full");
+    let mut steady = FallingChosen::default();
+    assert!((0..30).all(|i| steady.push(-0.01 * i as f64, -0.01 * i as f64, 4, 5, "").is_none()), "a shrinking margin is not the failure");
+    let mut rising = FallingChosen::default();
+    assert!((0..30).all(|i| rising.push(0.01 * i as f64, 0.02 * i as f64, 4, 5, "").is_none()), "rising chosen rewards are fine");
+}

@@ -832,9 +832,6 @@ fn read_ready_prompts(
     Ok(prompts)
 }
 
-/// The value model reads the policy's token ids, so its vocabulary must give each of the
-/// policy's tokens the same id (it may have more, e.g. a pad token a reward model added).
-
 /// The value model: a one-label sequence classifier (a reward model) as it is, or a causal LM
 /// with its LM head replaced by a zero `score` head (values start at 0).
 fn load_value_model(source: &str, policy_tokenizer: &LoadedTokenizer, device: &Device) -> Result<ValueModel> {
