@@ -25,7 +25,7 @@ use crate::model::folder::{FolderParts, ModelFolder};
 use crate::model::{Head, Llama, LlamaConfig, Params};
 use crate::progress::{self, Progress, Unit};
 use crate::sft::{Example, Renderer, Row, counted_logits, pack};
-use crate::tokenizer::{PAD_TOKEN, check_same_vocabulary};
+use crate::tokenizer::{LoadedTokenizer, PAD_TOKEN, check_same_vocabulary};
 use crate::train::cursor::{EpochCursor, shuffled};
 use crate::train::{Evaluation, StepLoss, Task, sha256_hex};
 use data::{DataReport, Encoder, Examples, example};
@@ -114,60 +114,13 @@ impl DpoTask {
         if options.inputs.is_empty() {
             return Err(usage("no preference files given"));
         }
-        let folder = ModelFolder::open(&options.model)?;
-        check_causal(&folder, "--model")?;
-        folder.check_max_length(options.max_length)?;
-        let tokenizer = folder.load_matching_tokenizer()?;
-        let ref_folder = options.ref_model.as_deref().map(ModelFolder::open).transpose()?;
-        if let Some(reference) = &ref_folder {
-            check_causal(reference, "--ref-model")?;
-            check_same_vocabulary(&tokenizer, &reference.load_tokenizer()?, &reference.dir, "--ref-model")?;
-            if reference.config.vocab_size != folder.config.vocab_size {
-                return Err(bad_input(
-                    &reference.dir,
-                    format!(
-                        "--ref-model: {} embedding rows, the policy has {}: it must score the policy's token ids",
-                        reference.config.vocab_size, folder.config.vocab_size
-                    ),
-                ));
-            }
-        }
-
+        let (folder, tokenizer, ref_folder) = open_models(&options)?;
         let template = chat_template(&folder, options.chat_template.as_deref())?;
         let eos = tokenizer.eos_id().or(folder.config.eos_token_ids.first().copied());
         let renderer = Renderer::for_completions(template, eos);
         let encoder = Encoder { renderer: &renderer, tokenizer: &tokenizer, max_length: options.max_length, max_prompt_length: options.max_prompt_length };
         let unpaired = s.loss == Loss::Kto;
-        let (mut loaded, mut report) = data::read(&options.inputs, &encoder, unpaired)?;
-        report.log("training data", options.max_length, options.max_prompt_length);
-        let (held, val_report) = match (&options.val, options.val_fraction) {
-            (Some(path), _) => {
-                let (held, val_report) = data::read(std::slice::from_ref(path), &encoder, unpaired)?;
-                val_report.log("held-out data", options.max_length, options.max_prompt_length);
-                (held, Some(val_report))
-            }
-            (None, Some(fraction)) => {
-                if loaded.len() < 2 {
-                    return Err(bad_input(&options.inputs[0], "too few examples to hold some out for --val-fraction"));
-                }
-                (loaded.hold_out(fraction), None)
-            }
-            (None, None) => (data::Loaded::default(), None),
-        };
-        if loaded.is_empty() {
-            return Err(bad_input(
-                &options.inputs[0],
-                format!(
-                    "no examples left to train on: {} rows read, {} with an empty answer, {} with identical chosen and rejected answers, {} whose prompt fills --max-length",
-                    report.rows, report.empty, report.identical, report.prompt_fills_max_length
-                ),
-            ));
-        }
-        let (train, val) = (loaded.into_examples(unpaired), held.into_examples(unpaired));
-        if let Examples::Judged(judged) = &train {
-            report.desirable = judged.iter().filter(|j| j.desirable).count();
-            report.undesirable = judged.len() - report.desirable;
-        }
+        let (train, val, report, val_report) = read_data(&options, &encoder, unpaired)?;
         let (train, val) = batches(train, val, options.sampling, options.batch_size, options.seed);
         let config = folder.config.clone();
         let params = folder.load_params(&options.device)?;
@@ -278,73 +231,82 @@ impl DpoTask {
     /// The loss and metrics of one batch of `split`, whose reference figures are `reference`.
     fn batch(&self, split: &Split, batch: &[usize], reference: Option<&SplitLogps>) -> Result<BatchOutcome> {
         let (first, second) = self.sequences(split, batch);
-        let device = self.model.device();
-        let pick = |values: &[f32]| Tensor::from_vec(batch.iter().map(|&i| values[i]).collect::<Vec<f32>>(), batch.len(), device);
-        let b = batch.len();
         match &split.examples {
-            Examples::Pairs(pairs) => {
-                // IPO averages over answer tokens as the length policy left them (TRL's
-                // completion mask); SimPO over the scored targets (CPOTrainer's label mask).
-                let fitted = |prompt: &[u32], answer: &[u32]| answer.len().min(self.max_length - prompt.len()).max(1) as f32;
-                let chosen_tokens: Vec<f32> = batch.iter().map(|&i| fitted(&pairs[i].prompt, &pairs[i].chosen)).collect();
-                let rejected_tokens: Vec<f32> = batch.iter().map(|&i| fitted(&pairs[i].prompt, &pairs[i].rejected)).collect();
-                let scored = score(&self.model, &[first, second].concat(), self.pad_id, self.max_length)?;
-                let (mut chosen, mut rejected) = (scored.logps.narrow(0, 0, b)?, scored.logps.narrow(0, b, b)?);
-                if self.settings.loss == Loss::Simpo {
-                    let targets = |range: std::ops::Range<usize>| -> Result<Tensor> {
-                        let counts: Vec<f32> = scored.counted[range].iter().map(|&c| c.max(1) as f32).collect();
-                        Ok(Tensor::from_vec(counts, b, device)?)
-                    };
-                    chosen = (chosen / targets(0..b)?)?;
-                    rejected = (rejected / targets(b..2 * b)?)?;
-                }
-                let reference = reference.map(|r| Ok::<_, crate::Error>((pick(&r.first)?, pick(&r.second)?))).transpose()?;
-                let scores = PairScores {
-                    chosen: chosen.clone(),
-                    rejected: rejected.clone(),
-                    reference,
-                    chosen_tokens: Tensor::from_vec(chosen_tokens, b, device)?,
-                    rejected_tokens: Tensor::from_vec(rejected_tokens, b, device)?,
-                };
-                let (losses, chosen_rewards, rejected_rewards) = pair_losses(&self.settings, &scores)?;
-                let mut loss = losses.mean_all()?;
-                let mut metrics = pair_metrics(
-                    &chosen_rewards.to_vec1::<f32>()?,
-                    &rejected_rewards.to_vec1::<f32>()?,
-                    &chosen.detach().to_vec1::<f32>()?,
-                    &rejected.detach().to_vec1::<f32>()?,
-                    (scored.logits[..b].iter().fold(LogitSum::default(), add), scored.logits[b..].iter().fold(LogitSum::default(), add)),
-                );
-                if let Some(alpha) = self.settings.rpo_alpha {
-                    // TRL's `sft` loss: the mean negative log-likelihood of every chosen answer token.
-                    let counted: usize = scored.counted[..b].iter().sum();
-                    let nll = (scored.logps.narrow(0, 0, b)?.sum_all()? / -(counted.max(1) as f64))?;
-                    metrics.insert("nll_loss".into(), json!(nll.to_dtype(DType::F64)?.to_scalar::<f64>()?));
-                    loss = (loss + (nll * alpha)?)?;
-                }
-                Ok(BatchOutcome { loss, metrics, tokens: scored.tokens })
-            }
-            Examples::Judged(judged) => {
-                let reference = reference.expect("kto has a reference");
-                let desirable: Vec<bool> = batch.iter().map(|&i| judged[i].desirable).collect();
-                let mismatched = score(&self.model, &second, self.pad_id, self.max_length)?;
-                let kl = kl_estimate(&mismatched.logps, &pick(&reference.second)?)?;
-                let scored = score(&self.model, &first, self.pad_id, self.max_length)?;
-                let scores = JudgedScores { logps: scored.logps.clone(), reference: pick(&reference.first)?, desirable: &desirable, kl: kl.clone() };
-                let (loss, rewards) = kto_loss(&self.settings, &scores)?;
-                let logits = |want: bool| {
-                    scored.logits.iter().zip(&desirable).filter(|(_, d)| **d == want).map(|(l, _)| *l).fold(LogitSum::default(), |a, l| add(a, &l))
-                };
-                let metrics = judged_metrics(
-                    &rewards.to_vec1::<f32>()?,
-                    &scored.logps.detach().to_vec1::<f32>()?,
-                    &desirable,
-                    (logits(true), logits(false)),
-                    kl.to_vec1::<f32>()?[0],
-                );
-                Ok(BatchOutcome { loss, metrics, tokens: scored.tokens + mismatched.tokens })
-            }
+            Examples::Pairs(pairs) => self.pair_batch(pairs, batch, [first, second].concat(), reference),
+            Examples::Judged(judged) => self.judged_batch(judged, batch, &first, &second, reference.expect("kto has a reference")),
         }
+    }
+
+    /// `values[i]` of each example `i` of the batch, as a tensor.
+    fn pick(&self, values: &[f32], batch: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::from_vec(batch.iter().map(|&i| values[i]).collect::<Vec<f32>>(), batch.len(), self.model.device())?)
+    }
+
+    /// A batch of pairs: its chosen then its rejected sequences in one forward.
+    fn pair_batch(&self, pairs: &[data::Pair], batch: &[usize], sequences: Vec<Example>, reference: Option<&SplitLogps>) -> Result<BatchOutcome> {
+        let (b, device) = (batch.len(), self.model.device());
+        // IPO averages over answer tokens as the length policy left them (TRL's completion
+        // mask); SimPO over the scored targets (CPOTrainer's label mask).
+        let fitted = |prompt: &[u32], answer: &[u32]| answer.len().min(self.max_length - prompt.len()).max(1) as f32;
+        let chosen_tokens: Vec<f32> = batch.iter().map(|&i| fitted(&pairs[i].prompt, &pairs[i].chosen)).collect();
+        let rejected_tokens: Vec<f32> = batch.iter().map(|&i| fitted(&pairs[i].prompt, &pairs[i].rejected)).collect();
+        let scored = score(&self.model, &sequences, self.pad_id, self.max_length)?;
+        let (mut chosen, mut rejected) = (scored.logps.narrow(0, 0, b)?, scored.logps.narrow(0, b, b)?);
+        if self.settings.loss == Loss::Simpo {
+            let targets = |range: std::ops::Range<usize>| -> Result<Tensor> {
+                let counts: Vec<f32> = scored.counted[range].iter().map(|&c| c.max(1) as f32).collect();
+                Ok(Tensor::from_vec(counts, b, device)?)
+            };
+            chosen = (chosen / targets(0..b)?)?;
+            rejected = (rejected / targets(b..2 * b)?)?;
+        }
+        let reference = reference.map(|r| Ok::<_, crate::Error>((self.pick(&r.first, batch)?, self.pick(&r.second, batch)?))).transpose()?;
+        let scores = PairScores {
+            chosen: chosen.clone(),
+            rejected: rejected.clone(),
+            reference,
+            chosen_tokens: Tensor::from_vec(chosen_tokens, b, device)?,
+            rejected_tokens: Tensor::from_vec(rejected_tokens, b, device)?,
+        };
+        let (losses, chosen_rewards, rejected_rewards) = pair_losses(&self.settings, &scores)?;
+        let mut loss = losses.mean_all()?;
+        let mut metrics = pair_metrics(
+            &chosen_rewards.to_vec1::<f32>()?,
+            &rejected_rewards.to_vec1::<f32>()?,
+            &chosen.detach().to_vec1::<f32>()?,
+            &rejected.detach().to_vec1::<f32>()?,
+            (scored.logits[..b].iter().fold(LogitSum::default(), add), scored.logits[b..].iter().fold(LogitSum::default(), add)),
+        );
+        if let Some(alpha) = self.settings.rpo_alpha {
+            // TRL's `sft` loss: the mean negative log-likelihood of every chosen answer token.
+            let counted: usize = scored.counted[..b].iter().sum();
+            let nll = (scored.logps.narrow(0, 0, b)?.sum_all()? / -(counted.max(1) as f64))?;
+            metrics.insert("nll_loss".into(), json!(nll.to_dtype(DType::F64)?.to_scalar::<f64>()?));
+            loss = (loss + (nll * alpha)?)?;
+        }
+        Ok(BatchOutcome { loss, metrics, tokens: scored.tokens })
+    }
+
+    /// A KTO batch: its answers, and their mismatched KL sequences in a forward without
+    /// gradients (they only estimate z).
+    fn judged_batch(&self, judged: &[data::Judged], batch: &[usize], answers: &[Example], mismatched: &[Example], reference: &SplitLogps) -> Result<BatchOutcome> {
+        let desirable: Vec<bool> = batch.iter().map(|&i| judged[i].desirable).collect();
+        let mismatched = score(&self.model, mismatched, self.pad_id, self.max_length)?;
+        let kl = kl_estimate(&mismatched.logps, &self.pick(&reference.second, batch)?)?;
+        let scored = score(&self.model, answers, self.pad_id, self.max_length)?;
+        let scores = JudgedScores { logps: scored.logps.clone(), reference: self.pick(&reference.first, batch)?, desirable: &desirable, kl: kl.clone() };
+        let (loss, rewards) = kto_loss(&self.settings, &scores)?;
+        let logits = |want: bool| {
+            scored.logits.iter().zip(&desirable).filter(|(_, d)| **d == want).map(|(l, _)| *l).fold(LogitSum::default(), |a, l| add(a, &l))
+        };
+        let metrics = judged_metrics(
+            &rewards.to_vec1::<f32>()?,
+            &scored.logps.detach().to_vec1::<f32>()?,
+            &desirable,
+            (logits(true), logits(false)),
+            kl.to_vec1::<f32>()?[0],
+        );
+        Ok(BatchOutcome { loss, metrics, tokens: scored.tokens + mismatched.tokens })
     }
 }
 
@@ -417,6 +379,66 @@ fn plan(train: &Split, sampling: Sampling, seed: u64) -> EpochCursor<Vec<usize>>
             shuffled(batches.len(), seed.wrapping_add(1), epoch).into_iter().map(|b| batches[b].clone()).collect()
         }),
     }
+}
+
+/// The policy's folder and tokenizer, and the `--ref-model` folder, checked to read the same
+/// token ids before any compute.
+fn open_models(options: &DpoOptions) -> Result<(ModelFolder, LoadedTokenizer, Option<ModelFolder>)> {
+    let folder = ModelFolder::open(&options.model)?;
+    check_causal(&folder, "--model")?;
+    folder.check_max_length(options.max_length)?;
+    let tokenizer = folder.load_matching_tokenizer()?;
+    let ref_folder = options.ref_model.as_deref().map(ModelFolder::open).transpose()?;
+    if let Some(reference) = &ref_folder {
+        check_causal(reference, "--ref-model")?;
+        check_same_vocabulary(&tokenizer, &reference.load_tokenizer()?, &reference.dir, "--ref-model")?;
+        if reference.config.vocab_size != folder.config.vocab_size {
+            return Err(bad_input(
+                &reference.dir,
+                format!(
+                    "--ref-model: {} embedding rows, the policy has {}: it must score the policy's token ids",
+                    reference.config.vocab_size, folder.config.vocab_size
+                ),
+            ));
+        }
+    }
+    Ok((folder, tokenizer, ref_folder))
+}
+
+/// Training and held-out examples (`--val`, or the tail of the data with `--val-fraction`)
+/// and what reading them found; refused when nothing is left to train on.
+fn read_data(options: &DpoOptions, encoder: &Encoder, unpaired: bool) -> Result<(Examples, Examples, DataReport, Option<DataReport>)> {
+    let (mut loaded, mut report) = data::read(&options.inputs, encoder, unpaired)?;
+    report.log("training data", options.max_length, options.max_prompt_length);
+    let (held, val_report) = match (&options.val, options.val_fraction) {
+        (Some(path), _) => {
+            let (held, val_report) = data::read(std::slice::from_ref(path), encoder, unpaired)?;
+            val_report.log("held-out data", options.max_length, options.max_prompt_length);
+            (held, Some(val_report))
+        }
+        (None, Some(fraction)) => {
+            if loaded.len() < 2 {
+                return Err(bad_input(&options.inputs[0], "too few examples to hold some out for --val-fraction"));
+            }
+            (loaded.hold_out(fraction), None)
+        }
+        (None, None) => (data::Loaded::default(), None),
+    };
+    if loaded.is_empty() {
+        return Err(bad_input(
+            &options.inputs[0],
+            format!(
+                "no examples left to train on: {} rows read, {} with an empty answer, {} with identical chosen and rejected answers, {} whose prompt fills --max-length",
+                report.rows, report.empty, report.identical, report.prompt_fills_max_length
+            ),
+        ));
+    }
+    let (train, val) = (loaded.into_examples(unpaired), held.into_examples(unpaired));
+    if let Examples::Judged(judged) = &train {
+        report.desirable = judged.iter().filter(|j| j.desirable).count();
+        report.undesirable = judged.len() - report.desirable;
+    }
+    Ok((train, val, report, val_report))
 }
 
 fn check_causal(folder: &ModelFolder, flag: &str) -> Result<()> {
