@@ -19,7 +19,7 @@ use crate::data::records::{Prompt, PromptRecord, Record, ResponseRecord};
 use crate::data::{ColumnMap, Kind, Message, ParquetSink, ParquetSource, meta};
 use crate::data::parquet_io::lathe_metadata;
 use crate::error::{Result, bad_input, usage};
-use crate::model::{ChatTemplate, ForwardOptions, KvCache, Llama, ModelFolder};
+use crate::model::{ChatTemplate, ForwardOptions, KvCache, Decoder, ModelFolder};
 use crate::output;
 use crate::progress::{Progress, Unit};
 use crate::tokenizer::LoadedTokenizer;
@@ -122,7 +122,7 @@ pub struct Completion {
 
 /// Decodes batches of prompts with one model.
 pub struct Generator<'a> {
-    pub model: &'a Llama,
+    pub model: &'a Decoder,
     pub eos: Vec<u32>,
     pub pad: u32,
     pub max_new_tokens: usize,
@@ -281,7 +281,7 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
     }
     let tokenizer = folder.load_tokenizer()?;
     let params = folder.load_params(&options.device)?;
-    let model = Llama::new_inference(&folder.config, &params)?;
+    let model = Decoder::new_inference(&folder.config, &params)?;
     let mut eos = folder.eos_token_ids();
     if eos.is_empty() {
         eos.extend(tokenizer.eos_id());
@@ -570,7 +570,7 @@ mod tests {
     fn greedy_continuations_match_transformers_alone_and_left_padded() {
         let folder = ModelFolder::open(fixture().join("causal-lm").to_str().unwrap()).unwrap();
         let params = folder.load_params(&Device::Cpu).unwrap();
-        let model = Llama::new_inference(&folder.config, &params).unwrap();
+        let model = Decoder::new_inference(&folder.config, &params).unwrap();
         let expected = candle_core::safetensors::load(fixture().join("expected_logits.safetensors"), &Device::Cpu).unwrap();
         let ids = |name: &str| -> Vec<u32> { expected[name].to_dtype(DType::U32).unwrap().to_vec1().unwrap() };
         let prompts = vec![ids("input_ids.0"), ids("input_ids.1")];

@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use crate::data::{ColumnType, Kind, ParquetSource, meta};
 use crate::error::{Result, bad_input, usage};
 use crate::model::folder::{self, FolderParts, ModelFolder};
-use crate::model::{ForwardOptions, Llama, LlamaConfig, Params};
+use crate::model::{ForwardOptions, Decoder, ModelConfig, Params};
 use crate::progress;
 use crate::tokenizer::{LoadedTokenizer, PAD_TOKEN, check_tokens_match};
 use crate::train::cursor::{EpochCursor, shuffled};
@@ -72,9 +72,9 @@ impl Blocks {
 }
 
 pub struct PretrainTask {
-    config: LlamaConfig,
+    config: ModelConfig,
     params: Params,
-    model: Llama,
+    model: Decoder,
     parts: FolderParts,
     train: Blocks,
     val: Option<Blocks>,
@@ -128,7 +128,7 @@ impl PretrainTask {
             Some(folder) => folder.load_params(&options.device)?,
             None => Params::init(&config, options.init_std, options.seed, &options.device)?,
         };
-        let model = Llama::new(&config, &params)?;
+        let model = Decoder::new(&config, &params)?;
         let parts = folder_parts(&tokenizer, init.as_ref(), options.tokenizer.as_deref(), eos_id)?;
 
         let tokens = Arc::new(tokens);
@@ -287,7 +287,7 @@ fn read_tokens(paths: &[PathBuf], tokenizer: &LoadedTokenizer) -> Result<(Vec<u3
     Ok((tokens, eos.or(tokenizer.eos_id())))
 }
 
-fn new_config(shape: &ModelShape, tokenizer: &LoadedTokenizer, eos_id: Option<u32>, seq_len: usize) -> Result<LlamaConfig> {
+fn new_config(shape: &ModelShape, tokenizer: &LoadedTokenizer, eos_id: Option<u32>, seq_len: usize) -> Result<ModelConfig> {
     let heads = shape.num_attention_heads;
     let kv_heads = shape.num_key_value_heads.unwrap_or(heads);
     if heads == 0 || shape.hidden_size % heads != 0 || kv_heads == 0 || heads % kv_heads != 0 {
@@ -299,7 +299,7 @@ fn new_config(shape: &ModelShape, tokenizer: &LoadedTokenizer, eos_id: Option<u3
     if (shape.hidden_size / heads) % 2 != 0 {
         return Err(usage("model shape: the head dimension (hidden_size / heads) must be even for rotary embeddings"));
     }
-    let mut config = LlamaConfig::new(
+    let mut config = ModelConfig::new(
         tokenizer.vocab_size,
         shape.hidden_size,
         shape.intermediate_size,

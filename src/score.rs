@@ -20,7 +20,7 @@ use crate::error::{Result, bad_input, usage};
 use crate::human::scoring::{Scale, ScoreJudgement};
 use crate::human::session::{self, Annotation};
 use crate::human::{ItemKey, first_few, ratings, read_responses};
-use crate::model::{Head, Llama, ModelFolder};
+use crate::model::{Head, Decoder, ModelFolder};
 use crate::progress::{self, Progress, Unit};
 use crate::reward::{ScoringFormat, classifier_labels, score_rows};
 use crate::safety::{chrf, is_refusal};
@@ -166,7 +166,7 @@ pub fn rule_scores(rules: &[WeightedRule], responses: &[&str], references: Optio
 /// A sequence classifier ready to score text: the encoding it was trained with (`lathe_scoring`
 /// in its config.json), its padding and batching.
 struct Classifier {
-    model: Llama,
+    model: Decoder,
     tokenizer: LoadedTokenizer,
     format: ScoringFormat,
     eos: Option<u32>,
@@ -187,7 +187,7 @@ impl Classifier {
         let tokenizer = folder.load_tokenizer()?;
         let (params, eos) = (folder.load_params(device)?, folder.config.eos_token_ids.first().copied().or(tokenizer.eos_id()));
         Ok(Classifier {
-            model: Llama::new_inference(&folder.config, &params)?,
+            model: Decoder::new_inference(&folder.config, &params)?,
             pad: folder.config.pad_token_id.unwrap_or(0),
             tokenizer,
             format,

@@ -18,7 +18,7 @@ use crate::error::{Result, bad_input, usage};
 use crate::model::chat::CHATML;
 use crate::model::folder::{FolderParts, ModelFolder};
 use crate::model::fused::IGNORE_INDEX;
-use crate::model::{ChatTemplate, ForwardOptions, Head, Llama, LlamaConfig, Params};
+use crate::model::{ChatTemplate, ForwardOptions, Head, Decoder, ModelConfig, Params};
 use crate::progress;
 use crate::tokenizer::{IM_END_TOKEN, IM_START_TOKEN, LoadedTokenizer, PAD_TOKEN};
 use crate::train::cursor::{EpochCursor, epoch_rng, shuffled};
@@ -154,9 +154,9 @@ struct DataReport {
 }
 
 pub struct SftTask {
-    config: LlamaConfig,
+    config: ModelConfig,
     params: Params,
-    model: Llama,
+    model: Decoder,
     parts: FolderParts,
     train: Vec<Example>,
     val: Vec<Example>,
@@ -258,7 +258,7 @@ impl SftTask {
 
     #[allow(clippy::too_many_arguments)]
     fn assemble(
-        config: LlamaConfig,
+        config: ModelConfig,
         params: Params,
         parts: FolderParts,
         train: Vec<Example>,
@@ -267,7 +267,7 @@ impl SftTask {
         options: &SftOptions,
         report: DataReport,
     ) -> Result<Self> {
-        let model = Llama::new(&config, &params)?;
+        let model = Decoder::new(&config, &params)?;
         let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
         let (seed, batch) = (options.seed, options.batch_size);
         let (cursor, rows_per_batch) = if options.packing {
@@ -312,7 +312,7 @@ impl SftTask {
 }
 
 /// Summed loss, counted targets and correct argmax predictions over rows of examples.
-pub fn sequence_loss(model: &Llama, examples: &[Example], rows: &[Row], pad: u32) -> Result<RowsLoss> {
+pub fn sequence_loss(model: &Decoder, examples: &[Example], rows: &[Row], pad: u32) -> Result<RowsLoss> {
     let device = model.device();
     let batch = RowBatch::build(examples, rows, pad, device)?;
     let options = ForwardOptions {
@@ -470,7 +470,7 @@ impl Task for SftTask {
 }
 
 /// The model stops on `id` too (ChatML's end of turn), in config and generation config.
-fn add_stop_token(config: &mut LlamaConfig, parts: &mut FolderParts, id: u32) {
+fn add_stop_token(config: &mut ModelConfig, parts: &mut FolderParts, id: u32) {
     if !config.eos_token_ids.contains(&id) {
         config.eos_token_ids.push(id);
     }

@@ -1,4 +1,4 @@
-//! `pretrain`: train a Llama-family decoder from scratch (or continue one) on token Parquet.
+//! `pretrain`: train a decoder (Llama, Mistral, Qwen, Gemma or Phi-3 family) from scratch (or continue one) on token Parquet.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,7 +16,7 @@ use lathe::Result;
 #[command(
     name = "pretrain",
     version,
-    about = "Train a Llama-family decoder on token Parquet; RUN_DIR ends as a Hugging Face model folder",
+    about = "Train a decoder (Llama, Mistral, Qwen, Gemma or Phi-3 family) on token Parquet; RUN_DIR ends as a Hugging Face model folder",
     after_help = "Examples:\n  pretrain tokens.parquet --config recipes/tiny.toml --tokenizer tokenizer.json -o runs/tiny\n  pretrain tokens.parquet --config recipes/tiny.toml --tokenizer tokenizer.json -o runs/tiny --resume"
 )]
 struct Args {

@@ -1,4 +1,4 @@
-//! `config.json` of a Llama-family model, read in every layout transformers has written
+//! `config.json` of a decoder model of any supported family, read in every layout transformers has written
 //! (`rope_theta` or `rope_parameters`, `eos_token_id` int or list, `torch_dtype` or `dtype`)
 //! and written back with every key it came with.
 
@@ -27,7 +27,7 @@ pub enum Head {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct LlamaConfig {
+pub struct ModelConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -51,7 +51,7 @@ pub struct LlamaConfig {
     pub raw: Map<String, Value>,
 }
 
-impl LlamaConfig {
+impl ModelConfig {
     /// A fresh config for a model we create (pretraining).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -64,7 +64,7 @@ impl LlamaConfig {
         max_position_embeddings: usize,
         tie_word_embeddings: bool,
     ) -> Self {
-        LlamaConfig {
+        ModelConfig {
             vocab_size,
             hidden_size,
             intermediate_size,
@@ -103,7 +103,7 @@ impl LlamaConfig {
         if model_type != "llama" {
             return Err(bad_input(
                 path,
-                format!("model_type `{model_type}`: lathe's model is the Llama family, expected \"llama\""),
+                format!("model_type `{model_type}`: lathe's model is the Decoder family, expected \"llama\""),
             ));
         }
         if let Some(act) = reader.string("hidden_act")? {
@@ -130,7 +130,7 @@ impl LlamaConfig {
             },
             _ => Head::CausalLm,
         };
-        Ok(LlamaConfig {
+        Ok(ModelConfig {
             vocab_size: reader.required_usize("vocab_size")?,
             hidden_size,
             intermediate_size: reader.required_usize("intermediate_size")?,
@@ -333,8 +333,8 @@ impl Keys<'_> {
 mod tests {
     use super::*;
 
-    fn parse(value: Value) -> Result<LlamaConfig> {
-        LlamaConfig::from_json(&value, Path::new("config.json"))
+    fn parse(value: Value) -> Result<ModelConfig> {
+        ModelConfig::from_json(&value, Path::new("config.json"))
     }
 
     fn base() -> Value {

@@ -8,8 +8,8 @@ use candle_core::Device;
 use serde_json::{Map, Value, json};
 
 use super::chat::ChatTemplate;
-use super::config::LlamaConfig;
-use super::llama::Llama;
+use super::config::ModelConfig;
+use super::decoder::Decoder;
 use super::weights::Params;
 use crate::error::{Result, bad_input, usage};
 use crate::output::write_atomic;
@@ -64,7 +64,7 @@ fn hub_cache() -> hf_hub::Cache {
 /// A model folder's files, read and checked.
 pub struct ModelFolder {
     pub dir: PathBuf,
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     pub generation_config: Option<Value>,
     pub tokenizer_config: Map<String, Value>,
     pub chat_template: Option<String>,
@@ -78,7 +78,7 @@ impl ModelFolder {
         if !config_path.exists() {
             return Err(bad_input(&dir, "no config.json: not a Hugging Face model folder"));
         }
-        let config = LlamaConfig::from_file(&config_path)?;
+        let config = ModelConfig::from_file(&config_path)?;
         let generation_config = read_json_if_present(&dir.join(GENERATION_CONFIG))?;
         let tokenizer_config = read_tokenizer_config(&dir)?;
         let chat_template = read_chat_template(&dir, &tokenizer_config)?;
@@ -154,9 +154,9 @@ impl ModelFolder {
     }
 
     /// Load weights and build the model.
-    pub fn load_model(&self, device: &Device) -> Result<(Llama, Params)> {
+    pub fn load_model(&self, device: &Device) -> Result<(Decoder, Params)> {
         let params = self.load_params(device)?;
-        let model = Llama::new(&self.config, &params)?;
+        let model = Decoder::new(&self.config, &params)?;
         Ok((model, params))
     }
 
@@ -247,7 +247,7 @@ fn token_string(value: &Value) -> Option<String> {
 
 /// Everything a model folder holds, for writing.
 pub struct ModelFiles<'a> {
-    pub config: &'a LlamaConfig,
+    pub config: &'a ModelConfig,
     pub params: &'a Params,
     /// `tokenizer.json` content, written as given.
     pub tokenizer_json: &'a str,
@@ -277,7 +277,7 @@ impl FolderParts {
         })
     }
 
-    pub fn save(&self, dir: &Path, config: &LlamaConfig, params: &Params) -> Result<()> {
+    pub fn save(&self, dir: &Path, config: &ModelConfig, params: &Params) -> Result<()> {
         save(
             dir,
             &ModelFiles {
@@ -315,7 +315,7 @@ pub fn save(dir: &Path, files: &ModelFiles) -> Result<()> {
     Ok(())
 }
 
-fn default_generation_config(config: &LlamaConfig) -> Value {
+fn default_generation_config(config: &ModelConfig) -> Value {
     let eos = match config.eos_token_ids.as_slice() {
         [] => Value::Null,
         [one] => json!(one),

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
-use super::config::{Head, LlamaConfig};
+use super::config::{Head, ModelConfig};
 use crate::error::{Result, bad_input};
 use crate::output::AtomicFile;
 
@@ -37,7 +37,7 @@ impl Params {
     }
 
     /// Random weights for a new model: normal(0, std) for matrices, ones for norms.
-    pub fn init(config: &LlamaConfig, std: f64, seed: u64, device: &Device) -> Result<Self> {
+    pub fn init(config: &ModelConfig, std: f64, seed: u64, device: &Device) -> Result<Self> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = Normal::new(0f32, std as f32).map_err(|e| crate::error::failed(e))?;
         let mut params = Params::default();
@@ -119,7 +119,7 @@ impl Params {
     }
 
     /// Check names and shapes against a config before building a model from them.
-    pub fn check(&self, config: &LlamaConfig, source: &Path) -> Result<()> {
+    pub fn check(&self, config: &ModelConfig, source: &Path) -> Result<()> {
         for (name, shape) in expected_shapes(config) {
             let Some(var) = self.vars.get(&name) else {
                 return Err(bad_input(source, format!("missing tensor `{name}` (shape {shape:?})")));
@@ -164,8 +164,8 @@ pub fn save_tensors<'a>(path: &Path, tensors: impl IntoIterator<Item = (&'a str,
     file.commit()
 }
 
-/// Every tensor a Llama model of `config` has, with its shape, by Hugging Face name.
-pub fn expected_shapes(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+/// Every tensor a model of `config` has, with its shape, by Hugging Face name.
+pub fn expected_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
     let q = config.num_attention_heads * config.head_dim;
     let kv = config.num_key_value_heads * config.head_dim;

@@ -16,7 +16,7 @@ use crate::data::Message;
 use crate::data::records::Prompt;
 use crate::error::{Result, usage};
 use crate::generate::{Generator, Sampling, chat_template, encode_prompt, sample_rng};
-use crate::model::{ChatTemplate, Llama, ModelFolder};
+use crate::model::{ChatTemplate, Decoder, ModelFolder};
 use crate::tokenizer::LoadedTokenizer;
 
 /// How responses are generated, whatever the target.
@@ -77,7 +77,7 @@ impl Target {
 
 pub struct LocalTarget {
     folder: ModelFolder,
-    model: Llama,
+    model: Decoder,
     tokenizer: LoadedTokenizer,
     template: Option<ChatTemplate>,
     eos: Vec<u32>,
@@ -94,7 +94,7 @@ impl LocalTarget {
         let tokenizer = folder.load_tokenizer()?;
         let template = chat_template(&folder, None)?;
         let params = folder.load_params(device)?;
-        let model = Llama::new_inference(&folder.config, &params)?;
+        let model = Decoder::new_inference(&folder.config, &params)?;
         let mut eos = folder.eos_token_ids();
         if eos.is_empty() {
             eos.extend(tokenizer.eos_id());

@@ -1,4 +1,4 @@
-//! Sequence-scoring models: a Llama backbone with a `score` head `[num_labels, hidden]` (no
+//! Sequence-scoring models: a decoder backbone with a `score` head `[num_labels, hidden]` (no
 //! bias) read at the last real token, saved as `LlamaForSequenceClassification`. Trained as
 //! reward models (Bradley–Terry on preference pairs, or regression on scores) and as multi-label
 //! guard classifiers.
@@ -17,7 +17,7 @@ use crate::data::records::{LabeledTextRecord, PreferenceRecord, RecordReader};
 use crate::data::{ColumnType, ParquetSource};
 use crate::error::{Result, bad_input, failed, usage};
 use crate::model::folder::{FolderParts, ModelFolder};
-use crate::model::{ForwardOptions, Head, Llama, LlamaConfig, Params};
+use crate::model::{ForwardOptions, Head, Decoder, ModelConfig, Params};
 use crate::progress;
 use crate::tokenizer::{LoadedTokenizer, PAD_TOKEN};
 use crate::train::cursor::{EpochCursor, shuffled};
@@ -113,9 +113,9 @@ struct Item {
 
 pub struct RewardTask {
     objective: Objective,
-    config: LlamaConfig,
+    config: ModelConfig,
     params: Params,
-    model: Llama,
+    model: Decoder,
     parts: FolderParts,
     labels: Vec<String>,
     format: ScoringFormat,
@@ -191,7 +191,7 @@ impl RewardTask {
             config.vocab_size = tokenizer.vocab_size;
         }
         attach_score_head(&mut config, &mut params, &labels, options.objective, options.seed)?;
-        let model = Llama::new(&config, &params)?;
+        let model = Decoder::new(&config, &params)?;
         progress::log(format!(
             "rm-train ({}): {} training examples, {} held out; {} label{}; {} parameters",
             options.objective.name(),
@@ -424,7 +424,7 @@ impl Task for RewardTask {
 }
 
 /// Scores `[rows, num_labels]` at each row's last token. Rows are right-padded with `pad`.
-pub fn score_rows(model: &Llama, rows: &[&[u32]], pad: u32) -> Result<Tensor> {
+pub fn score_rows(model: &Decoder, rows: &[&[u32]], pad: u32) -> Result<Tensor> {
     let ids = pad_right(rows, pad, model.device())?;
     let hidden = model.forward(&ids, ForwardOptions::default(), None)?;
     let last: Vec<usize> = rows.iter().map(|r| r.len().max(1) - 1).collect();
@@ -470,7 +470,7 @@ fn pair_metrics(chosen: &[f64], rejected: &[f64]) -> Map<String, Value> {
 }
 
 /// The label names of a multi-label classifier folder (its `id2label` in id order), if it is one.
-pub fn classifier_labels(config: &LlamaConfig) -> Option<Vec<String>> {
+pub fn classifier_labels(config: &ModelConfig) -> Option<Vec<String>> {
     if !matches!(config.head, Head::SequenceClassification { .. }) {
         return None;
     }
@@ -487,7 +487,7 @@ pub fn classifier_labels(config: &LlamaConfig) -> Option<Vec<String>> {
 /// Turn the model into a sequence classifier of `labels`: the LM head goes; a `score` head
 /// already of the right shape is kept (continuing a reward model or guard), else a new one is
 /// drawn from normal(0, initializer_range) as transformers initialises it.
-fn attach_score_head(config: &mut LlamaConfig, params: &mut Params, labels: &[String], objective: Objective, seed: u64) -> Result<()> {
+fn attach_score_head(config: &mut ModelConfig, params: &mut Params, labels: &[String], objective: Objective, seed: u64) -> Result<()> {
     let num_labels = labels.len();
     params.remove("lm_head.weight");
     let keep = matches!(config.head, Head::SequenceClassification { num_labels: n } if n == num_labels)

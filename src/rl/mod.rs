@@ -24,7 +24,7 @@ use crate::data::{Kind, ParquetSink};
 use crate::error::{Result, bad_input, usage};
 use crate::generate::{Generator, ReadyPrompt, Sampling, chat_template, read_prompts, sample_rng};
 use crate::model::folder::{FolderParts, ModelFolder, WEIGHTS};
-use crate::model::{ChatTemplate, Head, Llama, LlamaConfig, Params};
+use crate::model::{ChatTemplate, Head, Decoder, ModelConfig, Params};
 use crate::output::write_atomic;
 use crate::progress;
 use crate::score::{ModelSettings, RewardScorer, WeightedRule, rule_scores};
@@ -150,10 +150,10 @@ impl Reward {
 
 /// A model with a one-label `score` head read at every response position.
 struct ValueModel {
-    config: LlamaConfig,
+    config: ModelConfig,
     params: Params,
     parts: FolderParts,
-    model: Llama,
+    model: Decoder,
 }
 
 /// Running sums of one update's per-micro-batch statistics.
@@ -173,13 +173,13 @@ struct UpdateStats {
 pub struct RlTask {
     settings: RlSettings,
     seed: u64,
-    policy_config: LlamaConfig,
+    policy_config: ModelConfig,
     policy: Params,
     policy_parts: FolderParts,
-    policy_model: Llama,
+    policy_model: Decoder,
     value: Option<ValueModel>,
     all: Params,
-    reference: Llama,
+    reference: Decoder,
     reward: Reward,
     tokenizer: LoadedTokenizer,
     eos: Vec<u32>,
@@ -236,15 +236,15 @@ impl RlTask {
 
         let policy = folder.load_params(&options.device)?;
         let policy_config = folder.config.clone();
-        let policy_model = Llama::new(&policy_config, &policy)?;
+        let policy_model = Decoder::new(&policy_config, &policy)?;
         let reference = match &options.ref_model {
             Some(path) => {
                 let ref_folder = ModelFolder::open(path)?;
                 check_same_vocabulary(&tokenizer, &ref_folder.load_tokenizer()?, &ref_folder.dir, "--ref-model")?;
                 let params = ref_folder.load_params(&options.device)?;
-                Llama::new_inference(&ref_folder.config, &params)?
+                Decoder::new_inference(&ref_folder.config, &params)?
             }
-            None => Llama::new_inference(&policy_config, &folder.load_params(&options.device)?)?,
+            None => Decoder::new_inference(&policy_config, &folder.load_params(&options.device)?)?,
         };
         let reward = Reward::load(&options)?;
         let value = match s.algo {
@@ -329,7 +329,7 @@ impl RlTask {
     /// Sample `samples` responses to each prompt with the current policy. Episode `i` of the
     /// run draws from its own random stream, so a resumed run samples the same tokens.
     fn sample(&self, prompts: &[(usize, &ReadyPrompt)], samples: usize, sampling: Sampling, first_episode: u64) -> Result<Vec<Episode>> {
-        let snapshot = Llama::new_inference(&self.policy_config, &self.policy)?;
+        let snapshot = Decoder::new_inference(&self.policy_config, &self.policy)?;
         let generator = Generator {
             model: &snapshot,
             eos: self.eos.clone(),
@@ -868,7 +868,7 @@ fn load_value_model(source: &str, policy_tokenizer: &LoadedTokenizer, device: &D
             config.raw.insert("label2id".into(), json!({"LABEL_0": 0}));
         }
     }
-    let model = Llama::new(&config, &params)?;
+    let model = Decoder::new(&config, &params)?;
     Ok(ValueModel { parts: FolderParts::of(&folder, &tokenizer)?, config, params, model })
 }
 

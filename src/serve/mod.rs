@@ -28,7 +28,7 @@ use candle_core::Device;
 
 use crate::error::{Result, bad_input, failed, usage};
 use crate::generate::chat_template;
-use crate::model::{ChatTemplate, Head, Llama, ModelFolder};
+use crate::model::{ChatTemplate, Head, Decoder, ModelFolder};
 use crate::score::ModelSettings;
 use crate::tokenizer::LoadedTokenizer;
 use engine::{Engine, EngineOptions};
@@ -155,7 +155,7 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
     let review = ReviewDb::open(&options.db)?;
 
     let params = folder.load_params(&options.device)?;
-    let model = Arc::new(Llama::new_inference(&folder.config, &params)?);
+    let model = Arc::new(Decoder::new_inference(&folder.config, &params)?);
     drop(params);
     let mut eos = folder.eos_token_ids();
     if eos.is_empty() {

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::*;
 use crate::model::folder::{self, ModelFiles, ModelFolder};
-use crate::model::{ForwardOptions, Llama};
+use crate::model::{ForwardOptions, Decoder};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/hf-tiny").join(name)
@@ -18,7 +18,7 @@ fn fixture(name: &str) -> PathBuf {
 struct FixtureTask {
     folder: ModelFolder,
     params: Params,
-    model: Llama,
+    model: Decoder,
     batches: Tensor,
     next: usize,
 }

@@ -1,10 +1,10 @@
-//! The Llama decoder, top to bottom in the order data flows through it: rotary tables, linear
+//! The decoder of every model family, top to bottom in the order data flows through it: rotary tables, linear
 //! layers, attention, MLP, block, model. Every weight is named as Hugging Face names it, and
 //! every op has a backward, so this one model serves inference and training.
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
-use super::config::{LlamaConfig, RopeScaling};
+use super::config::{ModelConfig, RopeScaling};
 use super::ops::{attention_softmax, rms_norm, rope_heads_first, swiglu};
 use super::weights::Params;
 
@@ -19,7 +19,7 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(config: &LlamaConfig, device: &Device) -> Result<Self> {
+    fn new(config: &ModelConfig, device: &Device) -> Result<Self> {
         let dim = config.head_dim;
         // f32 throughout, as transformers computes `inv_freq` and the angles.
         let inv_freq: Vec<f32> = (0..dim / 2)
@@ -185,7 +185,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(params: &Weights, prefix: &str, config: &LlamaConfig) -> Result<Self> {
+    fn load(params: &Weights, prefix: &str, config: &ModelConfig) -> Result<Self> {
         let linear = |name: &str| Linear::load(params, &format!("{prefix}.{name}"), config.attention_bias);
         Ok(Attention {
             q_proj: linear("q_proj")?,
@@ -228,7 +228,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(params: &Weights, prefix: &str, config: &LlamaConfig) -> Result<Self> {
+    fn load(params: &Weights, prefix: &str, config: &ModelConfig) -> Result<Self> {
         let linear = |name: &str| Linear::load(params, &format!("{prefix}.{name}"), config.mlp_bias);
         Ok(Mlp { gate_proj: linear("gate_proj")?, up_proj: linear("up_proj")?, down_proj: linear("down_proj")? })
     }
@@ -248,7 +248,7 @@ struct Block {
 }
 
 impl Block {
-    fn load(params: &Weights, layer: usize, config: &LlamaConfig) -> Result<Self> {
+    fn load(params: &Weights, layer: usize, config: &ModelConfig) -> Result<Self> {
         let prefix = format!("model.layers.{layer}");
         Ok(Block {
             input_layernorm: params.get(&format!("{prefix}.input_layernorm.weight"))?,
@@ -309,8 +309,8 @@ pub struct ForwardOptions<'a> {
 
 /// The whole model: `model.embed_tokens`, `model.layers.*`, `model.norm`, and the heads
 /// (`lm_head`, or the tied embedding; `score` for sequence classification).
-pub struct Llama {
-    pub config: LlamaConfig,
+pub struct Decoder {
+    pub config: ModelConfig,
     embed_tokens: Tensor,
     layers: Vec<Block>,
     norm: Tensor,
@@ -320,10 +320,10 @@ pub struct Llama {
     rope: Rope,
 }
 
-impl Llama {
+impl Decoder {
     /// Build from parameters already checked with [`Params::check`]; training reads the same
     /// tensors the optimizer updates.
-    pub fn new(config: &LlamaConfig, params: &Params) -> Result<Self> {
+    pub fn new(config: &ModelConfig, params: &Params) -> Result<Self> {
         Self::build(config, &Weights { params, detach: false })
     }
 
@@ -331,11 +331,11 @@ impl Llama {
     /// cache would otherwise keep every step's graph alive), and projections are stored
     /// transposed. This is a snapshot: after the parameters change (a training step), build a
     /// new one.
-    pub fn new_inference(config: &LlamaConfig, params: &Params) -> Result<Self> {
+    pub fn new_inference(config: &ModelConfig, params: &Params) -> Result<Self> {
         Self::build(config, &Weights { params, detach: true })
     }
 
-    fn build(config: &LlamaConfig, params: &Weights) -> Result<Self> {
+    fn build(config: &ModelConfig, params: &Weights) -> Result<Self> {
         let embed_tokens = params.get("model.embed_tokens.weight")?;
         let device = embed_tokens.device().clone();
         let layers = (0..config.num_hidden_layers)
@@ -346,7 +346,7 @@ impl Llama {
         } else {
             params.optional("lm_head.weight")
         };
-        Ok(Llama {
+        Ok(Decoder {
             config: config.clone(),
             layers,
             norm: params.get("model.norm.weight")?,
