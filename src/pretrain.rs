@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use crate::data::{ColumnType, Kind, ParquetSource, meta};
 use crate::error::{Result, bad_input, usage};
 use crate::model::folder::{self, FolderParts, ModelFolder};
-use crate::model::{ForwardOptions, Decoder, ModelConfig, Params};
+use crate::model::{Architecture, Decoder, Family, ForwardOptions, ModelConfig, Params};
 use crate::progress;
 use crate::tokenizer::{LoadedTokenizer, PAD_TOKEN, check_tokens_match};
 use crate::train::cursor::{EpochCursor, shuffled};
@@ -19,10 +19,13 @@ use crate::train::{Evaluation, StepLoss, Task};
 /// The shape of a new model (`[model]` in a recipe); the vocabulary comes from the tokenizer.
 #[derive(Clone, Debug)]
 pub struct ModelShape {
+    pub family: Family,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
+    /// Defaults to `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
     /// Defaults to `num_attention_heads`.
     pub num_key_value_heads: Option<usize>,
     /// Defaults to the sequence length.
@@ -290,16 +293,22 @@ fn read_tokens(paths: &[PathBuf], tokenizer: &LoadedTokenizer) -> Result<(Vec<u3
 fn new_config(shape: &ModelShape, tokenizer: &LoadedTokenizer, eos_id: Option<u32>, seq_len: usize) -> Result<ModelConfig> {
     let heads = shape.num_attention_heads;
     let kv_heads = shape.num_key_value_heads.unwrap_or(heads);
-    if heads == 0 || shape.hidden_size % heads != 0 || kv_heads == 0 || heads % kv_heads != 0 {
+    let divides = shape.head_dim.is_some() || (heads > 0 && shape.hidden_size % heads == 0);
+    if heads == 0 || !divides || kv_heads == 0 || heads % kv_heads != 0 {
         return Err(usage(format!(
             "model shape: hidden_size {} must divide into num_attention_heads {heads}, which must be a multiple of num_key_value_heads {kv_heads}",
             shape.hidden_size
         )));
     }
-    if (shape.hidden_size / heads) % 2 != 0 {
-        return Err(usage("model shape: the head dimension (hidden_size / heads) must be even for rotary embeddings"));
+    if shape.num_hidden_layers == 0 {
+        return Err(usage("model shape: num_hidden_layers must be at least 1"));
+    }
+    let head_dim = shape.head_dim.unwrap_or(shape.hidden_size / heads);
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(usage(format!("model shape: the head dimension {head_dim} must be even for rotary embeddings")));
     }
     let mut config = ModelConfig::new(
+        shape.family,
         tokenizer.vocab_size,
         shape.hidden_size,
         shape.intermediate_size,
@@ -309,6 +318,9 @@ fn new_config(shape: &ModelShape, tokenizer: &LoadedTokenizer, eos_id: Option<u3
         shape.max_position_embeddings.unwrap_or(seq_len),
         shape.tie_word_embeddings,
     );
+    config.head_dim = head_dim;
+    config.rotary_dim = head_dim;
+    config.arch = Architecture::defaults(shape.family, shape.num_hidden_layers, head_dim);
     config.rope_theta = shape.rope_theta;
     config.rms_norm_eps = shape.rms_norm_eps;
     config.eos_token_ids = eos_id.into_iter().collect();

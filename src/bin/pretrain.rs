@@ -7,6 +7,7 @@ use clap::{ArgAction, Parser};
 use serde::Serialize;
 
 use lathe::cli::{self, CommonArgs};
+use lathe::model::Family;
 use lathe::pretrain::{ModelShape, PretrainOptions, PretrainTask};
 use lathe::tokenizer::log_report;
 use lathe::train::{self, RunSetup, TrainArgs};
@@ -38,6 +39,11 @@ struct Args {
     /// Standard deviation of the initial weights.
     #[arg(long, default_value_t = 0.02)]
     init_std: f64,
+    /// The model family (its `model_type`): llama, mistral, qwen2, qwen3, gemma, gemma2 or phi3.
+    /// The new model gets that family's architecture with transformers' defaults and is
+    /// written in its Hugging Face layout.
+    #[arg(long, default_value = "llama")]
+    family: String,
     #[arg(long, default_value_t = 256)]
     hidden_size: usize,
     #[arg(long, default_value_t = 688)]
@@ -46,6 +52,9 @@ struct Args {
     num_hidden_layers: usize,
     #[arg(long, default_value_t = 4)]
     num_attention_heads: usize,
+    /// Dimensions per attention head [default: hidden_size / num_attention_heads].
+    #[arg(long)]
+    head_dim: Option<usize>,
     /// Key/value heads (grouped-query attention) [default: num_attention_heads].
     #[arg(long)]
     num_key_value_heads: Option<usize>,
@@ -81,10 +90,12 @@ fn pretrain(args: &Args) -> Result<()> {
         tokenizer: args.tokenizer.clone(),
         init: args.init.clone(),
         shape: ModelShape {
+            family: Family::from_flag(&args.family)?,
             hidden_size: args.hidden_size,
             intermediate_size: args.intermediate_size,
             num_hidden_layers: args.num_hidden_layers,
             num_attention_heads: args.num_attention_heads,
+            head_dim: args.head_dim,
             num_key_value_heads: args.num_key_value_heads,
             max_position_embeddings: args.max_position_embeddings,
             tie_word_embeddings: args.tie_word_embeddings,

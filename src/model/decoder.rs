@@ -1,87 +1,23 @@
-//! The decoder of every model family, top to bottom in the order data flows through it: rotary tables, linear
-//! layers, attention, MLP, block, model. Every weight is named as Hugging Face names it, and
-//! every op has a backward, so this one model serves inference and training.
+//! The decoder of every model family, top to bottom in the order data flows through it: linear
+//! layers, attention, MLP, block, model. Families differ only in the fields of
+//! [`Architecture`](super::family::Architecture) the blocks read (biases, norm offsets,
+//! q/k norms, sandwich norms, soft-caps, sliding windows, fused projections, partial rotary),
+//! never in code paths of their own. Every weight is named as Hugging Face names it, and every
+//! op has a backward, so this one model serves inference and training.
+
+use std::collections::BTreeMap;
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
-use super::config::{ModelConfig, RopeScaling};
-use super::ops::{attention_softmax, rms_norm, rope_heads_first, swiglu};
-use super::weights::Params;
+use super::config::ModelConfig;
+use super::family::Activation;
+use super::ops::{attention_softmax, gated_activation, rms_norm, rope_heads_first, softcap};
+use super::rope::Rope;
+use super::weights::{Params, layer_names};
 
 /// Added to attention scores a query must not see. Finite, so a fully masked row (a padding
 /// query) gives a uniform distribution instead of NaNs that would poison later positions.
 const MASKED: f32 = -1e30;
-
-/// Rotary embedding tables `cos`, `sin`: `[max_positions, head_dim]`, halves duplicated.
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    fn new(config: &ModelConfig, device: &Device) -> Result<Self> {
-        let dim = config.head_dim;
-        // f32 throughout, as transformers computes `inv_freq` and the angles.
-        let inv_freq: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / (config.rope_theta as f32).powf((2 * i) as f32 / dim as f32))
-            .map(|f| scale_frequency(f, &config.rope_scaling))
-            .collect();
-        let positions = config.max_position_embeddings;
-        let mut angles = Vec::with_capacity(positions * dim);
-        for p in 0..positions {
-            let row: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
-            angles.extend_from_slice(&row);
-            angles.extend_from_slice(&row);
-        }
-        let angles = Tensor::from_vec(angles, (positions, dim), device)?;
-        Ok(Rope { cos: angles.cos()?, sin: angles.sin()? })
-    }
-
-    /// Tables for `t` tokens after `past` cached ones, or at explicit `[B, T]` positions:
-    /// `[1 or B, T, head_dim]`.
-    fn at(&self, past: usize, t: usize, positions: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
-        let max = self.cos.dim(0)?;
-        match positions {
-            None => {
-                if past + t > max {
-                    candle_core::bail!("sequence of {} tokens is longer than max_position_embeddings {max}", past + t)
-                }
-                let take = |table: &Tensor| table.narrow(0, past, t)?.unsqueeze(0);
-                Ok((take(&self.cos)?, take(&self.sin)?))
-            }
-            Some(positions) => {
-                let (b, t) = positions.dims2()?;
-                let flat = positions.flatten_all()?.to_dtype(DType::U32)?;
-                let highest = flat.max(0)?.to_scalar::<u32>()? as usize;
-                if highest >= max {
-                    candle_core::bail!("position {highest} is beyond max_position_embeddings {max}")
-                }
-                let take = |table: &Tensor| table.index_select(&flat, 0)?.reshape((b, t, table.dim(1)?));
-                Ok((take(&self.cos)?, take(&self.sin)?))
-            }
-        }
-    }
-}
-
-fn scale_frequency(inv_freq: f32, scaling: &RopeScaling) -> f32 {
-    match *scaling {
-        RopeScaling::Default => inv_freq,
-        RopeScaling::Linear { factor } => inv_freq / factor as f32,
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-            let (factor, low, high, original) =
-                (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
-            let wavelength = 2.0 * std::f32::consts::PI / inv_freq;
-            if wavelength < original / high {
-                inv_freq
-            } else if wavelength > original / low {
-                inv_freq / factor
-            } else {
-                let smooth = (original / wavelength - low) / (high - low);
-                (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
-            }
-        }
-    }
-}
 
 /// `y = x Wᵀ + b` over the last dimension.
 struct Linear {
@@ -110,6 +46,70 @@ impl Linear {
         };
         dims.push(self.weight_t.dim(1)?);
         y.reshape(dims)
+    }
+}
+
+/// Several projections of the same input: separate layers (`q_proj`, `k_proj`, `v_proj`), or
+/// one stored fused (Phi-3's `qkv_proj`, `gate_up_proj`) whose output is split in order.
+enum Projections {
+    Separate(Vec<Linear>),
+    Fused { linear: Linear, sizes: Vec<usize> },
+}
+
+impl Projections {
+    /// `names` and `sizes` in output order; `fused` names the one stored tensor instead.
+    fn load(params: &Weights, prefix: &str, names: &[&str], fused: Option<&str>, sizes: &[usize], bias: bool) -> Result<Self> {
+        match fused {
+            Some(name) => Ok(Projections::Fused {
+                linear: Linear::load(params, &format!("{prefix}.{name}"), bias)?,
+                sizes: sizes.to_vec(),
+            }),
+            None => names
+                .iter()
+                .map(|name| Linear::load(params, &format!("{prefix}.{name}"), bias))
+                .collect::<Result<Vec<_>>>()
+                .map(Projections::Separate),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Projections::Separate(layers) => layers.iter().map(|l| l.forward(x)).collect(),
+            Projections::Fused { linear, sizes } => {
+                let y = linear.forward(x)?;
+                let mut start = 0;
+                sizes
+                    .iter()
+                    .map(|&size| {
+                        let part = y.narrow(D::Minus1, start, size)?.contiguous();
+                        start += size;
+                        part
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// RMSNorm over the last dimension, scaling by `offset + weight` (Gemma's `1 + w`). The offset
+/// is added at every forward: the weight changes in place while training.
+struct Norm {
+    weight: Tensor,
+    offset: f64,
+    eps: f64,
+}
+
+impl Norm {
+    fn load(params: &Weights, name: &str, config: &ModelConfig) -> Result<Self> {
+        Ok(Norm { weight: params.get(name)?, offset: config.arch.norm_weight_offset, eps: config.rms_norm_eps })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.offset == 0.0 {
+            rms_norm(x, &self.weight, self.eps)
+        } else {
+            rms_norm(x, &(&self.weight + self.offset)?, self.eps)
+        }
     }
 }
 
@@ -175,36 +175,55 @@ impl LayerCache {
 
 /// Grouped-query self-attention (`model.layers.{i}.self_attn.*`).
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Projections,
     o_proj: Linear,
+    /// Qwen3's per-head norms of queries and keys, before RoPE.
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    scale: f64,
+    softcap: Option<f64>,
 }
 
 impl Attention {
     fn load(params: &Weights, prefix: &str, config: &ModelConfig) -> Result<Self> {
-        let linear = |name: &str| Linear::load(params, &format!("{prefix}.{name}"), config.attention_bias);
+        let (q, kv) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
+        let fused = config.arch.fused_projections.then_some("qkv_proj");
+        let qkv = Projections::load(params, prefix, &["q_proj", "k_proj", "v_proj"], fused, &[q, kv, kv], config.arch.qkv_bias)?;
+        let norm = |name: &str| {
+            config.arch.qk_norm.then(|| Norm::load(params, &format!("{prefix}.{name}.weight"), config)).transpose()
+        };
         Ok(Attention {
-            q_proj: linear("q_proj")?,
-            k_proj: linear("k_proj")?,
-            v_proj: linear("v_proj")?,
-            o_proj: linear("o_proj")?,
+            qkv,
+            o_proj: Linear::load(params, &format!("{prefix}.o_proj"), config.arch.o_bias)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
             heads: config.num_attention_heads,
             kv_heads: config.num_key_value_heads,
             head_dim: config.head_dim,
+            scale: config.attention_scale(),
+            softcap: config.arch.attn_logit_softcapping,
         })
     }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<(&mut LayerCache, usize)>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, d) = (self.heads, self.kv_heads, self.head_dim);
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("attention: expected q, k and v".into()))?;
         // Projections are [B, T, heads, D]; rotary embedding writes them heads-first.
-        let q = rope_heads_first(&self.q_proj.forward(x)?.reshape((b, t, heads, d))?, cos, sin)?;
-        let mut k = rope_heads_first(&self.k_proj.forward(x)?.reshape((b, t, kv_heads, d))?, cos, sin)?;
-        let mut v = self.v_proj.forward(x)?.reshape((b, t, kv_heads, d))?.transpose(1, 2)?.contiguous()?;
+        let normed = |x: Tensor, norm: &Option<Norm>| match norm {
+            Some(norm) => norm.forward(&x),
+            None => Ok(x),
+        };
+        let q = rope_heads_first(&normed(q.reshape((b, t, heads, d))?, &self.q_norm)?, cos, sin)?;
+        let mut k = rope_heads_first(&normed(k.reshape((b, t, kv_heads, d))?, &self.k_norm)?, cos, sin)?;
+        let mut v = v.reshape((b, t, kv_heads, d))?.transpose(1, 2)?.contiguous()?;
         if let Some((cache, capacity_hint)) = cache {
             (k, v) = cache.append(&k, &v, capacity_hint)?;
         }
@@ -214,56 +233,78 @@ impl Attention {
         let groups = heads / kv_heads;
         let q = q.reshape((b, kv_heads, groups * t, d))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads * groups, t, keys))?;
-        let probs = attention_softmax(&scores, mask, 1.0 / (d as f64).sqrt())?.reshape((b, kv_heads, groups * t, keys))?;
+        let probs = match self.softcap {
+            Some(cap) => attention_softmax(&softcap(&(scores * self.scale)?, cap)?, mask, 1.0)?,
+            None => attention_softmax(&scores, mask, self.scale)?,
+        };
+        let probs = probs.reshape((b, kv_heads, groups * t, keys))?;
         let out = probs.matmul(&v)?.reshape((b, heads, t, d))?.transpose(1, 2)?.contiguous()?;
         self.o_proj.forward(&out.reshape((b, t, heads * d))?)
     }
 }
 
-/// SwiGLU feed-forward (`model.layers.{i}.mlp.*`).
+/// Gated feed-forward, SwiGLU or GeGLU (`model.layers.{i}.mlp.*`).
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: Projections,
     down_proj: Linear,
+    activation: Activation,
 }
 
 impl Mlp {
     fn load(params: &Weights, prefix: &str, config: &ModelConfig) -> Result<Self> {
-        let linear = |name: &str| Linear::load(params, &format!("{prefix}.{name}"), config.mlp_bias);
-        Ok(Mlp { gate_proj: linear("gate_proj")?, up_proj: linear("up_proj")?, down_proj: linear("down_proj")? })
+        let i = config.intermediate_size;
+        let fused = config.arch.fused_projections.then_some("gate_up_proj");
+        Ok(Mlp {
+            gate_up: Projections::load(params, prefix, &["gate_proj", "up_proj"], fused, &[i, i], config.arch.mlp_bias)?,
+            down_proj: Linear::load(params, &format!("{prefix}.down_proj"), config.arch.mlp_bias)?,
+            activation: config.arch.hidden_act,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
+        let parts = self.gate_up.forward(x)?;
+        self.down_proj.forward(&gated_activation(&parts[0], &parts[1], self.activation)?)
     }
 }
 
-/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
+/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual; Gemma 2 also
+/// norms each one's output before adding it.
 struct Block {
-    input_layernorm: Tensor,
+    attention_norm: Norm,
     self_attn: Attention,
-    post_attention_layernorm: Tensor,
+    attention_out_norm: Option<Norm>,
+    mlp_norm: Norm,
     mlp: Mlp,
-    eps: f64,
+    mlp_out_norm: Option<Norm>,
+    /// This layer's sliding window, if it has one.
+    window: Option<usize>,
 }
 
 impl Block {
     fn load(params: &Weights, layer: usize, config: &ModelConfig) -> Result<Self> {
         let prefix = format!("model.layers.{layer}");
+        let names = layer_names(config);
+        let norm = |name: &str| Norm::load(params, &format!("{prefix}.{name}.weight"), config);
         Ok(Block {
-            input_layernorm: params.get(&format!("{prefix}.input_layernorm.weight"))?,
+            attention_norm: norm(names.attention_norm)?,
             self_attn: Attention::load(params, &format!("{prefix}.self_attn"), config)?,
-            post_attention_layernorm: params.get(&format!("{prefix}.post_attention_layernorm.weight"))?,
+            attention_out_norm: names.attention_out_norm.map(norm).transpose()?,
+            mlp_norm: norm(names.mlp_norm)?,
             mlp: Mlp::load(params, &format!("{prefix}.mlp"), config)?,
-            eps: config.rms_norm_eps,
+            mlp_out_norm: names.mlp_out_norm.map(norm).transpose()?,
+            window: config.arch.sliding_windows[layer],
         })
     }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<(&mut LayerCache, usize)>) -> Result<Tensor> {
-        let attended = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, cos, sin, mask, cache)?;
-        let x = (x + attended)?;
-        let fed = self.mlp.forward(&rms_norm(&x, &self.post_attention_layernorm, self.eps)?)?;
-        x + fed
+        let out_normed = |y: Tensor, norm: &Option<Norm>| match norm {
+            Some(norm) => norm.forward(&y),
+            None => Ok(y),
+        };
+        let attended = self.self_attn.forward(&self.attention_norm.forward(x)?, cos, sin, mask, cache)?;
+        let x = (x + out_normed(attended, &self.attention_out_norm)?)?;
+        let fed = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
+        x + out_normed(fed, &self.mlp_out_norm)?
     }
 }
 
@@ -313,7 +354,7 @@ pub struct Decoder {
     pub config: ModelConfig,
     embed_tokens: Tensor,
     layers: Vec<Block>,
-    norm: Tensor,
+    norm: Norm,
     /// Heads as `[hidden, out]` (see [`Linear`]): `lm_head` or the tied embedding, and `score`.
     lm_head_t: Option<Tensor>,
     score_t: Option<Tensor>,
@@ -349,7 +390,7 @@ impl Decoder {
         Ok(Decoder {
             config: config.clone(),
             layers,
-            norm: params.get("model.norm.weight")?,
+            norm: Norm::load(params, "model.norm.weight", config)?,
             lm_head_t: lm_head.map(|w| params.transposed(&w)).transpose()?,
             score_t: params.optional("score.weight").map(|w| params.transposed(&w)).transpose()?,
             rope: Rope::new(config, &device)?,
@@ -380,25 +421,38 @@ impl Decoder {
         }
         let hidden = self.config.hidden_size;
         let mut x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, hidden))?;
+        if self.config.arch.scale_embeddings {
+            x = (x * (hidden as f64).sqrt())?;
+        }
         let (cos, sin) = self.rope.at(past, t, options.position_ids)?;
-        let mask = attention_mask(b, t, past, &options, self.device())?;
+        // One mask per distinct window (full attention is the window `None`).
+        let mut masks = BTreeMap::new();
+        for layer in &self.layers {
+            if !masks.contains_key(&layer.window) {
+                masks.insert(layer.window, attention_mask(b, t, past, &options, layer.window, self.device())?);
+            }
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], c.capacity_hint));
-            x = layer.forward(&x, &cos, &sin, mask.as_ref(), layer_cache)?;
+            x = layer.forward(&x, &cos, &sin, masks[&layer.window].as_ref(), layer_cache)?;
         }
         if let Some(cache) = cache {
             cache.len += t;
         }
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        self.norm.forward(&x)
     }
 
-    /// Next-token logits `[B, T, vocab]` from hidden states.
+    /// Next-token logits `[B, T, vocab]` from hidden states (soft-capped where the family caps).
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let weight_t = self
             .lm_head_t
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("this model has no language-model head".into()))?;
-        project(hidden, weight_t)
+        let logits = project(hidden, weight_t)?;
+        match self.config.arch.final_logit_softcapping {
+            Some(cap) => softcap(&logits, cap),
+            None => Ok(logits),
+        }
     }
 
     /// Classification scores `[B, T, num_labels]` from hidden states (`score` head).
@@ -423,9 +477,10 @@ fn project(hidden: &Tensor, weight_t: &Tensor) -> Result<Tensor> {
     hidden.reshape((b * t, h))?.matmul(weight_t)?.reshape((b, t, weight_t.dim(1)?))
 }
 
-/// The additive mask `[1 or B, T, T_cached + T]`: causal, minus padding, minus other
-/// samples of a packed row. `None` when a single new token may see everything cached.
-fn attention_mask(b: usize, t: usize, past: usize, options: &ForwardOptions, device: &Device) -> Result<Option<Tensor>> {
+/// The additive mask `[1 or B, T, T_cached + T]`: causal, within the sliding window if any,
+/// minus padding, minus other samples of a packed row. `None` when every new token may see
+/// everything cached.
+fn attention_mask(b: usize, t: usize, past: usize, options: &ForwardOptions, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
     let keys = past + t;
     let padding: Option<Vec<Vec<u32>>> = options
         .attention_mask
@@ -441,18 +496,21 @@ fn attention_mask(b: usize, t: usize, past: usize, options: &ForwardOptions, dev
         }
     }
     let per_row = padding.is_some() || segments.is_some();
-    if !per_row && t == 1 {
+    let window_cuts = window.is_some_and(|w| keys > w);
+    if !per_row && !window_cuts && t == 1 {
         return Ok(None);
     }
     let rows = if per_row { b } else { 1 };
     let mut values = vec![0f32; rows * t * keys];
     for r in 0..rows {
         for i in 0..t {
+            let query = past + i;
             for j in 0..keys {
-                let causal = j <= past + i;
+                // transformers' sliding window: a query sees keys j with j > query - window.
+                let visible = j <= query && window.is_none_or(|w| j + w > query);
                 let not_padding = padding.as_ref().is_none_or(|p| p[r][j] != 0);
                 let same_sample = segments.as_ref().is_none_or(|s| s[r][i] == s[r][j]);
-                if !(causal && not_padding && same_sample) {
+                if !(visible && not_padding && same_sample) {
                     values[(r * t + i) * keys + j] = MASKED;
                 }
             }
@@ -471,3 +529,5 @@ pub fn token_logprobs(logits: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod family_tests;

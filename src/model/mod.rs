@@ -6,11 +6,14 @@ pub mod config;
 pub mod folder;
 pub mod fused;
 pub mod decoder;
+pub mod family;
 pub mod ops;
+pub mod rope;
 pub mod weights;
 
 pub use chat::ChatTemplate;
 pub use config::{Head, ModelConfig};
+pub use family::{Activation, Architecture, Family};
 pub use folder::ModelFolder;
 pub use decoder::{ForwardOptions, KvCache, Decoder};
 pub use weights::Params;

@@ -5,8 +5,9 @@
 //! candle's own `softmax_last_dim`, `rms_norm` and `rope` kernels have no backward and silently
 //! cut the graph, so nothing here uses them.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{D, DType, Result, Tensor};
 
+use super::family::Activation;
 use super::fused::{self, IGNORE_INDEX};
 
 /// RMSNorm over the last dimension.
@@ -31,18 +32,34 @@ pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> 
     composite::softmax_last_dim(&masked)?.reshape(dims)
 }
 
-/// Rotary embedding of `x` `[B, T, H, D]` with tables `[1 or B, T, D]`, returned heads-first
-/// `[B, H, T, D]`.
+/// Rotary embedding of `x` `[B, T, H, D]` with tables `[1 or B, T, R]`, returned heads-first
+/// `[B, H, T, D]`. The first `R ≤ D` dimensions of each head rotate; the rest pass through
+/// (Phi-3's partial rotary).
 pub fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused::supported(x) {
         return fused::rope_heads_first(x, cos, sin);
     }
-    composite::apply_rope(&x.transpose(1, 2)?, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)?.contiguous()
+    let heads_first = x.transpose(1, 2)?;
+    let (d, r) = (x.dim(D::Minus1)?, cos.dim(D::Minus1)?);
+    let rotate = |part: &Tensor| composite::apply_rope(part, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?);
+    if r == d {
+        return rotate(&heads_first)?.contiguous();
+    }
+    let rotated = rotate(&heads_first.narrow(D::Minus1, 0, r)?)?;
+    Tensor::cat(&[&rotated, &heads_first.narrow(D::Minus1, r, d - r)?], D::Minus1)?.contiguous()
 }
 
-/// SwiGLU's gate: `silu(gate) ⊙ up`.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if fused::supported(gate) { fused::swiglu(gate, up) } else { composite::swiglu(gate, up) }
+/// A gated MLP's activation: `act(gate) ⊙ up` (SwiGLU, GeGLU).
+pub fn gated_activation(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
+    if fused::supported(gate) && activation != Activation::Gelu {
+        return fused::gated(gate, up, activation);
+    }
+    composite::gated(gate, up, activation)
+}
+
+/// `cap · tanh(x / cap)`: Gemma 2's soft-capping of attention scores and logits.
+pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    (x / cap)?.tanh()? * cap
 }
 
 /// Cross-entropy per row of `logits` `[N, V]` against `targets` `[N]`; rows whose target is
@@ -75,6 +92,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// implementation on devices without them.
 pub mod composite {
     use candle_core::{D, Result, Tensor};
+
+    use crate::model::family::Activation;
 
     /// `x / sqrt(mean(x²) + eps) * weight` over the last dimension, as transformers computes it.
     pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -112,9 +131,15 @@ pub mod composite {
         x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
     }
 
-    /// SwiGLU's gate: `silu(gate) * up`.
-    pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        gate.silu()? * up
+    /// A gated MLP's activation: `act(gate) * up`.
+    pub fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
+        let activated = match activation {
+            Activation::Silu => gate.silu()?,
+            // candle's `gelu` is the tanh approximation, `gelu_erf` the exact one.
+            Activation::GeluTanh => gate.gelu()?,
+            Activation::Gelu => gate.gelu_erf()?,
+        };
+        activated * up
     }
 }
 

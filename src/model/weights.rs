@@ -36,14 +36,16 @@ impl Params {
         Ok(Params { vars })
     }
 
-    /// Random weights for a new model: normal(0, std) for matrices, ones for norms.
+    /// Random weights for a new model: normal(0, std) for matrices; norms start as the
+    /// identity (weight 1, or 0 where the family scales by `1 + weight`).
     pub fn init(config: &ModelConfig, std: f64, seed: u64, device: &Device) -> Result<Self> {
+        let identity_norm = 1.0 - config.arch.norm_weight_offset;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = Normal::new(0f32, std as f32).map_err(|e| crate::error::failed(e))?;
         let mut params = Params::default();
         for (name, shape) in expected_shapes(config) {
             let tensor = if name.ends_with("norm.weight") {
-                Tensor::ones(shape.as_slice(), DType::F32, device)?
+                (Tensor::ones(shape.as_slice(), DType::F32, device)? * identity_norm)?
             } else if name.ends_with(".bias") {
                 Tensor::zeros(shape.as_slice(), DType::F32, device)?
             } else {
@@ -164,34 +166,73 @@ pub fn save_tensors<'a>(path: &Path, tensors: impl IntoIterator<Item = (&'a str,
     file.commit()
 }
 
-/// Every tensor a model of `config` has, with its shape, by Hugging Face name.
+/// The names of a layer's norms: Llama's `post_attention_layernorm` is the MLP's input norm;
+/// Gemma 2's sandwich names it the attention's output norm and adds two.
+pub struct LayerNames {
+    pub attention_norm: &'static str,
+    pub attention_out_norm: Option<&'static str>,
+    pub mlp_norm: &'static str,
+    pub mlp_out_norm: Option<&'static str>,
+}
+
+pub fn layer_names(config: &ModelConfig) -> LayerNames {
+    if config.arch.sandwich_norms {
+        LayerNames {
+            attention_norm: "input_layernorm",
+            attention_out_norm: Some("post_attention_layernorm"),
+            mlp_norm: "pre_feedforward_layernorm",
+            mlp_out_norm: Some("post_feedforward_layernorm"),
+        }
+    } else {
+        LayerNames {
+            attention_norm: "input_layernorm",
+            attention_out_norm: None,
+            mlp_norm: "post_attention_layernorm",
+            mlp_out_norm: None,
+        }
+    }
+}
+
+/// Every tensor a model of `config` has, with its shape, by its family's Hugging Face name.
 pub fn expected_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
     let q = config.num_attention_heads * config.head_dim;
     let kv = config.num_key_value_heads * config.head_dim;
+    let arch = &config.arch;
+    let norms = layer_names(config);
     let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for layer in 0..config.num_hidden_layers {
-        let p = |name: &str| format!("model.layers.{layer}.{name}");
-        shapes.push((p("input_layernorm.weight"), vec![h]));
-        shapes.push((p("self_attn.q_proj.weight"), vec![q, h]));
-        shapes.push((p("self_attn.k_proj.weight"), vec![kv, h]));
-        shapes.push((p("self_attn.v_proj.weight"), vec![kv, h]));
-        shapes.push((p("self_attn.o_proj.weight"), vec![h, q]));
-        if config.attention_bias {
-            shapes.push((p("self_attn.q_proj.bias"), vec![q]));
-            shapes.push((p("self_attn.k_proj.bias"), vec![kv]));
-            shapes.push((p("self_attn.v_proj.bias"), vec![kv]));
-            shapes.push((p("self_attn.o_proj.bias"), vec![h]));
+        let mut tensors: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut linear = |name: &str, out: usize, input: usize, bias: bool| {
+            tensors.push((format!("{name}.weight"), vec![out, input]));
+            if bias {
+                tensors.push((format!("{name}.bias"), vec![out]));
+            }
+        };
+        if arch.fused_projections {
+            linear("self_attn.qkv_proj", q + 2 * kv, h, arch.qkv_bias);
+        } else {
+            linear("self_attn.q_proj", q, h, arch.qkv_bias);
+            linear("self_attn.k_proj", kv, h, arch.qkv_bias);
+            linear("self_attn.v_proj", kv, h, arch.qkv_bias);
         }
-        shapes.push((p("post_attention_layernorm.weight"), vec![h]));
-        shapes.push((p("mlp.gate_proj.weight"), vec![i, h]));
-        shapes.push((p("mlp.up_proj.weight"), vec![i, h]));
-        shapes.push((p("mlp.down_proj.weight"), vec![h, i]));
-        if config.mlp_bias {
-            shapes.push((p("mlp.gate_proj.bias"), vec![i]));
-            shapes.push((p("mlp.up_proj.bias"), vec![i]));
-            shapes.push((p("mlp.down_proj.bias"), vec![h]));
+        linear("self_attn.o_proj", h, q, arch.o_bias);
+        if arch.fused_projections {
+            linear("mlp.gate_up_proj", 2 * i, h, arch.mlp_bias);
+        } else {
+            linear("mlp.gate_proj", i, h, arch.mlp_bias);
+            linear("mlp.up_proj", i, h, arch.mlp_bias);
         }
+        linear("mlp.down_proj", h, i, arch.mlp_bias);
+        if arch.qk_norm {
+            tensors.push(("self_attn.q_norm.weight".into(), vec![config.head_dim]));
+            tensors.push(("self_attn.k_norm.weight".into(), vec![config.head_dim]));
+        }
+        let layer_norms = [Some(norms.attention_norm), norms.attention_out_norm, Some(norms.mlp_norm), norms.mlp_out_norm];
+        for norm in layer_norms.into_iter().flatten() {
+            tensors.push((format!("{norm}.weight"), vec![h]));
+        }
+        shapes.extend(tensors.into_iter().map(|(name, shape)| (format!("model.layers.{layer}.{name}"), shape)));
     }
     shapes.push(("model.norm.weight".to_string(), vec![h]));
     match config.head {
