@@ -532,6 +532,97 @@ mod tests {
         assert!(parse(v).unwrap_err().to_string().contains("gpt2"));
     }
 
+    fn family(model_type: &str) -> Value {
+        let mut v = base();
+        v["model_type"] = json!(model_type);
+        v
+    }
+
+    #[test]
+    fn every_family_round_trips_through_its_own_keys() {
+        for f in Family::ALL {
+            let c = parse(family(f.model_type())).unwrap();
+            assert_eq!(c.family, f);
+            let written = c.to_json();
+            assert_eq!(written["model_type"], f.model_type());
+            assert_eq!(written["architectures"][0], format!("{}ForCausalLM", f.class_prefix()));
+            assert_eq!(parse(written).unwrap(), ModelConfig { raw: c.to_json().as_object().unwrap().clone(), ..c });
+        }
+    }
+
+    #[test]
+    fn family_defaults_follow_transformers() {
+        let qwen2 = parse(family("qwen2")).unwrap();
+        assert!(qwen2.arch.qkv_bias && !qwen2.arch.o_bias);
+        assert_eq!(qwen2.arch.sliding_windows, vec![None], "no window unless use_sliding_window");
+        let mut v = family("qwen2");
+        v["num_hidden_layers"] = json!(3);
+        v["use_sliding_window"] = json!(true);
+        v["sliding_window"] = json!(16);
+        v["max_window_layers"] = json!(1);
+        assert_eq!(parse(v).unwrap().arch.sliding_windows, vec![None, Some(16), Some(16)]);
+        let mistral = parse(family("mistral")).unwrap();
+        assert_eq!(mistral.arch.sliding_windows, vec![Some(4096)], "Mistral's default window");
+        let mut v = family("mistral");
+        v["sliding_window"] = Value::Null;
+        assert_eq!(parse(v).unwrap().arch.sliding_windows, vec![None]);
+        let mut v = family("gemma2");
+        v["num_hidden_layers"] = json!(2);
+        let gemma2 = parse(v).unwrap();
+        assert_eq!(gemma2.arch.sliding_windows, vec![Some(4096), None]);
+        assert_eq!((gemma2.arch.attn_logit_softcapping, gemma2.arch.final_logit_softcapping), (Some(50.0), Some(30.0)));
+        assert!(gemma2.tie_word_embeddings && gemma2.arch.sandwich_norms && gemma2.arch.norm_weight_offset == 1.0);
+        assert_eq!(gemma2.attention_scale(), 1.0 / 16f64, "query_pre_attn_scalar 256");
+        let mut v = family("gemma");
+        v["hidden_act"] = json!("gelu");
+        assert_eq!(parse(v).unwrap().arch.hidden_act, Activation::GeluTanh, "Gemma's legacy gelu is tanh");
+        assert!(parse(family("phi3")).unwrap().arch.fused_projections);
+    }
+
+    #[test]
+    fn phi3_longrope_and_partial_rotary() {
+        let mut v = family("phi3");
+        v["original_max_position_embeddings"] = json!(4096);
+        v["rope_scaling"] = json!({"type": "su", "short_factor": [1.0, 1.0], "long_factor": [2.0, 3.0]});
+        v["partial_rotary_factor"] = json!(1.0);
+        let c = parse(v.clone()).unwrap();
+        assert!(matches!(c.rope_scaling, RopeScaling::LongRope { original_max_position_embeddings: 4096.0, .. }));
+        v["partial_rotary_factor"] = json!(0.5);
+        assert_eq!(parse(v).unwrap().rotary_dim, 2);
+    }
+
+    #[test]
+    fn unimplemented_features_are_refused_naming_key_and_value() {
+        let cases: Vec<(Value, &str)> = vec![
+            (json!({"model_type": "gpt2"}), "`model_type` = `gpt2`"),
+            (json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}), "`rope_type` = `dynamic`"),
+            (json!({"hidden_act": "relu"}), "`hidden_act` = `relu`"),
+            (json!({"partial_rotary_factor": 0.5}), "`partial_rotary_factor` = `0.5`"),
+            (json!({"num_hidden_layers": 0}), "`num_hidden_layers`: 0 layers"),
+            (json!({"architectures": ["LlamaForTokenClassification"]}), "`architectures` = `LlamaForTokenClassification`"),
+        ];
+        for (patch, expected) in cases {
+            let mut v = base();
+            for (key, value) in patch.as_object().unwrap() {
+                v[key] = value.clone();
+            }
+            let e = parse(v).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains(expected), "{e} (wanted {expected})");
+        }
+        let mut v = family("gemma2");
+        v["use_bidirectional_attention"] = json!(true);
+        assert!(parse(v).unwrap_err().to_string().contains("use_bidirectional_attention"));
+        let mut v = family("qwen2");
+        v["layer_types"] = json!(["chunked_attention"]);
+        assert!(parse(v).unwrap_err().to_string().contains("`layer_types` = `chunked_attention`"));
+        let mut v = family("gemma2");
+        v["num_hidden_layers"] = json!(2);
+        v["layer_types"] = json!(["sliding_attention", "full_attention"]);
+        v["sliding_window"] = Value::Null;
+        assert!(parse(v).unwrap_err().to_string().contains("no sliding_window"));
+    }
+
     #[test]
     fn written_config_reads_back_equal() {
         let mut v = base();

@@ -466,18 +466,29 @@ const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044_715;
 
 impl Gated {
-    /// `act(g)` and `act'(g)`.
-    fn value_and_slope(&self, g: f32) -> (f32, f32) {
+    /// `act(g)`.
+    fn value(&self, g: f32) -> f32 {
+        match self.0 {
+            Activation::Silu => g * sigmoid(g),
+            // 0.5·g·(1 + tanh(u)), u = c·(g + 0.044715·g³)
+            Activation::GeluTanh | Activation::Gelu => {
+                0.5 * g * (1.0 + (SQRT_TWO_OVER_PI * (g + GELU_CUBIC * g * g * g)).tanh())
+            }
+        }
+    }
+
+    /// `(dgate, dup) = (dy·up·act'(g), dy·act(g))`.
+    fn backward(&self, g: f32, u: f32, dy: f32) -> (f32, f32) {
         match self.0 {
             Activation::Silu => {
                 let s = sigmoid(g);
-                (g * s, s * (1.0 + g * (1.0 - s)))
+                (dy * u * s * (1.0 + g * (1.0 - s)), dy * g * s)
             }
-            // 0.5·g·(1 + tanh(u)), u = c·(g + 0.044715·g³)
             Activation::GeluTanh | Activation::Gelu => {
                 let tanh = (SQRT_TWO_OVER_PI * (g + GELU_CUBIC * g * g * g)).tanh();
                 let du = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * g * g);
-                (0.5 * g * (1.0 + tanh), 0.5 * (1.0 + tanh) + 0.5 * g * (1.0 - tanh * tanh) * du)
+                let slope = 0.5 * (1.0 + tanh) + 0.5 * g * (1.0 - tanh * tanh) * du;
+                (dy * u * slope, dy * 0.5 * g * (1.0 + tanh))
             }
         }
     }
@@ -496,7 +507,7 @@ impl CustomOp2 for Gated {
         let mut y = vec![0f32; gate.len()];
         y.par_chunks_mut(16_384).zip(gate.par_chunks(16_384).zip(up.par_chunks(16_384))).for_each(|(y, (g, u))| {
             for ((yj, &gj), &uj) in y.iter_mut().zip(g).zip(u) {
-                *yj = self.value_and_slope(gj).0 * uj;
+                *yj = self.value(gj) * uj;
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -515,9 +526,7 @@ impl CustomOp2 for Gated {
                         .zip(g.par_chunks(16_384).zip(u.par_chunks(16_384)).zip(dy.par_chunks(16_384)))
                         .for_each(|((dg, du), ((g, u), dy))| {
                             for j in 0..g.len() {
-                                let (value, slope) = self.value_and_slope(g[j]);
-                                du[j] = dy[j] * value;
-                                dg[j] = dy[j] * u[j] * slope;
+                                (dg[j], du[j]) = self.backward(g[j], u[j], dy[j]);
                             }
                         });
                     Ok((dgate, dup))

@@ -25,7 +25,12 @@ struct FixtureTask {
 
 impl FixtureTask {
     fn new() -> Self {
-        let folder = ModelFolder::open(fixture("causal-lm").to_str().unwrap()).unwrap();
+        Self::of(&fixture("causal-lm"))
+    }
+
+    /// The fixture's batches on the model in `dir`.
+    fn of(dir: &Path) -> Self {
+        let folder = ModelFolder::open(dir.to_str().unwrap()).unwrap();
         let (model, params) = folder.load_model(&Device::Cpu).unwrap();
         let batches = candle_core::safetensors::load(fixture("train_batches.safetensors"), &Device::Cpu).unwrap()["batches"]
             .to_dtype(DType::U32)
@@ -124,32 +129,55 @@ fn metrics(dir: &Path) -> Vec<Value> {
 
 #[test]
 fn ten_adamw_steps_match_pytorch() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut task = FixtureTask::new();
-    train(&mut task, &fixture_args(10), &setup(dir.path())).unwrap();
-
     let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture("expected.json")).unwrap()).unwrap();
-    let training = &expected["training"];
+    ten_steps_match(&fixture("causal-lm"), &expected["training"], &fixture("weights_after_10_steps.safetensors"));
+}
+
+/// The same ten steps on the Qwen2 and Gemma 2 fixtures (testdata/families/F/training.json):
+/// q/k/v biases, (1 + w) norms, sandwich norms, soft-caps, sliding windows and tied
+/// embeddings all train as torch trains them.
+#[test]
+fn ten_adamw_steps_match_pytorch_for_qwen2_and_gemma2() {
+    for family in ["qwen2", "gemma2"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/families").join(family);
+        let training: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("training.json")).unwrap()).unwrap();
+        ten_steps_match(&dir.join("causal-lm"), &training, &dir.join("weights_after_10_steps.safetensors"));
+    }
+}
+
+fn ten_steps_match(model: &Path, training: &Value, weights_after: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut task = FixtureTask::of(model);
+    train(&mut task, &fixture_args(10), &setup(dir.path())).unwrap();
     let records = metrics(dir.path());
     assert_eq!(records.len(), 10);
     for (i, record) in records.iter().enumerate() {
         let (loss, want_loss) = (record["loss"].as_f64().unwrap(), training["losses"][i].as_f64().unwrap());
         let (norm, want_norm) =
             (record["grad_norm"].as_f64().unwrap(), training["grad_norms_before_clip"][i].as_f64().unwrap());
-        assert!((loss - want_loss).abs() <= 1e-4 * want_loss.abs(), "step {}: loss {loss} vs {want_loss}", i + 1);
-        assert!((norm - want_norm).abs() <= 1e-3 * want_norm.abs(), "step {}: grad norm {norm} vs {want_norm}", i + 1);
+        let model = model.display();
+        assert!((loss - want_loss).abs() <= 1e-4 * want_loss.abs(), "{model} step {}: loss {loss} vs {want_loss}", i + 1);
+        assert!((norm - want_norm).abs() <= 1e-3 * want_norm.abs(), "{model} step {}: grad norm {norm} vs {want_norm}", i + 1);
     }
 
-    let want = candle_core::safetensors::load(fixture("weights_after_10_steps.safetensors"), &Device::Cpu).unwrap();
+    let want = candle_core::safetensors::load(weights_after, &Device::Cpu).unwrap();
     let ours = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     let mut worst = (0f32, String::new());
     for (name, tensor) in &want {
         let diff: f32 = (&ours[name] - tensor).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        // A key bias's lowest-frequency rotary components barely change any score (a constant
+        // added to every key cancels in the softmax): their gradients are rounding noise that
+        // Adam's normalised step turns into moves of up to lr. One lr step bounds them.
+        if name.ends_with("k_proj.bias") {
+            assert!(diff <= 1e-3, "{}: {name} differs by {diff}", model.display());
+            continue;
+        }
         if diff > worst.0 {
             worst = (diff, name.clone());
         }
     }
-    assert!(worst.0 <= 1e-4, "weights differ by {} in {}", worst.0, worst.1);
+    assert_eq!(want.len(), ours.len(), "{}: tensors saved", model.display());
+    assert!(worst.0 <= 1e-4, "{}: weights differ by {} in {}", model.display(), worst.0, worst.1);
     for file in ["config.json", "model.safetensors", "tokenizer.json", "config.toml", "curves.svg", "eval.json"] {
         assert!(dir.path().join(file).exists(), "{file} missing");
     }
