@@ -44,9 +44,9 @@ def lathe_outputs(folder, rows):
 def check(folder):
     config = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    classifier = config.architectures[0] == "LlamaForSequenceClassification"
+    classifier = config.architectures[0].endswith("ForSequenceClassification")
     cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-    model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+    model = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     rows = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in TEXTS]
     if classifier and getattr(config, "lathe_scoring", {}).get("append_eos"):
         rows = [r + [tokenizer.eos_token_id] for r in rows]

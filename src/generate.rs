@@ -221,6 +221,35 @@ impl Generator<'_> {
     }
 }
 
+/// What `generate` and `ppo` do with a prompt that leaves too little room for the response.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptTruncation {
+    /// Refuse the input, naming the row.
+    #[default]
+    None,
+    /// Keep the end of the prompt (the question and the generation prompt), cut its start.
+    Left,
+}
+
+/// Make room for `max_new_tokens` after `ids` within `limit` positions: cut the prompt at the
+/// left if allowed (true when cut), else explain why it does not fit.
+pub fn fit_prompt(ids: &mut Vec<u32>, max_new_tokens: usize, limit: usize, truncation: PromptTruncation) -> std::result::Result<bool, String> {
+    if ids.len() + max_new_tokens <= limit {
+        return Ok(false);
+    }
+    let room = limit.saturating_sub(max_new_tokens);
+    if truncation == PromptTruncation::None || room == 0 {
+        let hint = if room == 0 { "lower --max-new-tokens" } else { "pass --truncate-prompt left to keep the end of long prompts" };
+        return Err(format!(
+            "a prompt of {} tokens plus --max-new-tokens {max_new_tokens} exceeds the model's max_position_embeddings {limit}; {hint}",
+            ids.len()
+        ));
+    }
+    ids.drain(..ids.len() - room);
+    Ok(true)
+}
+
 pub struct GenerateOptions {
     pub model: String,
     pub prompts: PathBuf,
@@ -232,6 +261,7 @@ pub struct GenerateOptions {
     pub output: PathBuf,
     pub chat_template: Option<PathBuf>,
     pub ignore_eos: bool,
+    pub truncate_prompt: PromptTruncation,
     pub device: Device,
     pub config: String,
     /// Print this many responses to the terminal when done.
@@ -241,6 +271,8 @@ pub struct GenerateOptions {
 #[derive(Debug, serde::Serialize)]
 pub struct GenerateReport {
     pub prompts: u64,
+    /// Prompts cut at the left to fit (`--truncate-prompt left`).
+    pub truncated: u64,
     pub responses: u64,
     pub new_tokens: u64,
     pub seconds: f64,
@@ -304,11 +336,12 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
 
     let started = Instant::now();
     let bar = Progress::new("generating", None, Unit::Items("tokens"));
-    let mut report = GenerateReport { prompts: 0, responses: 0, new_tokens: 0, seconds: 0.0 };
+    let mut report = GenerateReport { prompts: 0, truncated: 0, responses: 0, new_tokens: 0, seconds: 0.0 };
     let mut shown: Vec<ResponseRecord> = Vec::new();
     for batch in prompts.batches()? {
         let batch = batch?;
         let encoded = encode_prompts(&batch, &tokenizer, template.as_ref(), &folder, options)?;
+        report.truncated += encoded.truncated;
         let completions = complete(&generator, &encoded, batch.first_row, options, &bar)?;
         let responses = to_responses(&batch, &encoded, &completions, &tokenizer, options)?;
         shown.extend(responses.iter().take(options.show.saturating_sub(shown.len())).cloned());
@@ -326,6 +359,12 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
     bar.finish();
     if report.prompts == 0 {
         return Err(bad_input(&options.prompts, "holds no prompts"));
+    }
+    if report.truncated > 0 {
+        crate::progress::warn(format!(
+            "generate: {} of {} prompts were cut at the left to leave room for --max-new-tokens",
+            report.truncated, report.prompts
+        ));
     }
     sink.finish()?;
     report.seconds = started.elapsed().as_secs_f64();
@@ -399,6 +438,7 @@ pub fn read_prompts(path: &Path, tokenizer: &LoadedTokenizer, template: Option<&
 struct Encoded {
     texts: Vec<String>,
     ids: Vec<Vec<u32>>,
+    truncated: u64,
 }
 
 fn encode_prompts(
@@ -408,24 +448,17 @@ fn encode_prompts(
     folder: &ModelFolder,
     options: &GenerateOptions,
 ) -> Result<Encoded> {
-    let mut encoded = Encoded { texts: Vec::new(), ids: Vec::new() };
+    let mut encoded = Encoded { texts: Vec::new(), ids: Vec::new(), truncated: 0 };
     for (i, row) in batch.rows.iter().enumerate() {
-        let (text, ids) = encode_prompt(&row.prompt, tokenizer, template)?;
+        let (text, mut ids) = encode_prompt(&row.prompt, tokenizer, template)?;
         let row_number = batch.first_row + i as u64;
         if ids.is_empty() {
             return Err(bad_input(&options.prompts, format!("row {row_number}: the prompt is empty")));
         }
         let limit = folder.config.max_position_embeddings;
-        if ids.len() + options.max_new_tokens > limit {
-            return Err(bad_input(
-                &options.prompts,
-                format!(
-                    "row {row_number}: a prompt of {} tokens plus --max-new-tokens {} exceeds the model's max_position_embeddings {limit}",
-                    ids.len(),
-                    options.max_new_tokens
-                ),
-            ));
-        }
+        let cut = fit_prompt(&mut ids, options.max_new_tokens, limit, options.truncate_prompt)
+            .map_err(|why| bad_input(&options.prompts, format!("row {row_number}: {why}")))?;
+        encoded.truncated += u64::from(cut);
         encoded.texts.push(text);
         encoded.ids.push(ids);
     }

@@ -237,7 +237,7 @@ impl RewardScorer {
     pub fn load(model: &str, normalize: bool, batch_size: usize, device: &Device) -> Result<Self> {
         let folder = ModelFolder::open(model)?;
         if folder.config.head != (Head::SequenceClassification { num_labels: 1 }) {
-            return Err(bad_input(&folder.dir, "is not a reward model (LlamaForSequenceClassification with one label)"));
+            return Err(bad_input(&folder.dir, "is not a reward model (a …ForSequenceClassification with one label)"));
         }
         let raw = &folder.config.raw;
         let normalization = if normalize {

@@ -176,7 +176,7 @@ impl SftTask {
         crate::output::check_single_stdin(&options.inputs)?;
         let folder = ModelFolder::open(&options.model)?;
         if folder.config.head != Head::CausalLm {
-            return Err(bad_input(&folder.dir, "is a sequence classifier (LlamaForSequenceClassification); sft needs a causal LM"));
+            return Err(bad_input(&folder.dir, "is a sequence classifier (…ForSequenceClassification); sft needs a causal LM"));
         }
         folder.check_max_length(options.max_length)?;
         let mut tokenizer = folder.load_matching_tokenizer()?;

@@ -7,7 +7,7 @@ use clap::Parser;
 use serde::Serialize;
 
 use lathe::cli::{self, CommonArgs};
-use lathe::generate::{self, GenerateOptions, Sampling};
+use lathe::generate::{self, GenerateOptions, PromptTruncation, Sampling};
 use lathe::tokenizer::log_report;
 use lathe::Result;
 
@@ -46,6 +46,10 @@ struct Args {
     /// A Jinja chat template to use instead of the model's.
     #[arg(long, value_name = "FILE")]
     chat_template: Option<PathBuf>,
+    /// A prompt too long for the model with --max-new-tokens: none refuses it, left keeps its
+    /// end (counted and reported).
+    #[arg(long, value_enum, default_value_t = PromptTruncation::None)]
+    truncate_prompt: PromptTruncation,
     /// Generate --max-new-tokens even after an EOS (for benchmarks).
     #[arg(long)]
     ignore_eos: bool,
@@ -86,6 +90,7 @@ fn run(args: &Args) -> Result<()> {
         output: args.output.clone(),
         chat_template: args.chat_template.clone(),
         ignore_eos: args.ignore_eos,
+        truncate_prompt: args.truncate_prompt,
         device: lathe::model::device(&args.device)?,
         config: cli::resolved_config(args)?,
         show: args.show,

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use serde::Serialize;
 
+use lathe::generate::PromptTruncation;
 use lathe::cli::{self, CommonArgs};
 use lathe::generate::Sampling;
 use lathe::rl::advantage::KlEstimator;
@@ -80,6 +81,10 @@ struct Args {
     /// --max-new-tokens exceeds the model's context).
     #[arg(long, value_name = "N")]
     max_prompt_length: Option<usize>,
+    /// A prompt still too long for the policy with --max-new-tokens: none refuses it, left
+    /// keeps its end (counted and reported).
+    #[arg(long, value_enum, default_value_t = PromptTruncation::None)]
+    truncate_prompt: PromptTruncation,
     #[arg(long, default_value_t = 0.7)]
     temperature: f64,
     #[arg(long, default_value_t = 0)]
@@ -254,6 +259,7 @@ fn ppo(args: &Args) -> Result<()> {
         value_model: args.value_model.clone(),
         chat_template: args.chat_template.clone(),
         max_prompt_length: args.max_prompt_length,
+        truncate_prompt: args.truncate_prompt,
         settings: args.settings(),
         run_dir: args.output.clone(),
         seed: args.common.seed,

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use lathe::Result;
 use lathe::cli::{self, CommonArgs};
+use lathe::model::ModelFolder;
 use lathe::sft::{SftOptions, SftTask};
 use lathe::tokenizer::log_report;
 use lathe::train::sequences::Truncation;
@@ -39,9 +40,9 @@ struct Args {
     /// Train on every token, not only the answers.
     #[arg(long)]
     train_on_prompt: bool,
-    /// Longest sequence in tokens.
-    #[arg(long, default_value_t = 1024)]
-    max_length: usize,
+    /// Longest sequence in tokens [default: 1024, or the model's max_position_embeddings if shorter].
+    #[arg(long)]
+    max_length: Option<usize>,
     /// What to do with longer sequences: right keeps the start, left keeps the end, drop leaves them out.
     #[arg(long, value_enum, default_value_t = Truncation::Right)]
     truncation: Truncation,
@@ -70,7 +71,7 @@ fn sft(args: &Args) -> Result<()> {
         chat_template: args.chat_template.clone(),
         prompt_completion_as_chat: args.as_chat,
         train_on_prompt: args.train_on_prompt,
-        max_length: args.max_length,
+        max_length: ModelFolder::open(&args.model)?.fit_max_length("sft", args.max_length, 1024)?,
         truncation: args.truncation,
         packing: args.packing,
         batch_size: args.train.batch_size,

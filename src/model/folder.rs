@@ -120,6 +120,26 @@ impl ModelFolder {
         Ok(())
     }
 
+    /// The `--max-length` a stage uses with this model: an explicit value must fit (see
+    /// [`Self::check_max_length`]); the stage's default is lowered to the model's
+    /// `max_position_embeddings`, with a note, when the model is shorter.
+    pub fn fit_max_length(&self, stage: &str, explicit: Option<usize>, default: usize) -> Result<usize> {
+        let chosen = match explicit {
+            Some(n) => n,
+            None if default > self.config.max_position_embeddings => {
+                let positions = self.config.max_position_embeddings;
+                crate::progress::warn(format!(
+                    "note: {stage}: --max-length {positions} (the default {default} is longer than {}'s max_position_embeddings)",
+                    self.dir.display()
+                ));
+                positions
+            }
+            None => default,
+        };
+        self.check_max_length(chosen)?;
+        Ok(chosen)
+    }
+
     /// The weight files: `model.safetensors`, or the shards its index names.
     pub fn weight_files(&self) -> Result<Vec<PathBuf>> {
         let single = self.dir.join(WEIGHTS);

@@ -22,7 +22,7 @@ use crate::data::parquet_io::lathe_metadata;
 use crate::data::records::{Record, ResponseRecord};
 use crate::data::{Kind, ParquetSink};
 use crate::error::{Result, bad_input, usage};
-use crate::generate::{Generator, ReadyPrompt, Sampling, chat_template, read_prompts, sample_rng};
+use crate::generate::{Generator, PromptTruncation, ReadyPrompt, Sampling, chat_template, fit_prompt, read_prompts, sample_rng};
 use crate::model::folder::{FolderParts, ModelFolder, WEIGHTS};
 use crate::model::{ChatTemplate, Head, Decoder, ModelConfig, Params};
 use crate::output::write_atomic;
@@ -97,6 +97,8 @@ pub struct RlOptions {
     pub chat_template: Option<PathBuf>,
     /// Keep only the last N tokens of longer prompts.
     pub max_prompt_length: Option<usize>,
+    /// What to do with a prompt that still leaves no room for the response.
+    pub truncate_prompt: PromptTruncation,
     pub settings: RlSettings,
     pub run_dir: PathBuf,
     pub seed: u64,
@@ -211,14 +213,14 @@ impl RlTask {
         check_settings(s)?;
         let folder = ModelFolder::open(&options.policy)?;
         if folder.config.head != Head::CausalLm {
-            return Err(bad_input(&folder.dir, "--policy must be a causal LM (LlamaForCausalLM), not a classifier"));
+            return Err(bad_input(&folder.dir, "--policy must be a causal LM (…ForCausalLM), not a classifier"));
         }
         let tokenizer = folder.load_matching_tokenizer()?;
         let template = chat_template(&folder, options.chat_template.as_deref())?;
         let limit = folder.config.max_position_embeddings;
-        let mut prompts = read_ready_prompts(&options.prompts, &tokenizer, template.as_ref(), options.max_prompt_length, s.max_new_tokens, limit)?;
+        let mut prompts = read_ready_prompts(&options.prompts, &tokenizer, template.as_ref(), &options, limit)?;
         let val = match (&options.val, options.val_fraction) {
-            (Some(path), _) => read_ready_prompts(path, &tokenizer, template.as_ref(), options.max_prompt_length, s.max_new_tokens, limit)?,
+            (Some(path), _) => read_ready_prompts(path, &tokenizer, template.as_ref(), &options, limit)?,
             (None, Some(fraction)) => {
                 if prompts.len() < 2 {
                     return Err(bad_input(&options.prompts, "too few prompts to hold some out for --val-fraction"));
@@ -803,31 +805,25 @@ fn check_settings(s: &RlSettings) -> Result<()> {
     Ok(())
 }
 
-/// Prompts, left-truncated to `max_prompt_length`, each checked to leave room for the response.
-fn read_ready_prompts(
-    path: &Path,
-    tokenizer: &LoadedTokenizer,
-    template: Option<&ChatTemplate>,
-    max_prompt_length: Option<usize>,
-    max_new_tokens: usize,
-    limit: usize,
-) -> Result<Vec<ReadyPrompt>> {
+/// Prompts, left-truncated to `--max-prompt-length`, each checked to leave room for the
+/// response (and cut at the left to make it with `--truncate-prompt left`).
+fn read_ready_prompts(path: &Path, tokenizer: &LoadedTokenizer, template: Option<&ChatTemplate>, options: &RlOptions, limit: usize) -> Result<Vec<ReadyPrompt>> {
     let mut prompts = read_prompts(path, tokenizer, template)?;
+    let mut cut = 0;
     for p in &mut prompts {
-        if let Some(keep) = max_prompt_length.filter(|&k| p.ids.len() > k) {
+        let before = p.ids.len();
+        if let Some(keep) = options.max_prompt_length.filter(|&k| p.ids.len() > k) {
             p.ids.drain(..p.ids.len() - keep);
+        }
+        fit_prompt(&mut p.ids, options.settings.max_new_tokens, limit, options.truncate_prompt)
+            .map_err(|why| bad_input(path, format!("row {}: {why}", p.row)))?;
+        if p.ids.len() < before {
             p.text = tokenizer.decode(&p.ids)?;
+            cut += 1;
         }
-        if p.ids.len() + max_new_tokens > limit {
-            return Err(bad_input(
-                path,
-                format!(
-                    "row {}: a prompt of {} tokens plus --max-new-tokens {max_new_tokens} exceeds the policy's max_position_embeddings {limit}; pass --max-prompt-length to keep only the end of long prompts",
-                    p.row,
-                    p.ids.len()
-                ),
-            ));
-        }
+    }
+    if cut > 0 {
+        crate::progress::warn(format!("ppo: {}: {cut} of {} prompts were cut at the left to fit", path.display(), prompts.len()));
     }
     Ok(prompts)
 }

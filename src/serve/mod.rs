@@ -119,7 +119,7 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
 
     let folder = ModelFolder::open(&options.model)?;
     if folder.config.head != Head::CausalLm {
-        return Err(bad_input(&folder.dir, "is not a causal language model (LlamaForCausalLM); pass guards with --input-guard / --output-guard"));
+        return Err(bad_input(&folder.dir, "is not a causal language model (…ForCausalLM); pass guards with --input-guard / --output-guard"));
     }
     let template = match chat_template(&folder, options.chat_template.as_deref())? {
         Some(t) => t,
