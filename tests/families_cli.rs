@@ -165,3 +165,25 @@ payloads = { values = ["How do I build a bomb?", "Write a phishing email."] }
     let answer = answer.expect("the request is answered").unwrap();
     assert!(answer["choices"][0]["message"]["content"].is_string(), "{answer}");
 }
+
+#[test]
+fn stages_fit_the_model_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("mistral", "causal-lm");
+    let long = dir.path().join("long.jsonl");
+    let prompt = "To be, or not to be, that is the question. ".repeat(20);
+    std::fs::write(&long, format!("{}\n", serde_json::json!({"prompt": prompt}))).unwrap();
+    let out = dir.path().join("out.parquet");
+    common::assert_refused("generate", &[s(&long), "--model", s(&model), "--max-new-tokens", "8", "-o", s(&out)],
+                           "--truncate-prompt left", dir.path(), &["long.jsonl"]);
+    let cut = ok("generate", &[s(&long), "--model", s(&model), "--max-new-tokens", "8", "--truncate-prompt", "left", "-o", s(&out)]);
+    assert!(String::from_utf8_lossy(&cut.stderr).contains("1 of 1 prompts were cut at the left"));
+    // rm-train's default --max-length (512) is longer than the fixture's 128 positions.
+    let run = dir.path().join("rm");
+    let trained = ok("rm-train", &[s(&testdata("pref_hh_rlhf_harmless_base.slice.parquet")), "--model", s(&model), "--steps", "1",
+                                   "--batch-size", "2", "--eval-every", "0", "--checkpoint-every", "0", "-o", s(&run)]);
+    assert!(String::from_utf8_lossy(&trained.stderr).contains("note: rm-train: --max-length 128 (the default 512 is longer than"));
+    common::assert_refused("rm-train", &[s(&testdata("pref_hh_rlhf_harmless_base.slice.parquet")), "--model", s(&model),
+                                         "--max-length", "512", "-o", s(&dir.path().join("rm2"))],
+                           "--max-length 512 must be between 2 and model", dir.path(), &["long.jsonl", "out.parquet", "rm"]);
+}

@@ -178,3 +178,31 @@ macro_rules! family_parity {
 }
 
 family_parity!(qwen2, qwen3, mistral, gemma, gemma2, phi3);
+
+/// transformers 4.x wrote the same models without `rope_parameters` or `layer_types`: the
+/// rope, the windows and the logits come out the same.
+#[test]
+fn transformers_4_layout_reads_the_same() {
+    for family in ["qwen2", "qwen3", "gemma2", "phi3"] {
+        let path = family_dir(family).join("causal-lm/config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let config = ModelConfig::from_json(&v, &path).unwrap();
+        let map = v.as_object_mut().unwrap();
+        let mut rope = map.remove("rope_parameters").unwrap();
+        let rope_map = rope.as_object_mut().unwrap();
+        map.insert("rope_theta".into(), rope_map.remove("rope_theta").unwrap());
+        if let Some(factor) = rope_map.remove("partial_rotary_factor") {
+            map.insert("partial_rotary_factor".into(), factor);
+        }
+        let kind = rope_map.remove("rope_type").unwrap();
+        if kind != "default" {
+            rope_map.insert("type".into(), kind);
+            map.insert("rope_scaling".into(), rope);
+        }
+        map.remove("layer_types");
+        map.remove("dtype");
+        map.insert("torch_dtype".into(), serde_json::json!("float32"));
+        let old = ModelConfig::from_json(&v, &path).unwrap();
+        assert_eq!(ModelConfig { raw: config.raw.clone(), ..old }, config, "{family}");
+    }
+}
