@@ -428,8 +428,8 @@ impl Decoder {
         // One mask per distinct window (full attention is the window `None`).
         let mut masks = BTreeMap::new();
         for layer in &self.layers {
-            if !masks.contains_key(&layer.window) {
-                masks.insert(layer.window, attention_mask(b, t, past, &options, layer.window, self.device())?);
+            if let std::collections::btree_map::Entry::Vacant(slot) = masks.entry(layer.window) {
+                slot.insert(attention_mask(b, t, past, &options, layer.window, self.device())?);
             }
         }
         for (i, layer) in self.layers.iter().enumerate() {

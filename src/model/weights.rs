@@ -41,7 +41,7 @@ impl Params {
     pub fn init(config: &ModelConfig, std: f64, seed: u64, device: &Device) -> Result<Self> {
         let identity_norm = 1.0 - config.arch.norm_weight_offset;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let normal = Normal::new(0f32, std as f32).map_err(|e| crate::error::failed(e))?;
+        let normal = Normal::new(0f32, std as f32).map_err(crate::error::failed)?;
         let mut params = Params::default();
         for (name, shape) in expected_shapes(config) {
             let tensor = if name.ends_with("norm.weight") {
