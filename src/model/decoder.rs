@@ -6,12 +6,16 @@
 //! op has a backward, so this one model serves inference and training.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{D, DType, Device, Result, Tensor, TensorId, Var};
 
 use super::config::ModelConfig;
 use super::family::Activation;
+use super::lora::{self, Adapter};
 use super::ops::{attention_softmax, gated_activation, rms_norm, rope_heads_first, softcap};
+use super::recompute::{self, Backward};
 use super::rope::Rope;
 use super::weights::{Params, layer_names};
 
@@ -19,11 +23,81 @@ use super::weights::{Params, layer_names};
 /// query) gives a uniform distribution instead of NaNs that would poison later positions.
 const MASKED: f32 = -1e30;
 
-/// `y = x Wᵀ + b` over the last dimension.
+/// What a decoder's adapters do right now, shared by all its LoRA layers: on or off (PEFT's
+/// `disable_adapter`, the PPO reference), recording gradients or not (sampling), and the seed
+/// of this micro-batch's dropout masks (none: no dropout, as in evaluation).
+#[derive(Debug)]
+pub struct AdapterSwitch {
+    enabled: AtomicBool,
+    grad: AtomicBool,
+    dropout_seed: AtomicU64,
+}
+
+const NO_DROPOUT: u64 = u64::MAX;
+
+impl AdapterSwitch {
+    fn new() -> Self {
+        AdapterSwitch { enabled: AtomicBool::new(true), grad: AtomicBool::new(true), dropout_seed: AtomicU64::new(NO_DROPOUT) }
+    }
+
+    /// Run with the adapters on (the tuned model) or off (the base).
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Record gradients through the adapters (training) or not (sampling, evaluation).
+    pub fn set_grad(&self, on: bool) {
+        self.grad.store(on, Ordering::Relaxed);
+    }
+
+    /// Dropout masks drawn from `seed` (a micro-batch's), or no dropout.
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        self.dropout_seed.store(seed.map_or(NO_DROPOUT, |s| s & !(1 << 63)), Ordering::Relaxed);
+    }
+
+    fn dropout_seed(&self) -> Option<u64> {
+        Some(self.dropout_seed.load(Ordering::Relaxed)).filter(|&s| s != NO_DROPOUT)
+    }
+}
+
+/// A LoRA pair on a linear layer: `scale · B A dropout(x)`, stored transposed.
+#[derive(Clone)]
+struct Lora {
+    /// `Aᵀ` `[in, r]` and `Bᵀ` `[r, out]`.
+    a_t: Tensor,
+    b_t: Tensor,
+    scale: f64,
+    dropout: f64,
+    /// This module's place in the model, mixed into its dropout masks.
+    id: u64,
+    switch: Arc<AdapterSwitch>,
+}
+
+impl Lora {
+    /// The adapter's term for rows `x` `[rows, in]`, when the adapter is on.
+    fn delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !self.switch.enabled.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let (a_t, b_t) = match self.switch.grad.load(Ordering::Relaxed) {
+            true => (self.a_t.clone(), self.b_t.clone()),
+            false => (self.a_t.detach(), self.b_t.detach()),
+        };
+        let x = match self.switch.dropout_seed() {
+            Some(seed) if self.dropout > 0.0 => super::ops::dropout(x, self.dropout, seed ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15))?,
+            _ => x.clone(),
+        };
+        Ok(Some((x.matmul(&a_t)?.matmul(&b_t)? * self.scale)?))
+    }
+}
+
+/// `y = x Wᵀ + b` over the last dimension, plus a LoRA term where an adapter wraps the layer.
+#[derive(Clone)]
 struct Linear {
     /// `Wᵀ`, `[in, out]` (see [`Weights::transposed`]).
     weight_t: Tensor,
     bias: Option<Tensor>,
+    lora: Option<Lora>,
 }
 
 impl Linear {
@@ -32,6 +106,7 @@ impl Linear {
         Ok(Linear {
             weight_t: params.transposed(&weight)?,
             bias: if bias { Some(params.get(&format!("{prefix}.bias"))?) } else { None },
+            lora: params.lora(prefix)?,
         })
     }
 
@@ -39,11 +114,14 @@ impl Linear {
         let mut dims = x.dims().to_vec();
         let features = dims.pop().unwrap_or(1);
         let rows: usize = dims.iter().product();
-        let y = x.reshape((rows, features))?.matmul(&self.weight_t)?;
-        let y = match &self.bias {
-            Some(bias) => y.broadcast_add(bias)?,
-            None => y,
-        };
+        let x = x.reshape((rows, features))?;
+        let mut y = x.matmul(&self.weight_t)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let Some(delta) = self.lora.as_ref().map(|l| l.delta(&x)).transpose()?.flatten() {
+            y = (y + delta)?;
+        }
         dims.push(self.weight_t.dim(1)?);
         y.reshape(dims)
     }
@@ -51,6 +129,7 @@ impl Linear {
 
 /// Several projections of the same input: separate layers (`q_proj`, `k_proj`, `v_proj`), or
 /// one stored fused (Phi-3's `qkv_proj`, `gate_up_proj`) whose output is split in order.
+#[derive(Clone)]
 enum Projections {
     Separate(Vec<Linear>),
     Fused { linear: Linear, sizes: Vec<usize> },
@@ -93,6 +172,7 @@ impl Projections {
 
 /// RMSNorm over the last dimension, scaling by `offset + weight` (Gemma's `1 + w`). The offset
 /// is added at every forward: the weight changes in place while training.
+#[derive(Clone)]
 struct Norm {
     weight: Tensor,
     offset: f64,
@@ -113,16 +193,46 @@ impl Norm {
     }
 }
 
-/// Weights by Hugging Face name, shared with the optimizer's `Var`s or detached from them.
-struct Weights<'a> {
-    params: &'a Params,
-    detach: bool,
+/// How a decoder holds its weights.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Every weight trains: views of the optimizer's `Var`s.
+    Train,
+    /// LoRA training: the base is frozen (detached, no gradients), the adapter trains.
+    Frozen,
+    /// Inference: everything detached.
+    Inference,
 }
 
-impl Weights<'_> {
+/// Weights by Hugging Face name, shared with the optimizer's `Var`s or detached from them,
+/// and an adapter's pairs by module.
+struct Weights<'a> {
+    params: &'a Params,
+    mode: Mode,
+    adapter: Option<&'a Adapter>,
+    switch: Arc<AdapterSwitch>,
+    /// Ids of the trainable tensors handed out since the last [`Weights::take_trained`].
+    trained: std::cell::RefCell<Vec<TensorId>>,
+}
+
+impl<'a> Weights<'a> {
+    fn new(params: &'a Params, mode: Mode, adapter: Option<&'a Adapter>) -> Self {
+        Weights { params, mode, adapter, switch: Arc::new(AdapterSwitch::new()), trained: Default::default() }
+    }
+
+    /// The trainable tensors handed out since the last call (a layer's, for checkpointing).
+    fn take_trained(&self) -> Vec<TensorId> {
+        std::mem::take(&mut *self.trained.borrow_mut())
+    }
+
     fn optional(&self, name: &str) -> Option<Tensor> {
         let tensor = self.params.get(name)?.as_tensor();
-        Some(if self.detach { tensor.detach() } else { tensor.clone() })
+        if self.mode == Mode::Train {
+            self.trained.borrow_mut().push(tensor.id());
+            Some(tensor.clone())
+        } else {
+            Some(tensor.detach())
+        }
     }
 
     fn get(&self, name: &str) -> Result<Tensor> {
@@ -130,10 +240,35 @@ impl Weights<'_> {
     }
 
     /// `Wᵀ` for `x Wᵀ`: a view of the parameter when training (it changes in place every
-    /// step); a contiguous copy for inference, which gemm multiplies by small row counts twice
-    /// as fast (batch-8 decoding: 2,740 → 5,530 tokens/s).
+    /// step); a contiguous copy for inference and for a frozen base, which gemm multiplies by
+    /// small row counts twice as fast (batch-8 decoding: 2,740 → 5,530 tokens/s). A frozen
+    /// base's own tensors can then be dropped.
     fn transposed(&self, weight: &Tensor) -> Result<Tensor> {
-        if self.detach { weight.t()?.contiguous() } else { weight.t() }
+        if self.mode == Mode::Train { weight.t() } else { weight.t()?.contiguous() }
+    }
+
+    /// The adapter's pair for the module at `prefix`, if it wraps that module.
+    fn lora(&self, prefix: &str) -> Result<Option<Lora>> {
+        let Some(adapter) = self.adapter else { return Ok(None) };
+        let Some((a, b)) = adapter.pair(prefix) else { return Ok(None) };
+        let id = adapter.modules.iter().position(|m| m.path == prefix).unwrap_or(0) as u64;
+        let (a_t, b_t) = match self.mode {
+            Mode::Inference => (a.as_tensor().detach().t()?.contiguous()?, b.as_tensor().detach().t()?.contiguous()?),
+            _ => {
+                self.trained.borrow_mut().extend([a.as_tensor().id(), b.as_tensor().id()]);
+                (a.as_tensor().t()?, b.as_tensor().t()?)
+            }
+        };
+        Ok(Some(Lora { a_t, b_t, scale: adapter.settings.scale(), dropout: adapter.settings.dropout, id, switch: self.switch.clone() }))
+    }
+
+    /// The classifier head: an adapter's own (PEFT's `modules_to_save`), else the base's.
+    fn score(&self) -> Option<Tensor> {
+        match self.adapter.and_then(|a| a.params.get(lora::SCORE)) {
+            Some(var) if self.mode == Mode::Inference => Some(var.as_tensor().detach()),
+            Some(var) => Some(var.as_tensor().clone()),
+            None => self.optional("score.weight"),
+        }
     }
 }
 
@@ -174,6 +309,7 @@ impl LayerCache {
 }
 
 /// Grouped-query self-attention (`model.layers.{i}.self_attn.*`).
+#[derive(Clone)]
 struct Attention {
     qkv: Projections,
     o_proj: Linear,
@@ -244,6 +380,7 @@ impl Attention {
 }
 
 /// Gated feed-forward, SwiGLU or GeGLU (`model.layers.{i}.mlp.*`).
+#[derive(Clone)]
 struct Mlp {
     gate_up: Projections,
     down_proj: Linear,
@@ -269,6 +406,7 @@ impl Mlp {
 
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual; Gemma 2 also
 /// norms each one's output before adding it.
+#[derive(Clone)]
 struct Block {
     attention_norm: Norm,
     self_attn: Attention,
@@ -278,6 +416,8 @@ struct Block {
     mlp_out_norm: Option<Norm>,
     /// This layer's sliding window, if it has one.
     window: Option<usize>,
+    /// Its trainable tensors, whose gradients a checkpointed backward hands on.
+    trained: Arc<Vec<TensorId>>,
 }
 
 impl Block {
@@ -285,7 +425,8 @@ impl Block {
         let prefix = format!("model.layers.{layer}");
         let names = layer_names(config);
         let norm = |name: &str| Norm::load(params, &format!("{prefix}.{name}.weight"), config);
-        Ok(Block {
+        params.take_trained();
+        let mut block = Block {
             attention_norm: norm(names.attention_norm)?,
             self_attn: Attention::load(params, &format!("{prefix}.self_attn"), config)?,
             attention_out_norm: names.attention_out_norm.map(norm).transpose()?,
@@ -293,7 +434,29 @@ impl Block {
             mlp: Mlp::load(params, &format!("{prefix}.mlp"), config)?,
             mlp_out_norm: names.mlp_out_norm.map(norm).transpose()?,
             window: config.arch.sliding_windows[layer],
-        })
+            trained: Arc::default(),
+        };
+        block.trained = Arc::new(params.take_trained());
+        Ok(block)
+    }
+
+    /// [`Block::forward`] keeping only the input: the backward pass recomputes the layer's
+    /// activations from it (gradient checkpointing), with the same gradients.
+    fn checkpointed(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let value = self.forward(&x.detach(), cos, sin, mask, None)?;
+        let (block, cos, sin, mask) = (self.clone(), cos.clone(), sin.clone(), mask.cloned());
+        let backward: Backward = Arc::new(move |inputs: &[Tensor], grad: &Tensor| {
+            let x = Var::from_tensor(&inputs[0].detach())?;
+            let y = block.forward(x.as_tensor(), &cos, &sin, mask.as_ref(), None)?;
+            let grads = (y * grad.detach())?.sum_all()?.backward()?;
+            for &id in block.trained.iter() {
+                if let Some(g) = grads.get_id(id) {
+                    recompute::add_side_grad(id, g.clone())?;
+                }
+            }
+            Ok(vec![grads.get(x.as_tensor()).cloned()])
+        });
+        recompute::with_backward(x, &value, backward)
     }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<(&mut LayerCache, usize)>) -> Result<Tensor> {
@@ -359,13 +522,22 @@ pub struct Decoder {
     lm_head_t: Option<Tensor>,
     score_t: Option<Tensor>,
     rope: Rope,
+    switch: Arc<AdapterSwitch>,
+    /// Recompute each layer in the backward pass instead of keeping its activations.
+    checkpointing: bool,
 }
 
 impl Decoder {
     /// Build from parameters already checked with [`Params::check`]; training reads the same
     /// tensors the optimizer updates.
     pub fn new(config: &ModelConfig, params: &Params) -> Result<Self> {
-        Self::build(config, &Weights { params, detach: false })
+        Self::build(config, &Weights::new(params, Mode::Train, None))
+    }
+
+    /// Build for LoRA training: `base` frozen (the decoder keeps its own copies, so the caller
+    /// may drop `base`), the adapter's pairs (and head) trained through the same linear layers.
+    pub fn with_adapter(config: &ModelConfig, base: &Params, adapter: &Adapter) -> Result<Self> {
+        Self::build(config, &Weights::new(base, Mode::Frozen, Some(adapter)))
     }
 
     /// Build for inference: the weights are detached, so no op records a backward graph (a KV
@@ -373,7 +545,19 @@ impl Decoder {
     /// transposed. This is a snapshot: after the parameters change (a training step), build a
     /// new one.
     pub fn new_inference(config: &ModelConfig, params: &Params) -> Result<Self> {
-        Self::build(config, &Weights { params, detach: true })
+        Self::build(config, &Weights::new(params, Mode::Inference, None))
+    }
+
+    /// Keep only each layer's input while training and recompute its activations in the
+    /// backward pass: memory for one layer's activations instead of all, for one more forward.
+    /// Gradients reach the parameters through [`recompute::backward`].
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// The switch of this decoder's adapters (see [`AdapterSwitch`]).
+    pub fn adapter_switch(&self) -> &AdapterSwitch {
+        &self.switch
     }
 
     fn build(config: &ModelConfig, params: &Weights) -> Result<Self> {
@@ -382,19 +566,27 @@ impl Decoder {
         let layers = (0..config.num_hidden_layers)
             .map(|layer| Block::load(params, layer, config))
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if config.tie_word_embeddings {
-            Some(embed_tokens.clone())
+        let lm_head_t = if config.tie_word_embeddings {
+            // A frozen base keeps the tied head a view of the embedding: no second copy.
+            Some(if params.mode == Mode::Frozen { embed_tokens.t()? } else { params.transposed(&embed_tokens)? })
         } else {
-            params.optional("lm_head.weight")
+            params.optional("lm_head.weight").map(|w| params.transposed(&w)).transpose()?
+        };
+        let score_t = match params.score() {
+            Some(w) if params.mode == Mode::Inference => Some(w.t()?.contiguous()?),
+            Some(w) => Some(w.t()?),
+            None => None,
         };
         Ok(Decoder {
             config: config.clone(),
             layers,
             norm: Norm::load(params, "model.norm.weight", config)?,
-            lm_head_t: lm_head.map(|w| params.transposed(&w)).transpose()?,
-            score_t: params.optional("score.weight").map(|w| params.transposed(&w)).transpose()?,
+            lm_head_t,
+            score_t,
             rope: Rope::new(config, &device)?,
             embed_tokens,
+            switch: params.switch.clone(),
+            checkpointing: false,
         })
     }
 
@@ -432,9 +624,16 @@ impl Decoder {
                 slot.insert(attention_mask(b, t, past, &options, layer.window, self.device())?);
             }
         }
+        // Checkpointing needs a graph to cut (training) and a CPU device (see `recompute`).
+        let checkpoint = self.checkpointing && cache.is_none() && x.track_op() && x.device().is_cpu();
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], c.capacity_hint));
-            x = layer.forward(&x, &cos, &sin, masks[&layer.window].as_ref(), layer_cache)?;
+            let mask = masks[&layer.window].as_ref();
+            x = if checkpoint {
+                layer.checkpointed(&x, &cos, &sin, mask)?
+            } else {
+                let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], c.capacity_hint));
+                layer.forward(&x, &cos, &sin, mask, layer_cache)?
+            };
         }
         if let Some(cache) = cache {
             cache.len += t;

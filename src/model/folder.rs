@@ -8,8 +8,9 @@ use candle_core::Device;
 use serde_json::{Map, Value, json};
 
 use super::chat::ChatTemplate;
-use super::config::ModelConfig;
+use super::config::{Head, ModelConfig};
 use super::decoder::Decoder;
+use super::lora::{self, Adapter};
 use super::weights::Params;
 use crate::error::{Result, bad_input, usage};
 use crate::output::write_atomic;
@@ -61,19 +62,34 @@ fn hub_cache() -> hf_hub::Cache {
     }
 }
 
-/// A model folder's files, read and checked.
+/// The base model an adapter folder's `--base` names instead of its `base_model_name_or_path`.
+static ADAPTER_BASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `--base MODEL`: the base of every adapter given as a model in this process.
+pub fn set_adapter_base(base: String) {
+    let _ = ADAPTER_BASE.set(base);
+}
+
+/// A model folder's files, read and checked. A LoRA adapter folder (`adapter_config.json`) is
+/// a model too: its base supplies the weights, and whatever files the adapter folder holds
+/// (tokenizer, chat template, a tuned config) take precedence over the base's.
 pub struct ModelFolder {
     pub dir: PathBuf,
     pub config: ModelConfig,
     pub generation_config: Option<Value>,
     pub tokenizer_config: Map<String, Value>,
     pub chat_template: Option<String>,
+    /// For an adapter folder: the base model folder.
+    pub base: Option<Box<ModelFolder>>,
 }
 
 impl ModelFolder {
-    /// Open a model argument (folder or hub id) and read its configuration files.
+    /// Open a model argument (folder, adapter folder or hub id) and read its configuration files.
     pub fn open(model: &str) -> Result<Self> {
         let dir = resolve(model)?;
+        if lora::is_adapter(&dir) {
+            return Self::open_adapter(dir);
+        }
         let config_path = dir.join(CONFIG);
         if !config_path.exists() {
             return Err(bad_input(&dir, "no config.json: not a Hugging Face model folder"));
@@ -82,15 +98,72 @@ impl ModelFolder {
         let generation_config = read_json_if_present(&dir.join(GENERATION_CONFIG))?;
         let tokenizer_config = read_tokenizer_config(&dir)?;
         let chat_template = read_chat_template(&dir, &tokenizer_config)?;
-        Ok(ModelFolder { dir, config, generation_config, tokenizer_config, chat_template })
+        Ok(ModelFolder { dir, config, generation_config, tokenizer_config, chat_template, base: None })
+    }
+
+    /// An adapter folder on its base: `--base`, else `base_model_name_or_path` (relative to the
+    /// adapter folder, absolute, or a hub id in the local cache).
+    fn open_adapter(dir: PathBuf) -> Result<Self> {
+        let (_, _, named) = lora::read_adapter_config(&dir)?;
+        let base_arg = ADAPTER_BASE.get().cloned().unwrap_or(named);
+        if base_arg.is_empty() {
+            return Err(usage(format!("adapter {}: no base_model_name_or_path; pass --base MODEL", dir.display())));
+        }
+        let beside = dir.join(&base_arg);
+        let base_arg = if Path::new(&base_arg).is_relative() && beside.is_dir() { beside.display().to_string() } else { base_arg };
+        let base = ModelFolder::open(&base_arg).map_err(|e| {
+            usage(format!("adapter {}: its base `{base_arg}` cannot be opened ({}); pass --base MODEL", dir.display(), e.one_line()))
+        })?;
+        if base.base.is_some() {
+            return Err(bad_input(&dir, format!("its base {} is itself an adapter; merge that one first (adapter merge)", base.dir.display())));
+        }
+        // A tuned config lathe wrote beside the adapter (new stop tokens, a classifier head);
+        // else the base's, with PEFT's classifier head when the adapter is one.
+        let config = match dir.join(CONFIG).exists() {
+            true => {
+                let tuned = ModelConfig::from_file(&dir.join(CONFIG))?;
+                check_same_architecture(&tuned, &base.config, &dir)?;
+                tuned
+            }
+            false => adapter_head_config(&dir, &base.config)?,
+        };
+        let generation_config = read_json_if_present(&dir.join(GENERATION_CONFIG))?.or_else(|| base.generation_config.clone());
+        let own = read_tokenizer_config(&dir)?;
+        let tokenizer_config = if own.is_empty() { base.tokenizer_config.clone() } else { own };
+        let chat_template = read_chat_template(&dir, &tokenizer_config)?.or_else(|| base.chat_template.clone());
+        Ok(ModelFolder { dir, config, generation_config, tokenizer_config, chat_template, base: Some(Box::new(base)) })
+    }
+
+    /// Where `tokenizer.json` is: the folder's own, else (an adapter without one) the base's.
+    fn tokenizer_dir(&self) -> &Path {
+        match &self.base {
+            Some(base) if !self.dir.join(TOKENIZER).exists() => &base.dir,
+            _ => &self.dir,
+        }
     }
 
     pub fn tokenizer_path(&self) -> PathBuf {
-        self.dir.join(TOKENIZER)
+        self.tokenizer_dir().join(TOKENIZER)
     }
 
     pub fn load_tokenizer(&self) -> Result<LoadedTokenizer> {
-        LoadedTokenizer::load(&self.dir)
+        LoadedTokenizer::load(self.tokenizer_dir())
+    }
+
+    /// The adapter of an adapter folder (its A/B pairs on `device`).
+    pub fn load_adapter(&self, device: &Device) -> Result<Option<Adapter>> {
+        self.base.as_ref().map(|_| Adapter::load(&self.dir, &self.config, device)).transpose()
+    }
+
+    /// The base model's parameters, with the head this folder's config wants (a classifier
+    /// adapter's base loses its LM head): what a LoRA trainer freezes.
+    pub fn load_base_params(&self, device: &Device) -> Result<Params> {
+        let Some(base) = &self.base else { return self.load_params(device) };
+        let mut params = base.load_params(device)?;
+        if matches!(self.config.head, Head::SequenceClassification { .. }) {
+            params.remove("lm_head.weight");
+        }
+        Ok(params)
     }
 
     /// The folder's tokenizer, refused when it has more tokens than the model has embedding rows.
@@ -140,8 +213,11 @@ impl ModelFolder {
         Ok(chosen)
     }
 
-    /// The weight files: `model.safetensors`, or the shards its index names.
+    /// The weight files: `model.safetensors`, or the shards its index names (an adapter's base's).
     pub fn weight_files(&self) -> Result<Vec<PathBuf>> {
+        if let Some(base) = &self.base {
+            return base.weight_files();
+        }
         let single = self.dir.join(WEIGHTS);
         if single.exists() {
             return Ok(vec![single]);
@@ -161,7 +237,15 @@ impl ModelFolder {
         Ok(shards.into_iter().map(|s| self.dir.join(s)).collect())
     }
 
+    /// The model's parameters; an adapter folder's are its base's with the adapter merged in.
     pub fn load_params(&self, device: &Device) -> Result<Params> {
+        if self.base.is_some() {
+            let mut params = self.load_base_params(device)?;
+            let adapter = self.load_adapter(device)?.expect("an adapter folder has an adapter");
+            adapter.merge_into(&mut params)?;
+            params.check(&self.config, &self.dir.join(lora::ADAPTER_WEIGHTS))?;
+            return Ok(params);
+        }
         let files = self.weight_files()?;
         let mut params = Params::load(&files, device)?;
         // Older checkpoints carry rotary tables as buffers; we compute our own.
@@ -201,6 +285,45 @@ impl ModelFolder {
             .unwrap_or_default();
         if from_generation.is_empty() { self.config.eos_token_ids.clone() } else { from_generation }
     }
+}
+
+/// A tuned config beside an adapter must describe its base's architecture.
+fn check_same_architecture(tuned: &ModelConfig, base: &ModelConfig, dir: &Path) -> Result<()> {
+    let shape = |c: &ModelConfig| {
+        (c.family, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size)
+    };
+    if shape(tuned) != shape(base) || tuned.arch != base.arch {
+        return Err(bad_input(
+            dir.join(CONFIG),
+            "describes another model than the adapter's base (family, shape or vocabulary differ); pass the right --base",
+        ));
+    }
+    Ok(())
+}
+
+/// A PEFT-written adapter's config: the base's, as a classifier when the adapter is one
+/// (`task_type: SEQ_CLS`, its `score` head saved in full).
+fn adapter_head_config(dir: &Path, base: &ModelConfig) -> Result<ModelConfig> {
+    let (raw, _, _) = lora::read_adapter_config(dir)?;
+    let mut config = base.clone();
+    if raw.get("task_type").and_then(Value::as_str) == Some("SEQ_CLS") {
+        let file = dir.join(lora::ADAPTER_WEIGHTS);
+        let tensors = safetensors_shapes(&file)?;
+        let rows = tensors
+            .get(lora::SCORE)
+            .and_then(|shape| shape.first().copied())
+            .ok_or_else(|| bad_input(&file, format!("a SEQ_CLS adapter without `{}` (PEFT saves the head it trained)", lora::SCORE)))?;
+        config.head = Head::SequenceClassification { num_labels: rows };
+    }
+    Ok(config)
+}
+
+/// Tensor names and shapes of a safetensors file, without reading the tensors.
+fn safetensors_shapes(file: &Path) -> Result<std::collections::HashMap<String, Vec<usize>>> {
+    let bytes = std::fs::read(file).map_err(|e| bad_input(file, format!("cannot read: {e}")))?;
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad_input(file, format!("not a readable safetensors file ({e})")))?;
+    Ok(metadata.tensors().into_iter().map(|(name, info)| (name, info.shape.clone())).collect())
 }
 
 fn read_json_if_present(path: &Path) -> Result<Option<Value>> {

@@ -4,10 +4,12 @@
 pub mod chat;
 pub mod config;
 pub mod folder;
+pub mod lora;
 pub mod fused;
 pub mod decoder;
 pub mod family;
 pub mod ops;
+pub mod recompute;
 pub mod rope;
 pub mod weights;
 
@@ -15,7 +17,7 @@ pub use chat::ChatTemplate;
 pub use config::{Head, ModelConfig};
 pub use family::{Activation, Architecture, Family};
 pub use folder::ModelFolder;
-pub use decoder::{ForwardOptions, KvCache, Decoder};
+pub use decoder::{AdapterSwitch, Decoder, ForwardOptions, KvCache};
 pub use weights::Params;
 
 use candle_core::Device;

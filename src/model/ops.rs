@@ -57,6 +57,25 @@ pub fn gated_activation(gate: &Tensor, up: &Tensor, activation: Activation) -> R
     composite::gated(gate, up, activation)
 }
 
+/// Inverted dropout with probability `p`: each element kept (and scaled by `1 / (1 - p)`) or
+/// zeroed by a counter-based hash of `seed` and its index, so the same seed gives the same mask
+/// on any device, in any order (a recomputed forward draws what the first one drew).
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let n = x.elem_count();
+    let threshold = (p * u64::MAX as f64) as u64;
+    let keep = 1.0 / (1.0 - p) as f32;
+    let mask: Vec<f32> = (0..n as u64).map(|i| if splitmix64(seed ^ splitmix64(i)) >= threshold { keep } else { 0.0 }).collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
+}
+
+/// SplitMix64's output function: a fast, well-mixed hash of a counter.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// `cap · tanh(x / cap)`: Gemma 2's soft-capping of attention scores and logits.
 pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
     (x / cap)?.tanh()? * cap

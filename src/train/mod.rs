@@ -379,7 +379,7 @@ fn accumulate<T: Task>(task: &mut T, accum: usize) -> Result<(f64, u64, Grads, M
     for _ in 0..accum {
         let out = task.next_loss()?;
         let value = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        let store = (out.loss / accum as f64)?.backward()?;
+        let store = crate::model::recompute::backward(&(out.loss / accum as f64)?)?;
         for (name, var) in task.params().iter() {
             if let Some(grad) = store.get(var.as_tensor()) {
                 match grads.get_mut(name) {
