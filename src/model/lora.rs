@@ -374,3 +374,6 @@ pub fn read_adapter_config(dir: &Path) -> Result<(Map<String, Value>, LoraSettin
     let base = key("base_model_name_or_path").and_then(Value::as_str).unwrap_or_default().to_string();
     Ok((raw, LoraSettings { r, alpha, dropout, targets, use_rslora }, base))
 }
+
+#[cfg(test)]
+mod tests;

@@ -45,14 +45,8 @@ impl Task for FixtureTask {
     }
 
     fn next_loss(&mut self) -> Result<StepLoss> {
-        let batch = self.batches.i(self.next)?;
         self.next += 1;
-        let (b, t) = batch.dims2()?;
-        let (x, y) = (batch.narrow(1, 0, t - 1)?, batch.narrow(1, 1, t - 1)?);
-        let hidden = self.model.forward(&x, ForwardOptions::default(), None)?;
-        let logits = self.model.lm_logits(&hidden)?.reshape((b * (t - 1), ()))?;
-        let loss = crate::model::ops::cross_entropy_rows(&logits, &y.flatten_all()?)?.mean_all()?;
-        Ok(StepLoss { loss, tokens: (b * (t - 1)) as u64, metrics: Map::new() })
+        next_token_loss(&self.model, &self.batches.i(self.next - 1)?)
     }
 
     fn evaluate(&mut self) -> Result<Option<Evaluation>> {
@@ -85,6 +79,94 @@ impl Task for FixtureTask {
 
     fn signature(&self) -> Value {
         json!({"fixture": "hf-tiny"})
+    }
+}
+
+/// Mean next-token cross-entropy of one fixture batch.
+fn next_token_loss(model: &Decoder, batch: &Tensor) -> Result<StepLoss> {
+    let (b, t) = batch.dims2()?;
+    let (x, y) = (batch.narrow(1, 0, t - 1)?, batch.narrow(1, 1, t - 1)?);
+    let hidden = model.forward(&x, ForwardOptions::default(), None)?;
+    let logits = model.lm_logits(&hidden)?.reshape((b * (t - 1), ()))?;
+    let loss = crate::model::ops::cross_entropy_rows(&logits, &y.flatten_all()?)?.mean_all()?;
+    Ok(StepLoss { loss, tokens: (b * (t - 1)) as u64, metrics: Map::new() })
+}
+
+/// The fixture's batches on a frozen base through a LoRA adapter: only the adapter trains.
+struct LoraFixtureTask {
+    folder: ModelFolder,
+    adapter: crate::model::lora::Adapter,
+    model: Decoder,
+    batches: Tensor,
+    next: usize,
+}
+
+impl LoraFixtureTask {
+    fn new(adapter_dir: &Path, checkpointing: bool) -> Self {
+        let folder = ModelFolder::open(adapter_dir.to_str().unwrap()).unwrap();
+        let adapter = folder.load_adapter(&Device::Cpu).unwrap().unwrap();
+        let base = folder.load_base_params(&Device::Cpu).unwrap();
+        let mut model = Decoder::with_adapter(&folder.config, &base, &adapter).unwrap();
+        model.set_gradient_checkpointing(checkpointing);
+        let batches = candle_core::safetensors::load(fixture("train_batches.safetensors"), &Device::Cpu).unwrap()["batches"]
+            .to_dtype(DType::U32)
+            .unwrap();
+        LoraFixtureTask { folder, adapter, model, batches, next: 0 }
+    }
+}
+
+impl Task for LoraFixtureTask {
+    fn params(&self) -> &Params {
+        &self.adapter.params
+    }
+    fn next_loss(&mut self) -> Result<StepLoss> {
+        self.next += 1;
+        next_token_loss(&self.model, &self.batches.i(self.next - 1)?)
+    }
+    fn evaluate(&mut self) -> Result<Option<Evaluation>> {
+        Ok(None)
+    }
+    fn save_model(&self, dir: &Path) -> Result<()> {
+        self.adapter.save(dir, &self.folder.config)
+    }
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.adapter.params.load_values(&dir.join(crate::model::lora::ADAPTER_WEIGHTS))
+    }
+    fn data_state(&self) -> Value {
+        json!({"next": self.next})
+    }
+    fn restore_data_state(&mut self, state: &Value) -> Result<()> {
+        self.next = state["next"].as_u64().unwrap() as usize;
+        Ok(())
+    }
+    fn signature(&self) -> Value {
+        json!({"fixture": "peft"})
+    }
+}
+
+/// Ten LoRA steps from PEFT's own initialisation give PEFT + torch's losses, pre-clip gradient
+/// norms and adapter weights; with gradient checkpointing too.
+#[test]
+fn ten_lora_steps_match_peft() {
+    let peft = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/peft");
+    let training: Value = serde_json::from_str(&std::fs::read_to_string(peft.join("training.json")).unwrap()).unwrap();
+    let want = candle_core::safetensors::load(peft.join("weights_after_10_steps.safetensors"), &Device::Cpu).unwrap();
+    for checkpointing in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut task = LoraFixtureTask::new(&peft.join("train-init"), checkpointing);
+        train(&mut task, &fixture_args(10), &setup(dir.path())).unwrap();
+        for (i, record) in metrics(dir.path()).iter().enumerate() {
+            let (loss, want_loss) = (record["loss"].as_f64().unwrap(), training["losses"][i].as_f64().unwrap());
+            let (norm, want_norm) = (record["grad_norm"].as_f64().unwrap(), training["grad_norms_before_clip"][i].as_f64().unwrap());
+            assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "step {}: loss {loss} vs {want_loss}", i + 1);
+            assert!((norm - want_norm).abs() <= 1e-4 * want_norm.abs(), "step {}: grad norm {norm} vs {want_norm}", i + 1);
+        }
+        let ours = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(ours.len(), want.len());
+        for (name, tensor) in &want {
+            let diff: f32 = (&ours[name] - tensor).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(diff <= 1e-5, "checkpointing {checkpointing}: {name} differs by {diff}");
+        }
     }
 }
 
