@@ -18,7 +18,9 @@ use crate::error::{Result, bad_input, usage};
 use crate::model::chat::CHATML;
 use crate::model::folder::{FolderParts, ModelFolder};
 use crate::model::fused::IGNORE_INDEX;
-use crate::model::{ChatTemplate, ForwardOptions, Head, Decoder, ModelConfig, Params};
+use crate::model::lora::LoraSettings;
+use crate::model::{ChatTemplate, Decoder, ForwardOptions, Head, ModelConfig, Params};
+use crate::train::tuned::{Start, TunedModel};
 use crate::progress;
 use crate::tokenizer::{IM_END_TOKEN, IM_START_TOKEN, LoadedTokenizer, PAD_TOKEN};
 use crate::train::cursor::{EpochCursor, epoch_rng, shuffled};
@@ -46,6 +48,9 @@ pub struct SftOptions {
     pub val_fraction: Option<f64>,
     pub eval_batches: usize,
     pub device: Device,
+    /// Train a LoRA adapter on the frozen model instead of every weight.
+    pub lora: Option<LoraSettings>,
+    pub gradient_checkpointing: bool,
 }
 
 /// A rendered, tokenized sample: ids and whether each token is an answer token.
@@ -154,9 +159,7 @@ struct DataReport {
 }
 
 pub struct SftTask {
-    config: ModelConfig,
-    params: Params,
-    model: Decoder,
+    tuned: TunedModel,
     parts: FolderParts,
     train: Vec<Example>,
     val: Vec<Example>,
@@ -248,18 +251,20 @@ impl SftTask {
             return Err(bad_input(&options.inputs[0], "no training examples left (every row was dropped; see the lines above)"));
         }
 
-        let mut params = folder.load_params(&options.device)?;
-        if params.grow_vocab(tokenizer.vocab_size)? {
-            progress::warn(format!("note: embedding grown from {} to {} rows", config.vocab_size, tokenizer.vocab_size));
-            config.vocab_size = tokenizer.vocab_size;
+        let mut start = Start::open(&folder, options.lora.as_ref(), options.seed, &options.device)?;
+        TunedModel::check_vocab_fits(&start, &config, tokenizer.vocab_size, "adding the chat tokens")?;
+        if let Start::Full(params) = &mut start {
+            if params.grow_vocab(tokenizer.vocab_size)? {
+                progress::warn(format!("note: embedding grown from {} to {} rows", config.vocab_size, tokenizer.vocab_size));
+                config.vocab_size = tokenizer.vocab_size;
+            }
         }
-        Self::assemble(config, params, parts, examples, val, pad_id, &options, report)
+        let tuned = TunedModel::new(config, start, options.gradient_checkpointing)?;
+        Self::assemble(tuned, parts, examples, val, pad_id, &options, report)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn assemble(
-        config: ModelConfig,
-        params: Params,
+        tuned: TunedModel,
         parts: FolderParts,
         train: Vec<Example>,
         val: Vec<Example>,
@@ -267,7 +272,6 @@ impl SftTask {
         options: &SftOptions,
         report: DataReport,
     ) -> Result<Self> {
-        let model = Decoder::new(&config, &params)?;
         let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
         let (seed, batch) = (options.seed, options.batch_size);
         let (cursor, rows_per_batch) = if options.packing {
@@ -285,17 +289,16 @@ impl SftTask {
             (EpochCursor::new(move |epoch| length_grouped_batches(&lengths, batch, seed, epoch)), 1)
         };
         progress::log(format!(
-            "sft: {} training examples ({} answer tokens of {}), {} held out; {} parameters",
+            "sft: {} training examples ({} answer tokens of {}), {} held out; {} {}parameters",
             train.len(),
             report.answer_tokens,
             report.tokens,
             val.len(),
-            params.num_elements()
+            tuned.params().num_elements(),
+            if tuned.adapter().is_some() { "LoRA " } else { "" }
         ));
         Ok(SftTask {
-            config,
-            params,
-            model,
+            tuned,
             parts,
             train,
             val,
@@ -396,7 +399,7 @@ impl RowBatch {
 
 impl Task for SftTask {
     fn params(&self) -> &Params {
-        &self.params
+        self.tuned.params()
     }
 
     fn next_loss(&mut self) -> Result<StepLoss> {
@@ -405,7 +408,7 @@ impl Task for SftTask {
         } else {
             self.cursor.next().into_iter().map(|i| vec![i]).collect()
         };
-        let out = sequence_loss(&self.model, &self.train, &rows, self.pad_id)?;
+        let out = sequence_loss(&self.tuned.decoder, &self.train, &rows, self.pad_id)?;
         let loss = (out.sum / out.count.max(1) as f64)?;
         let mut metrics = Map::new();
         metrics.insert("mean_token_accuracy".into(), json!(out.correct as f64 / out.count.max(1) as f64));
@@ -423,7 +426,7 @@ impl Task for SftTask {
         let indices: Vec<usize> = (0..limit).collect();
         for chunk in indices.chunks(self.eval_batch) {
             let rows: Vec<Row> = chunk.iter().map(|&i| vec![i]).collect();
-            let out = sequence_loss(&self.model, &self.val, &rows, self.pad_id)?;
+            let out = sequence_loss(&self.tuned.decoder, &self.val, &rows, self.pad_id)?;
             sum += out.sum.detach().to_scalar::<f32>()? as f64;
             count += out.count;
             correct += out.correct;
@@ -435,7 +438,11 @@ impl Task for SftTask {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        self.parts.save(dir, &self.config, &self.params)
+        self.tuned.save(dir, &self.parts)
+    }
+
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.tuned.load_checkpoint(dir)
     }
 
     fn data_state(&self) -> Value {
@@ -447,10 +454,11 @@ impl Task for SftTask {
     }
 
     fn signature(&self) -> Value {
-        let c = &self.config;
+        let c = &self.tuned.config;
         json!({
             "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
             "max_length": self.max_length, "packing": self.packing, "examples": self.train.len(),
+            "lora": self.tuned.adapter().map(|a| json!({"r": a.settings.r, "modules": a.modules.len()})),
         })
     }
 
@@ -464,7 +472,7 @@ impl Task for SftTask {
         out.insert("dropped_over_length".into(), json!(self.report.lengths.dropped));
         out.insert("answer_truncated_away".into(), json!(self.report.answer_cut));
         out.insert("answer_tokens".into(), json!(self.report.answer_tokens));
-        out.insert("parameters".into(), json!(self.params.num_elements()));
+        out.insert("parameters".into(), json!(self.tuned.params().num_elements()));
         out
     }
 }

@@ -8,6 +8,7 @@ use clap::Parser;
 use serde::Serialize;
 
 use lathe::generate::PromptTruncation;
+use lathe::model::lora::LoraArgs;
 use lathe::cli::{self, CommonArgs};
 use lathe::generate::Sampling;
 use lathe::rl::advantage::KlEstimator;
@@ -170,6 +171,13 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations
+    /// (policy and value model): far less memory, the same gradients.
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    lora: LoraArgs,
     #[command(flatten)]
     #[serde(flatten)]
     common: CommonArgs,
@@ -233,6 +241,7 @@ impl Args {
             outlier_window: 64,
             resume: self.resume,
             device: self.device.clone(),
+            gradient_checkpointing: self.gradient_checkpointing,
         }
     }
 }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use lathe::Result;
 use lathe::cli::{self, CommonArgs};
 use lathe::model::ModelFolder;
+use lathe::model::lora::LoraArgs;
 use lathe::sft::{SftOptions, SftTask};
 use lathe::tokenizer::log_report;
 use lathe::train::sequences::Truncation;
@@ -51,6 +52,9 @@ struct Args {
     packing: bool,
     #[command(flatten)]
     #[serde(flatten)]
+    lora: LoraArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
     train: TrainArgs,
     #[command(flatten)]
     #[serde(flatten)]
@@ -80,6 +84,8 @@ fn sft(args: &Args) -> Result<()> {
         val_fraction: args.train.val_fraction,
         eval_batches: args.train.eval_batches,
         device: lathe::model::device(&args.train.device)?,
+        lora: args.lora.settings()?,
+        gradient_checkpointing: args.train.gradient_checkpointing,
     })?;
     let setup = RunSetup {
         run_dir: args.output.clone(),

@@ -17,6 +17,9 @@ use crate::output::write_atomic;
 use crate::tokenizer::LoadedTokenizer;
 
 pub const CONFIG: &str = "config.json";
+/// Beside a LoRA adapter: the config.json of the tuned model (what `adapter merge` writes).
+/// Not `config.json`, which would make transformers read the adapter folder as a full model.
+pub const TUNED_CONFIG: &str = "tuned_config.json";
 pub const GENERATION_CONFIG: &str = "generation_config.json";
 pub const WEIGHTS: &str = "model.safetensors";
 pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
@@ -119,9 +122,9 @@ impl ModelFolder {
         }
         // A tuned config lathe wrote beside the adapter (new stop tokens, a classifier head);
         // else the base's, with PEFT's classifier head when the adapter is one.
-        let config = match dir.join(CONFIG).exists() {
+        let config = match dir.join(TUNED_CONFIG).exists() {
             true => {
-                let tuned = ModelConfig::from_file(&dir.join(CONFIG))?;
+                let tuned = ModelConfig::from_file(&dir.join(TUNED_CONFIG))?;
                 check_same_architecture(&tuned, &base.config, &dir)?;
                 tuned
             }
@@ -294,7 +297,7 @@ fn check_same_architecture(tuned: &ModelConfig, base: &ModelConfig, dir: &Path) 
     };
     if shape(tuned) != shape(base) || tuned.arch != base.arch {
         return Err(bad_input(
-            dir.join(CONFIG),
+            dir.join(TUNED_CONFIG),
             "describes another model than the adapter's base (family, shape or vocabulary differ); pass the right --base",
         ));
     }
@@ -421,27 +424,42 @@ impl FolderParts {
     }
 
     pub fn save(&self, dir: &Path, config: &ModelConfig, params: &Params) -> Result<()> {
-        save(
-            dir,
-            &ModelFiles {
-                config,
-                params,
-                tokenizer_json: &self.tokenizer_json,
-                tokenizer_config: &self.tokenizer_config,
-                chat_template: self.chat_template.as_deref(),
-                generation_config: self.generation_config.as_ref(),
-            },
-        )
+        save(dir, &self.files(config, params))
+    }
+
+    /// Every file of the folder but the weights, beside a LoRA adapter: its tokenizer and the
+    /// tuned config (new stop tokens, a classifier head) as `tuned_config.json`, which PEFT
+    /// and transformers ignore and lathe reads.
+    pub fn save_beside_adapter(&self, dir: &Path, config: &ModelConfig) -> Result<()> {
+        save_files(dir, &self.files(config, &Params::default()), false)
+    }
+
+    fn files<'a>(&'a self, config: &'a ModelConfig, params: &'a Params) -> ModelFiles<'a> {
+        ModelFiles {
+            config,
+            params,
+            tokenizer_json: &self.tokenizer_json,
+            tokenizer_config: &self.tokenizer_config,
+            chat_template: self.chat_template.as_deref(),
+            generation_config: self.generation_config.as_ref(),
+        }
     }
 }
 
 /// Write a model folder in transformers' layout. Each file lands atomically.
 pub fn save(dir: &Path, files: &ModelFiles) -> Result<()> {
+    save_files(dir, files, true)
+}
+
+fn save_files(dir: &Path, files: &ModelFiles, weights: bool) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| bad_input(dir, format!("cannot create folder: {e}")))?;
-    write_atomic(&dir.join(CONFIG), pretty_json(&files.config.to_json())?.as_bytes())?;
+    let config_name = if weights { CONFIG } else { TUNED_CONFIG };
+    write_atomic(&dir.join(config_name), pretty_json(&files.config.to_json())?.as_bytes())?;
     let generation = files.generation_config.cloned().unwrap_or_else(|| default_generation_config(files.config));
     write_atomic(&dir.join(GENERATION_CONFIG), pretty_json(&generation)?.as_bytes())?;
-    files.params.save(&dir.join(WEIGHTS))?;
+    if weights {
+        files.params.save(&dir.join(WEIGHTS))?;
+    }
     write_atomic(&dir.join(TOKENIZER), files.tokenizer_json.as_bytes())?;
     let mut tokenizer_config = files.tokenizer_config.clone();
     match files.chat_template {

@@ -198,6 +198,7 @@ fn fixture_args(steps: u64) -> TrainArgs {
         outlier_window: 64,
         resume: false,
         device: "cpu".into(),
+        gradient_checkpointing: false,
     }
 }
 
