@@ -23,6 +23,7 @@ pub mod reward;
 pub mod rl;
 pub mod tokenizer;
 pub mod train;
+pub mod web;
 
 pub use error::{Error, Result};
 

@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use lathe::Result;
 use lathe::cli::{self, CommonArgs};
-use lathe::serve::keys::{self, Role};
+use lathe::web::WebArgs;
+use lathe::web::keys::{self, Role};
 use lathe::serve::review::{self, ReviewDb, Which};
 use lathe::serve::{ServeOptions, serve};
 
@@ -111,6 +112,12 @@ struct ServeArgs {
     /// Log prompts and responses (off by default: logs carry no content).
     #[arg(long)]
     log_content: bool,
+    /// Serve /metrics without a key (by default any key of the keys file may read it).
+    #[arg(long)]
+    public_metrics: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    web: WebArgs,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -125,6 +132,24 @@ enum KeysCommand {
     Add(KeysAddArgs),
 }
 
+#[derive(Clone, Copy, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum KeyRole {
+    /// Calls the OpenAI endpoints.
+    Client,
+    /// Reviews guard decisions (/review, /v1/review/...), and may call the API too.
+    Reviewer,
+}
+
+impl From<KeyRole> for Role {
+    fn from(role: KeyRole) -> Role {
+        match role {
+            KeyRole::Client => Role::Client,
+            KeyRole::Reviewer => Role::Reviewer,
+        }
+    }
+}
+
 #[derive(clap::Args, Serialize)]
 struct KeysAddArgs {
     /// The keys file (created if missing).
@@ -134,7 +159,7 @@ struct KeysAddArgs {
     #[arg(long)]
     name: String,
     #[arg(long, value_enum, default_value = "client")]
-    role: Role,
+    role: KeyRole,
     #[command(flatten)]
     #[serde(flatten)]
     common: CommonArgs,
@@ -220,6 +245,9 @@ fn run(command: &Command) -> Result<()> {
                 request_timeout: Duration::from_secs_f64(a.request_timeout),
                 rate_limit: a.rate_limit,
                 log_content: a.log_content,
+                public_metrics: a.public_metrics,
+                connections: a.web.limits()?,
+                session_lifetime: a.web.session_lifetime()?,
                 threads,
                 device: lathe::model::device(&a.device)?,
                 seed: a.common.seed,
@@ -227,10 +255,11 @@ fn run(command: &Command) -> Result<()> {
             })
         }
         Command::Keys(KeysCommand::Add(a)) => {
-            let key = keys::add(&a.keys, &a.name, a.role)?;
+            let role = Role::from(a.role);
+            let key = keys::add(&a.keys, &a.name, role, lathe::serve::ROLES)?;
             println!("{key}");
             if !a.common.quiet {
-                eprintln!("serve-guard: added {:?} key `{}` to {}; it is shown only this once", a.role, a.name, a.keys.display());
+                eprintln!("serve-guard: added {} key `{}` to {}; it is shown only this once", role.name(), a.name, a.keys.display());
             }
             Ok(())
         }

@@ -1,6 +1,8 @@
 //! Helpers the binary tests share: running a stage, checking refusals, test data.
 #![allow(dead_code)]
 
+pub mod web;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
