@@ -155,7 +155,7 @@ pub fn fleiss_kappa(counts: &[Vec<usize>]) -> Option<f64> {
 }
 
 /// How far annotators agree on one label: per item, who ticked it and who did not.
-#[derive(Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct LabelAgreement {
     pub label: String,
     /// Items two or more annotators judged.
