@@ -6,9 +6,11 @@
 //! decision and shows that item again, in the same letter order.
 //!
 //! The board is kept in memory and mirrors the database, which is written first: what the
-//! board says has been committed.
+//! board says has been committed. Items are filed as fresh (nobody has seen them), in
+//! progress, or complete, so a request looks only at the items in progress and the first
+//! fresh one, however many items there are.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -84,6 +86,12 @@ pub struct Board {
     state: Vec<ItemState>,
     /// Annotator → the item they hold.
     current: HashMap<String, i64>,
+    /// Annotator → (answered, skipped).
+    counts: HashMap<String, (usize, usize)>,
+    /// Items nobody has answered, skipped or been shown.
+    fresh: BTreeSet<i64>,
+    /// Items seen by someone and not yet answered `overlap` times.
+    in_progress: BTreeSet<i64>,
     lease_seconds: f64,
     seed: u64,
 }
@@ -96,19 +104,72 @@ impl Board {
     /// The board of a prepared database, rebuilt from what it holds.
     pub fn open(store: Store, settings: Settings, lease_seconds: f64, seed: u64) -> Result<Self> {
         let items: Vec<Item> = store.items()?.into_iter().map(|(_, item)| item).collect();
-        let mut state = vec![ItemState::default(); items.len()];
-        for decided in store.decisions()? {
-            let slot = &mut state[(decided.item - 1) as usize];
-            if decided.answer.is_some() { slot.answered.push(decided.annotator) } else { slot.skipped.push(decided.annotator) }
-        }
-        let mut current = HashMap::new();
-        for assigned in store.assignments()? {
-            current.insert(assigned.annotator.clone(), assigned.item);
-            state[(assigned.item - 1) as usize].leases.push(assigned);
-        }
         let scale: Scale = settings.scale.parse()?;
         let rules = Rules { task: settings.task, scale, labels: settings.labels.clone() };
-        Ok(Board { store, settings, rules, items, state, current, lease_seconds, seed })
+        let mut board = Board {
+            state: vec![ItemState::default(); items.len()],
+            fresh: (1..=items.len() as i64).collect(),
+            store,
+            settings,
+            rules,
+            items,
+            current: HashMap::new(),
+            counts: HashMap::new(),
+            in_progress: BTreeSet::new(),
+            lease_seconds,
+            seed,
+        };
+        for decided in board.store.decisions()? {
+            board.record(decided.item, &decided.annotator, decided.answer.is_some());
+        }
+        for assigned in board.store.assignments()? {
+            board.hold(assigned);
+        }
+        Ok(board)
+    }
+
+    /// File item `id` as fresh, in progress or complete after a change.
+    fn refile(&mut self, id: i64) {
+        let slot = self.slot(id);
+        let complete = slot.answered.len() >= self.settings.overlap;
+        let untouched = slot.answered.is_empty() && slot.skipped.is_empty() && slot.leases.is_empty();
+        self.fresh.remove(&id);
+        self.in_progress.remove(&id);
+        if untouched {
+            self.fresh.insert(id);
+        } else if !complete {
+            self.in_progress.insert(id);
+        }
+    }
+
+    /// A decision on `id` by `annotator`: an answer, or a skip.
+    fn record(&mut self, id: i64, annotator: &str, answered: bool) {
+        let slot = self.slot_mut(id);
+        if answered { slot.answered.push(annotator.to_string()) } else { slot.skipped.push(annotator.to_string()) }
+        let counts = self.counts.entry(annotator.to_string()).or_default();
+        if answered { counts.0 += 1 } else { counts.1 += 1 }
+        self.refile(id);
+    }
+
+    /// Take back `annotator`'s decision on `id`.
+    fn forget(&mut self, id: i64, annotator: &str) {
+        let slot = self.slot_mut(id);
+        let (answered, skipped) = (slot.answered.len(), slot.skipped.len());
+        slot.answered.retain(|a| a != annotator);
+        slot.skipped.retain(|a| a != annotator);
+        let (answered, skipped) = (answered - slot.answered.len(), skipped - slot.skipped.len());
+        let counts = self.counts.entry(annotator.to_string()).or_default();
+        counts.0 -= answered;
+        counts.1 -= skipped;
+        self.refile(id);
+    }
+
+    /// `assigned.annotator` holds the item from now on.
+    fn hold(&mut self, assigned: Assigned) {
+        let id = assigned.item;
+        self.current.insert(assigned.annotator.clone(), id);
+        self.slot_mut(id).leases.push(assigned);
+        self.refile(id);
     }
 
     pub fn store(&self) -> &Store {
@@ -161,18 +222,23 @@ impl Board {
             self.store.unassign(held, annotator)?;
             self.release(held, annotator);
         }
-        let best = (1..=self.items.len() as i64)
-            .filter(|&id| {
-                let slot = self.slot(id);
-                !slot.decided_by(annotator) && self.has_room(id, annotator, now)
-            })
+        let best = self
+            .in_progress
+            .iter()
+            .copied()
+            .filter(|&id| self.open_to(id, annotator, now))
+            .chain(self.fresh.first().copied())
             .max_by_key(|&id| (self.taken(id, annotator, now), std::cmp::Reverse(id)));
         let Some(id) = best else { return Ok(None) };
         let assigned = Assigned { item: id, annotator: annotator.to_string(), at: now, shown: self.letter_order(id, annotator) };
         self.store.assign(&assigned)?;
-        self.slot_mut(id).leases.push(assigned);
-        self.current.insert(annotator.to_string(), id);
+        self.hold(assigned);
         Ok(Some(id))
+    }
+
+    /// Whether `annotator` may be given item `id` now.
+    fn open_to(&self, id: i64, annotator: &str, now: f64) -> bool {
+        !self.slot(id).decided_by(annotator) && self.has_room(id, annotator, now)
     }
 
     fn release(&mut self, id: i64, annotator: &str) {
@@ -180,6 +246,7 @@ impl Board {
         if self.current.get(annotator) == Some(&id) {
             self.current.remove(annotator);
         }
+        self.refile(id);
     }
 
     /// A ranking's responses in an order of their own per annotator (recorded with the
@@ -215,15 +282,8 @@ impl Board {
         };
         self.store.decide(id, annotator, answer.as_ref(), comment.as_deref(), &shown)?;
         self.release(id, annotator);
-        let slot = self.slot_mut(id);
-        let action = if answer.is_some() {
-            slot.answered.push(annotator.to_string());
-            "answered"
-        } else {
-            slot.skipped.push(annotator.to_string());
-            "skipped"
-        };
-        Ok(Done { item: id, action })
+        self.record(id, annotator, answer.is_some());
+        Ok(Done { item: id, action: if answer.is_some() { "answered" } else { "skipped" } })
     }
 
     fn undo(&mut self, annotator: &str, asked: Option<i64>, now: f64) -> std::result::Result<Done, Refused> {
@@ -235,32 +295,22 @@ impl Board {
         if let Some(held) = self.current.get(annotator).copied() {
             self.release(held, annotator);
         }
-        let slot = self.slot_mut(latest.item);
-        slot.answered.retain(|a| a != annotator);
-        slot.skipped.retain(|a| a != annotator);
-        slot.leases.push(Assigned { item: latest.item, annotator: annotator.to_string(), at: now, shown: latest.shown });
-        self.current.insert(annotator.to_string(), latest.item);
+        self.forget(latest.item, annotator);
+        self.hold(Assigned { item: latest.item, annotator: annotator.to_string(), at: now, shown: latest.shown });
         Ok(Done { item: latest.item, action: "undone" })
     }
 
     pub fn progress(&self, annotator: &str, now: f64) -> Progress {
-        let mut progress = Progress { annotator: annotator.to_string(), current: self.current.get(annotator).copied(), ..Default::default() };
-        for id in 1..=self.items.len() as i64 {
-            let slot = self.slot(id);
-            if slot.answered.iter().any(|a| a == annotator) {
-                progress.answered += 1;
-            } else if slot.skipped.iter().any(|a| a == annotator) {
-                progress.skipped += 1;
-            } else if progress.current == Some(id) || self.has_room(id, annotator, now) {
-                progress.left += 1;
-            }
-        }
-        progress
+        let (answered, skipped) = self.counts.get(annotator).copied().unwrap_or_default();
+        let current = self.current.get(annotator).copied();
+        let open = self.in_progress.iter().filter(|&&id| current == Some(id) || self.open_to(id, annotator, now)).count();
+        let held_complete = current.is_some_and(|id| !self.in_progress.contains(&id));
+        Progress { annotator: annotator.to_string(), answered, skipped, left: open + self.fresh.len() + usize::from(held_complete), current }
     }
 
     /// Everyone who has decided or holds an item, by name.
     pub fn annotators(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.state.iter().flat_map(|s| s.answered.iter().chain(&s.skipped).cloned()).chain(self.current.keys().cloned()).collect();
+        let mut names: Vec<String> = self.counts.keys().chain(self.current.keys()).cloned().collect();
         names.sort();
         names.dedup();
         names
@@ -268,7 +318,7 @@ impl Board {
 
     /// Items answered by `overlap` annotators or more.
     pub fn complete(&self) -> usize {
-        self.state.iter().filter(|s| s.answered.len() >= self.settings.overlap).count()
+        self.items.len() - self.fresh.len() - self.in_progress.len()
     }
 
     pub fn task(&self) -> Task {

@@ -114,7 +114,7 @@ pub(crate) fn item_view(board: &Board, id: i64, annotator: &str) -> Value {
     let Some(item) = board.item(id) else { return Value::Null };
     match &item.content {
         Content::Score { response } => json!({
-            "id": id, "task": "score", "prompt_id": response.prompt_id, "prompt": response.prompt, "response": response.response,
+            "id": id, "task": "score", "prompt_id": response.prompt_id, "sample": response.sample, "prompt": response.prompt, "response": response.response,
             "scale": {"low": board.rules.scale.low, "high": board.rules.scale.high},
         }),
         Content::Rank { responses } => {

@@ -230,14 +230,21 @@ impl Store {
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.error(e))
     }
 
+    /// Record an item shown. Not synced on its own (`synchronous = NORMAL` for this commit):
+    /// it survives the process being killed, and only a power cut before the next synced
+    /// commit could lose it, which would merely show the item afresh. Answers stay FULL.
     pub fn assign(&self, assigned: &Assigned) -> Result<()> {
-        self.conn
-            .execute(
+        let shown = serde_json::to_string(&assigned.shown)?;
+        let write = || -> rusqlite::Result<()> {
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+            let inserted = self.conn.execute(
                 "INSERT OR REPLACE INTO assignments (item, annotator, assigned_at, shown) VALUES (?1, ?2, ?3, ?4)",
-                params![assigned.item, assigned.annotator, assigned.at, serde_json::to_string(&assigned.shown)?],
-            )
-            .map_err(|e| self.error(e))?;
-        Ok(())
+                params![assigned.item, assigned.annotator, assigned.at, shown],
+            );
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+            inserted.map(|_| ())
+        };
+        write().map_err(|e| self.error(e))
     }
 
     pub fn unassign(&self, item: i64, annotator: &str) -> Result<()> {

@@ -20,6 +20,7 @@ pub fn stage(name: &str) -> Command {
         "ppo" => env!("CARGO_BIN_EXE_ppo"),
         "redteam" => env!("CARGO_BIN_EXE_redteam"),
         "serve-guard" => env!("CARGO_BIN_EXE_serve-guard"),
+        "annotate" => env!("CARGO_BIN_EXE_annotate"),
         other => panic!("no stage {other}"),
     };
     Command::new(path)

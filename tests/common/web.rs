@@ -219,12 +219,19 @@ impl Driver {
         self.cmd("POST", &format!("/element/{element}/click"), json!({}));
     }
 
-    /// Keys pressed on the page itself (WebDriver actions), as a person types them.
+    /// Keys pressed on the page itself (WebDriver actions), as a person types them; `\n` is
+    /// Enter, `\u{8}` Backspace and `\u{1b}` Escape.
     pub fn press(&self, keys: &str) {
         let mut actions = Vec::new();
         for key in keys.chars() {
-            actions.push(json!({"type": "keyDown", "value": key.to_string()}));
-            actions.push(json!({"type": "keyUp", "value": key.to_string()}));
+            let value = match key {
+                '\n' => "\u{E007}".to_string(),
+                '\u{8}' => "\u{E003}".to_string(),
+                '\u{1b}' => "\u{E00C}".to_string(),
+                other => other.to_string(),
+            };
+            actions.push(json!({"type": "keyDown", "value": value}));
+            actions.push(json!({"type": "keyUp", "value": value}));
         }
         self.cmd("POST", "/actions", json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}));
         self.cmd("DELETE", "/actions", Value::Null);
