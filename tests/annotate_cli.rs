@@ -210,7 +210,7 @@ fn score_rank_and_label_through_the_api_feed_rank_and_rm_train() {
         while let Some(item) = api.next() {
             let mut shown: Vec<(String, usize)> = item["responses"].as_array().unwrap().iter().map(|r| (r["letter"].as_str().unwrap().to_string(), r["response"].as_str().unwrap().len())).collect();
             assert_eq!(shown.len(), 3);
-            shown.sort_by(|a, b| b.1.cmp(&a.1));
+            shown.sort_by_key(|r| std::cmp::Reverse(r.1));
             let letters: Vec<&str> = shown.iter().map(|r| r.0.as_str()).collect();
             // bo ties the two shorter answers.
             let ranking = if tie { format!("{}{}={}", letters[0], letters[1], letters[2]) } else { letters.concat() };
@@ -537,7 +537,7 @@ fn two_annotators_score_rank_and_label_with_the_keyboard_in_headless_chromium() 
         while current.is_some() {
             let shown = driver.script("return Array.from(document.querySelectorAll('.response')).map(e => [e.id.slice(9), e.querySelector('.text').textContent])");
             let mut shown: Vec<(String, String)> = shown.as_array().unwrap().iter().map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string())).collect();
-            shown.sort_by(|x, y| y.1.len().cmp(&x.1.len()));
+            shown.sort_by_key(|r| std::cmp::Reverse(r.1.len()));
             expected_best.insert(shown[0].1.clone());
             let letters: Vec<String> = shown.iter().map(|p| p.0.to_lowercase()).collect();
             // A slip corrected with Backspace, then the two shorter answers tied.

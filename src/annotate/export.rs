@@ -140,7 +140,9 @@ fn write_scored(options: &ExportOptions, kept: &[Answered], metadata: Vec<(Strin
 }
 
 /// A ranked prompt's responses and, per annotator, each sample's place (1 = best).
-fn places<'a>(answered: &'a Answered) -> Option<(&'a [Response], Vec<HashMap<i32, f64>>)> {
+type Places<'a> = (&'a [Response], Vec<HashMap<i32, f64>>);
+
+fn places<'a>(answered: &'a Answered) -> Option<Places<'a>> {
     let Content::Rank { responses } = &answered.item.content else { return None };
     let orders = answered
         .answers

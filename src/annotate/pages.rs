@@ -63,12 +63,12 @@ fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
     form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
-/// The caller, or the sign-in page when there is none.
-fn caller_or_sign_in(app: &App, headers: &HeaderMap) -> Result<Principal, Response> {
-    match app.caller(headers) {
-        Ok(principal) => Ok(principal),
-        Err(r) if r.status == StatusCode::UNAUTHORIZED => Err(login_page(StatusCode::UNAUTHORIZED, (r.message != Refusal::no_key().message).then_some(r.message.as_str()))),
-        Err(r) => Err(r.into_response()),
+/// What a page answers a caller it refused: the sign-in page when there is no caller.
+fn refused_page(r: Refusal) -> Response {
+    if r.status == StatusCode::UNAUTHORIZED {
+        login_page(StatusCode::UNAUTHORIZED, (r.message != Refusal::no_key().message).then_some(r.message.as_str()))
+    } else {
+        r.into_response()
     }
 }
 
@@ -91,10 +91,20 @@ fn progress_view(p: &Progress) -> minijinja::Value {
 
 /// GET /: your item, or the sign-in page.
 pub(crate) async fn home(State(app): State<Shared>, headers: HeaderMap) -> Response {
-    match caller_or_sign_in(&app, &headers) {
+    match app.caller(&headers) {
         Ok(principal) => work(&app, principal, StatusCode::OK, None).await,
-        Err(page) => page,
+        Err(r) => refused_page(r),
     }
+}
+
+/// What the work page shows.
+struct Work {
+    task: Task,
+    item: Option<Value>,
+    progress: Progress,
+    scale: Vec<i64>,
+    /// The letters of a ranking's responses, `ABC…`.
+    letters: String,
 }
 
 /// The page of the item `principal` should judge now, with `message` (why the last form failed).
@@ -102,14 +112,19 @@ async fn work(app: &Shared, principal: Principal, status: StatusCode, message: O
     let name = principal.name();
     let now = unix_now();
     let shown = app
-        .on_board(move |board| -> crate::Result<(Task, Option<Value>, Progress, Vec<i64>, String)> {
+        .on_board(move |board| -> crate::Result<Work> {
             let id = board.next(&name, now)?;
-            let scale: Vec<i64> = (board.rules.scale.low..=board.rules.scale.high).collect();
             let letters = id.and_then(|id| board.shown(id, &name)).map_or(String::new(), |s| (b'A'..).take(s.len()).map(char::from).collect());
-            Ok((board.task(), id.map(|id| item_view(board, id, &name)), board.progress(&name, now), scale, letters))
+            Ok(Work {
+                task: board.task(),
+                item: id.map(|id| item_view(board, id, &name)),
+                progress: board.progress(&name, now),
+                scale: (board.rules.scale.low..=board.rules.scale.high).collect(),
+                letters,
+            })
         })
         .await;
-    let (task, item, progress, scale, letters) = match shown {
+    let Work { task, item, progress, scale, letters } = match shown {
         Ok(Ok(found)) => found,
         Ok(Err(e)) => return super::http::refused(super::board::Refused::Failed(e)).into_response(),
         Err(r) => return r.into_response(),
@@ -160,9 +175,9 @@ fn answer_of(task: Task, form: &[(String, String)]) -> Result<AnswerBody, String
 /// A form post: checked (CSRF token, this site), decided, then back to `/` (or the page again
 /// with what was wrong).
 async fn decide_form(app: Shared, headers: HeaderMap, form: Vec<(String, String)>, id: Option<i64>, body: impl FnOnce(Task) -> Result<AnswerBody, String> + Send + 'static) -> Response {
-    let principal = match caller_or_sign_in(&app, &headers) {
+    let principal = match app.caller(&headers) {
         Ok(p) => p,
-        Err(page) => return page,
+        Err(r) => return refused_page(r),
     };
     if let Err(refusal) = app.gate.check_form(&principal, &headers, field(&form, "csrf")) {
         return refusal.into_response();
@@ -222,9 +237,9 @@ fn item_text(board: &Board, id: i64) -> String {
 
 /// GET /admin: progress per annotator, agreement, the items disagreed on most.
 pub(crate) async fn admin(State(app): State<Shared>, headers: HeaderMap) -> Response {
-    let principal = match caller_or_sign_in(&app, &headers) {
+    let principal = match app.caller(&headers) {
         Ok(p) => p,
-        Err(page) => return page,
+        Err(r) => return refused_page(r),
     };
     if let Err(refusal) = principal.require(&[Role::Admin]) {
         return refusal.into_response();
@@ -254,9 +269,9 @@ pub(crate) async fn admin(State(app): State<Shared>, headers: HeaderMap) -> Resp
 
 /// GET /guidelines.
 pub(crate) async fn guidelines(State(app): State<Shared>, headers: HeaderMap) -> Response {
-    let principal = match caller_or_sign_in(&app, &headers) {
+    let principal = match app.caller(&headers) {
         Ok(p) => p,
-        Err(page) => return page,
+        Err(r) => return refused_page(r),
     };
     let Some(text) = app.guidelines.clone() else { return Refusal::new(StatusCode::NOT_FOUND, "not_found", "This server was started without --guidelines.").into_response() };
     let task = app.on_board(|board| board.task()).await.unwrap_or(Task::Score);
