@@ -329,10 +329,10 @@ impl Board {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::annotate::items::Response;
+    use crate::data::records::ResponseRecord;
 
-    fn response(prompt_id: &str, sample: i32) -> Response {
-        Response { prompt_id: prompt_id.into(), prompt: "p".into(), response: format!("r{sample}"), sample, model: "m".into(), finish_reason: "stop".into(), num_tokens: 1, logprob: 0.0 }
+    fn response(prompt_id: &str, sample: i32) -> ResponseRecord {
+        ResponseRecord::example(prompt_id, sample)
     }
 
     fn board(dir: &std::path::Path, task: Task, overlap: usize, lease_seconds: f64) -> Board {

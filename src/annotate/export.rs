@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use super::Task;
 use super::answer::Answer;
-use super::items::{Content, Item, Response};
+use super::items::{Content, Item};
 use super::report::{answers_by_item, mid_ranks, report};
 use super::store::{Decided, Store};
 use crate::data::meta;
@@ -127,7 +127,7 @@ fn write_scored(options: &ExportOptions, kept: &[Answered], metadata: Vec<(Strin
         .iter()
         .filter_map(|a| match &a.item.content {
             Content::Score { response } => Some(Rated {
-                response: ResponseRecord::from(response),
+                response: response.clone(),
                 ratings: a.answers.iter().filter_map(|(who, answer)| if let Answer::Score(s) = answer { Some((who.to_string(), *s)) } else { None }).collect(),
             }),
             _ => None,
@@ -140,7 +140,7 @@ fn write_scored(options: &ExportOptions, kept: &[Answered], metadata: Vec<(Strin
 }
 
 /// A ranked prompt's responses and, per annotator, each sample's place (1 = best).
-type Places<'a> = (&'a [Response], Vec<HashMap<i32, f64>>);
+type Places<'a> = (&'a [ResponseRecord], Vec<HashMap<i32, f64>>);
 
 fn places<'a>(answered: &'a Answered) -> Option<Places<'a>> {
     let Content::Rank { responses } = &answered.item.content else { return None };
@@ -201,7 +201,7 @@ fn write_listwise(options: &ExportOptions, kept: &[Answered], metadata: Vec<(Str
     for answered in kept {
         let Some((responses, orders)) = places(answered) else { continue };
         for r in responses {
-            rows.push(ScoredRecord { response: ResponseRecord::from(r), score: points(&orders, responses.len(), r.sample), scorer: "annotate:borda".into() });
+            rows.push(ScoredRecord { response: r.clone(), score: points(&orders, responses.len(), r.sample), scorer: "annotate:borda".into() });
             annotators.push(orders.len());
         }
     }

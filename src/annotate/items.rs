@@ -15,47 +15,13 @@ use crate::human::{ItemKey, check_unique_responses};
 use crate::progress;
 use crate::rank::by_prompt;
 
-/// A response as the database keeps it (SPEC `responses` columns).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Response {
-    pub prompt_id: String,
-    pub prompt: String,
-    pub response: String,
-    pub sample: i32,
-    pub model: String,
-    pub finish_reason: String,
-    pub num_tokens: i32,
-    pub logprob: f64,
-}
-
-impl From<ResponseRecord> for Response {
-    fn from(r: ResponseRecord) -> Self {
-        Response { prompt_id: r.prompt_id, prompt: r.prompt, response: r.response, sample: r.sample, model: r.model, finish_reason: r.finish_reason, num_tokens: r.num_tokens, logprob: r.logprob }
-    }
-}
-
-impl From<&Response> for ResponseRecord {
-    fn from(r: &Response) -> Self {
-        ResponseRecord {
-            prompt_id: r.prompt_id.clone(),
-            prompt: r.prompt.clone(),
-            response: r.response.clone(),
-            sample: r.sample,
-            model: r.model.clone(),
-            finish_reason: r.finish_reason.clone(),
-            num_tokens: r.num_tokens,
-            logprob: r.logprob,
-        }
-    }
-}
-
 /// One item's content.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "task", rename_all = "lowercase")]
 pub enum Content {
-    Score { response: Response },
+    Score { response: ResponseRecord },
     /// The responses of one prompt, by sample.
-    Rank { responses: Vec<Response> },
+    Rank { responses: Vec<ResponseRecord> },
     Label { text: String, suggested: Vec<String> },
 }
 
@@ -93,13 +59,13 @@ pub fn read(task: Task, inputs: &[PathBuf]) -> Result<Vec<Item>> {
     Ok(items)
 }
 
-fn responses(inputs: &[PathBuf]) -> Result<Vec<Response>> {
+fn responses(inputs: &[PathBuf]) -> Result<Vec<ResponseRecord>> {
     let mut all = Vec::new();
     for path in inputs {
         all.extend(RecordReader::<ResponseRecord>::open(path)?.read_all()?);
     }
     check_unique_responses(&inputs[0], &all)?;
-    Ok(all.into_iter().map(Response::from).collect())
+    Ok(all)
 }
 
 /// One item per prompt with two or more responses (at most A-Z), responses by sample.
@@ -178,25 +144,12 @@ mod tests {
     use super::*;
     use crate::data::records::RecordWriter;
 
-    fn response(prompt_id: &str, sample: i32) -> ResponseRecord {
-        ResponseRecord {
-            prompt_id: prompt_id.into(),
-            prompt: format!("prompt {prompt_id}"),
-            response: format!("{prompt_id}-{sample}"),
-            sample,
-            model: "m".into(),
-            finish_reason: "stop".into(),
-            num_tokens: 1,
-            logprob: 0.0,
-        }
-    }
-
     #[test]
     fn items_per_task() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.parquet");
         let mut writer = RecordWriter::<ResponseRecord>::create(&path, "test", vec![], vec![]).unwrap();
-        writer.write(&[response("a", 1), response("b", 0), response("a", 0)], vec![]).unwrap();
+        writer.write(&[ResponseRecord::example("a", 1), ResponseRecord::example("b", 0), ResponseRecord::example("a", 0)], vec![]).unwrap();
         writer.finish().unwrap();
         let scored = read(Task::Score, std::slice::from_ref(&path)).unwrap();
         assert_eq!(scored.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(), ["a/1", "b/0", "a/0"]);

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, bad_input, failed, usage};
+use crate::error::{Result, bad_input, usage};
 use crate::human::scoring::Scale;
 use crate::web::Gate;
 use crate::web::keys::{KeyFile, Role};
@@ -132,29 +132,18 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
         quiet: options.quiet,
     });
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("annotate-http")
-        .enable_all()
-        .build()
-        .map_err(|e| failed(format!("cannot start the HTTP runtime: {e}")))?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| usage(format!("--listen {address}: cannot listen: {e}")))?;
-        let bound = listener.local_addr()?;
-        if !options.quiet {
-            let board = app.board.lock().unwrap_or_else(|p| p.into_inner());
-            crate::progress::line(format!(
-                "annotate: {} task · {} items · overlap {} · {} complete · database {}",
-                board.task().name(),
-                board.len(),
-                board.settings.overlap,
-                board.complete(),
-                options.db.display()
-            ));
-        }
-        crate::progress::line(format!("annotate: listening on http://{bound}"));
-        crate::web::listen::serve(listener, http::router(app), options.connections).await.map_err(|e| failed(format!("the server stopped: {e}")))
-    })
+    let banner = (!options.quiet).then(|| {
+        let board = app.board.lock().unwrap_or_else(|p| p.into_inner());
+        format!(
+            "annotate: {} task · {} items · overlap {} · {} complete · database {}",
+            board.task().name(),
+            board.len(),
+            board.settings.overlap,
+            board.complete(),
+            options.db.display()
+        )
+    });
+    crate::web::listen::run("annotate", address, options.connections, http::router(app), banner)
 }
 
 /// `annotate stats`: the report of a database.

@@ -35,6 +35,7 @@ fn environment() -> &'static Environment<'static> {
         for (name, text) in [
             ("layout.html", include_str!("pages/layout.html")),
             ("login.html", include_str!("pages/login.html")),
+            ("progress.html", include_str!("pages/progress.html")),
             ("item.html", include_str!("pages/item.html")),
             ("done.html", include_str!("pages/done.html")),
             ("admin.html", include_str!("pages/admin.html")),

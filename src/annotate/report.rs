@@ -267,7 +267,7 @@ pub fn table(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::annotate::items::Response;
+    use crate::data::records::ResponseRecord;
 
     fn decided(id: i64, item: i64, annotator: &str, answer: Answer) -> Decided {
         Decided { id, item, annotator: annotator.into(), answer: Some(answer), comment: None, shown: vec![], decided_at: String::new() }
@@ -281,7 +281,7 @@ mod tests {
 
     #[test]
     fn reports_agreement_per_task_and_the_widest_disagreements() {
-        let score_item = |i: i64| (i, Item { key: format!("p/{i}"), content: Content::Score { response: Response { prompt_id: "p".into(), prompt: "p".into(), response: "r".into(), sample: i as i32, model: "m".into(), finish_reason: "stop".into(), num_tokens: 1, logprob: 0.0 } } });
+        let score_item = |i: i64| (i, Item { key: format!("p/{i}"), content: Content::Score { response: ResponseRecord::example("p", i as i32) } });
         let settings = Settings { task: Task::Score, scale: "1-5".into(), labels: vec![], overlap: 2 };
         let items = vec![score_item(1), score_item(2), score_item(3)];
         // Krippendorff's by-hand example: items (1, 2), (3, 3), (5, 4): alpha 5/6.

@@ -15,7 +15,7 @@ use lathe::cli::{self, CommonArgs};
 use lathe::error::usage;
 use lathe::human::scoring::Scale;
 use lathe::web::WebArgs;
-use lathe::web::keys::{self, Role};
+use lathe::web::keys::{KeysAddArgs, Role};
 
 #[derive(Parser, Serialize)]
 #[command(
@@ -129,31 +129,26 @@ struct StatsArgs {
 #[derive(Subcommand, Serialize)]
 enum KeysCommand {
     /// Add a key and print it once (only its salted hash is stored).
-    Add(KeysAddArgs),
+    Add(KeysAddArgs<KeyRole>),
 }
 
-#[derive(Clone, Copy, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Default, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 enum KeyRole {
     /// Answers items.
+    #[default]
     Annotator,
     /// Sees everyone's progress, agreement and answers (/admin), and may annotate too.
     Admin,
 }
 
-#[derive(clap::Args, Serialize)]
-struct KeysAddArgs {
-    /// The keys file (created if missing).
-    #[arg(long, value_name = "FILE")]
-    keys: PathBuf,
-    /// Who the key is for (one word).
-    #[arg(long)]
-    name: String,
-    #[arg(long, value_enum, default_value = "annotator")]
-    role: KeyRole,
-    #[command(flatten)]
-    #[serde(flatten)]
-    common: CommonArgs,
+impl From<KeyRole> for Role {
+    fn from(role: KeyRole) -> Role {
+        match role {
+            KeyRole::Annotator => Role::Annotator,
+            KeyRole::Admin => Role::Admin,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -217,17 +212,6 @@ fn run(args: &Args) -> Result<()> {
             }
             Ok(())
         }
-        Command::Keys(KeysCommand::Add(a)) => {
-            let role = match a.role {
-                KeyRole::Annotator => Role::Annotator,
-                KeyRole::Admin => Role::Admin,
-            };
-            let key = keys::add(&a.keys, &a.name, role, ROLES)?;
-            println!("{key}");
-            if !a.common.quiet {
-                eprintln!("annotate: added {} key `{}` to {}; it is shown only this once", role.name(), a.name, a.keys.display());
-            }
-            Ok(())
-        }
+        Command::Keys(KeysCommand::Add(a)) => a.run("annotate", ROLES),
     }
 }

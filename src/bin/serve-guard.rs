@@ -11,7 +11,7 @@ use serde::Serialize;
 use lathe::Result;
 use lathe::cli::{self, CommonArgs};
 use lathe::web::WebArgs;
-use lathe::web::keys::{self, Role};
+use lathe::web::keys::{KeysAddArgs, Role};
 use lathe::serve::review::{self, ReviewDb, Which};
 use lathe::serve::{ServeOptions, serve};
 
@@ -129,13 +129,14 @@ struct ServeArgs {
 #[derive(Subcommand, Serialize)]
 enum KeysCommand {
     /// Add a key and print it once (only its salted hash is stored).
-    Add(KeysAddArgs),
+    Add(KeysAddArgs<KeyRole>),
 }
 
-#[derive(Clone, Copy, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Default, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 enum KeyRole {
     /// Calls the OpenAI endpoints.
+    #[default]
     Client,
     /// Reviews guard decisions (/review, /v1/review/...), and may call the API too.
     Reviewer,
@@ -150,20 +151,6 @@ impl From<KeyRole> for Role {
     }
 }
 
-#[derive(clap::Args, Serialize)]
-struct KeysAddArgs {
-    /// The keys file (created if missing).
-    #[arg(long, value_name = "FILE")]
-    keys: PathBuf,
-    /// Who the key is for (one word).
-    #[arg(long)]
-    name: String,
-    #[arg(long, value_enum, default_value = "client")]
-    role: KeyRole,
-    #[command(flatten)]
-    #[serde(flatten)]
-    common: CommonArgs,
-}
 
 #[derive(clap::Args, Serialize)]
 #[command(after_help = "Answers are read one per line: c (confirm: the guards were right), o (overturn; then the
@@ -254,15 +241,7 @@ fn run(command: &Command) -> Result<()> {
                 quiet: a.common.quiet,
             })
         }
-        Command::Keys(KeysCommand::Add(a)) => {
-            let role = Role::from(a.role);
-            let key = keys::add(&a.keys, &a.name, role, lathe::serve::ROLES)?;
-            println!("{key}");
-            if !a.common.quiet {
-                eprintln!("serve-guard: added {} key `{}` to {}; it is shown only this once", role.name(), a.name, a.keys.display());
-            }
-            Ok(())
-        }
+        Command::Keys(KeysCommand::Add(a)) => a.run("serve-guard", lathe::serve::ROLES),
         Command::Review(a) => {
             let db = ReviewDb::open_existing(&a.db)?;
             if a.list {

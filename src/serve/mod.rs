@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 
-use crate::error::{Result, bad_input, failed, usage};
+use crate::error::{Result, bad_input, usage};
 use crate::generate::chat_template;
 use crate::model::{ChatTemplate, Head, Llama, ModelFolder};
 use crate::score::ModelSettings;
@@ -229,27 +229,16 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
         crate::progress::warn("warning: no --keys file: every endpoint, review included, is open to anyone who can reach the address");
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("serve-guard-http")
-        .enable_all()
-        .build()
-        .map_err(|e| failed(format!("cannot start the HTTP runtime: {e}")))?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| usage(format!("--listen {address}: cannot listen: {e}")))?;
-        let bound = listener.local_addr()?;
-        if !options.quiet {
-            let guards = |side: &[Arc<GuardWorker>]| if side.is_empty() { "none".to_string() } else { side.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ") };
-            crate::progress::line(format!(
-                "serve-guard: model {} · input guards: {} · output guards: {} · policy {} · review queue {}",
-                state.model_id,
-                guards(&state.input_guards),
-                guards(&state.output_guards),
-                state.policy.version,
-                options.db.display()
-            ));
-        }
-        crate::progress::line(format!("serve-guard: listening on http://{bound}"));
-        crate::web::listen::serve(listener, http::router(state), options.connections).await.map_err(|e| failed(format!("the server stopped: {e}")))
-    })
+    let guards = |side: &[Arc<GuardWorker>]| if side.is_empty() { "none".to_string() } else { side.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ") };
+    let banner = (!options.quiet).then(|| {
+        format!(
+            "serve-guard: model {} · input guards: {} · output guards: {} · policy {} · review queue {}",
+            state.model_id,
+            guards(&state.input_guards),
+            guards(&state.output_guards),
+            state.policy.version,
+            options.db.display()
+        )
+    });
+    crate::web::listen::run("serve-guard", address, options.connections, http::router(state), banner)
 }

@@ -265,6 +265,41 @@ pub fn add(path: &Path, name: &str, role: Role, roles: &[Role]) -> Result<String
     Ok(key)
 }
 
+/// The role names one server's `keys add --role` takes (its own subset of [`Role`]).
+pub trait ServerRole: clap::ValueEnum + Clone + Copy + Default + Send + Sync + serde::Serialize + Into<Role> + 'static {}
+
+impl<R: clap::ValueEnum + Clone + Copy + Default + Send + Sync + serde::Serialize + Into<Role> + 'static> ServerRole for R {}
+
+/// `keys add`, as serve-guard and annotate take it.
+#[derive(clap::Args, serde::Serialize)]
+pub struct KeysAddArgs<R: ServerRole> {
+    /// The keys file (created if missing).
+    #[arg(long, value_name = "FILE")]
+    pub keys: std::path::PathBuf,
+    /// Who the key is for (one word).
+    #[arg(long)]
+    pub name: String,
+    #[arg(long, value_enum, default_value_t = R::default())]
+    pub role: R,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: crate::cli::CommonArgs,
+}
+
+impl<R: ServerRole> KeysAddArgs<R> {
+    /// Add the key and print it on standard output, once; `server` names the binary in the
+    /// note on standard error and `roles` are the ones its keys file may hold.
+    pub fn run(&self, server: &str, roles: &[Role]) -> Result<()> {
+        let role: Role = self.role.into();
+        let key = add(&self.keys, &self.name, role, roles)?;
+        println!("{key}");
+        if !self.common.quiet {
+            crate::progress::line(format!("{server}: added {} key `{}` to {}; it is shown only this once", role.name(), self.name, self.keys.display()));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tower_service::Service;
 
+use crate::error::{failed, usage};
+
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionLimits {
     pub header_timeout: Duration,
@@ -52,6 +54,27 @@ impl HalfOpen {
     fn leave(&self, id: u64) {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner()).retain(|(i, _)| *i != id);
     }
+}
+
+/// Start the HTTP runtime, listen on `address`, print `banner` (unless `None`) and then
+/// `{server}: listening on http://ADDR` (scripts and tests wait for it), and serve `router`
+/// until the process stops.
+pub fn run(server: &str, address: SocketAddr, limits: ConnectionLimits, router: Router, banner: Option<String>) -> crate::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(format!("{server}-http"))
+        .enable_all()
+        .build()
+        .map_err(|e| failed(format!("cannot start the HTTP runtime: {e}")))?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(address).await.map_err(|e| usage(format!("--listen {address}: cannot listen: {e}")))?;
+        let bound = listener.local_addr()?;
+        if let Some(banner) = banner {
+            crate::progress::line(banner);
+        }
+        crate::progress::line(format!("{server}: listening on http://{bound}"));
+        serve(listener, router, limits).await.map_err(|e| failed(format!("the server stopped: {e}")))
+    })
 }
 
 /// Serve `router` on `listener` until the process stops. Handlers can extract
