@@ -3,6 +3,7 @@
 //! Each stage is a thin binary in `src/bin/` over this library. Stages exchange Parquet files
 //! ([`data`]) and Hugging Face model folders ([`model::folder`]).
 
+pub mod annotate;
 pub mod cli;
 pub mod data;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod reward;
 pub mod rl;
 pub mod tokenizer;
 pub mod train;
+pub mod web;
 
 pub use error::{Error, Result};
 

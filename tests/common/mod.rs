@@ -1,6 +1,8 @@
 //! Helpers the binary tests share: running a stage, checking refusals, test data.
 #![allow(dead_code)]
 
+pub mod web;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -18,6 +20,7 @@ pub fn stage(name: &str) -> Command {
         "ppo" => env!("CARGO_BIN_EXE_ppo"),
         "redteam" => env!("CARGO_BIN_EXE_redteam"),
         "serve-guard" => env!("CARGO_BIN_EXE_serve-guard"),
+        "annotate" => env!("CARGO_BIN_EXE_annotate"),
         other => panic!("no stage {other}"),
     };
     Command::new(path)
