@@ -9,6 +9,7 @@ use serde_json::{Map, Value, json};
 
 use crate::data::{ColumnType, Kind, ParquetSource, meta};
 use crate::error::{Result, bad_input, usage};
+use crate::limits::Footprint;
 use crate::model::folder::{self, FolderParts, ModelFolder};
 use crate::model::{ForwardOptions, Llama, LlamaConfig, Params};
 use crate::progress;
@@ -124,15 +125,7 @@ impl PretrainTask {
                 options.seq_len, config.max_position_embeddings
             )));
         }
-        let params = match &init {
-            Some(folder) => folder.load_params(&options.device)?,
-            None => Params::init(&config, options.init_std, options.seed, &options.device)?,
-        };
-        let model = Llama::new(&config, &params)?;
-        let parts = folder_parts(&tokenizer, init.as_ref(), options.tokenizer.as_deref(), eos_id)?;
-
         let tokens = Arc::new(tokens);
-        let unigram_entropy = unigram_entropy(&tokens, config.vocab_size);
         let blocks = Blocks::cut(tokens.clone(), options.seq_len);
         if blocks.starts.is_empty() {
             return Err(bad_input(
@@ -140,6 +133,16 @@ impl PretrainTask {
                 format!("the inputs hold {} tokens, fewer than one block of --seq-len {} + 1", tokens.len(), options.seq_len),
             ));
         }
+        Footprint::new(format!("--batch-size {} × --seq-len {} with this model shape", options.batch_size, options.seq_len))
+            .training(&config, options.batch_size, options.seq_len)
+            .check(&options.device)?;
+        let params = match &init {
+            Some(folder) => folder.load_params(&options.device)?,
+            None => Params::init(&config, options.init_std, options.seed, &options.device)?,
+        };
+        let model = Llama::new(&config, &params)?;
+        let parts = folder_parts(&tokenizer, init.as_ref(), options.tokenizer.as_deref(), eos_id)?;
+        let unigram_entropy = unigram_entropy(&tokens, config.vocab_size);
         let (train, val) = match (&options.val, options.val_fraction) {
             (Some(path), _) => {
                 let (val_tokens, _) = read_tokens(std::slice::from_ref(path), &tokenizer)?;

@@ -248,6 +248,11 @@ impl SftTask {
             return Err(bad_input(&options.inputs[0], "no training examples left (every row was dropped; see the lines above)"));
         }
 
+        let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let rows = if options.packing { options.max_length } else { longest };
+        crate::limits::Footprint::new(format!("--batch-size {} × --max-length {}", options.batch_size, options.max_length))
+            .training(&config, options.batch_size.min(examples.len()), rows)
+            .check(&options.device)?;
         let mut params = folder.load_params(&options.device)?;
         if params.grow_vocab(tokenizer.vocab_size)? {
             progress::warn(format!("note: embedding grown from {} to {} rows", config.vocab_size, tokenizer.vocab_size));

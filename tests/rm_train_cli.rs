@@ -1,5 +1,5 @@
 //! The `rm-train` binary on the fixture model: reward models with the accuracy gate, guard
-//! classifiers continued from an earlier guard, regression, and refusals.
+//! classifiers continued from an earlier guard, regression (refusals: bad_input_catalogue.rs).
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use arrow::array::{Float64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use common::{assert_refused, ok, read_json, run, s, testdata};
+use common::{ok, read_json, run, s, testdata};
 use lathe::data::records::{LabeledTextRecord, RecordWriter};
 
 const SMALL: &[&str] = &["--max-length", "96", "--batch-size", "4", "--lr", "2e-3", "--threads", "2", "-q"];
@@ -115,15 +115,3 @@ fn regression_reports_correlation() {
     assert!(eval["eval_mse"].is_number() && eval["eval_spearman"].is_number());
 }
 
-#[test]
-fn bad_inputs_exit_2_with_one_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = testdata("hf-tiny/causal-lm");
-    let run_dir = dir.path().join("run");
-    let prefs = testdata("pref_hh_rlhf_harmless_base.slice.parquet");
-    assert_refused("rm-train", &rm_args(&prefs, &model, &run_dir, &["--min-accuracy", "0.6"]), "needs held-out data", dir.path(), &[]);
-    let moderation = testdata("moderation_openai_samples.slice.parquet");
-    assert_refused("rm-train", &rm_args(&moderation, &model, &run_dir, &[]), "`chosen`", dir.path(), &[]);
-    assert_refused("rm-train", &rm_args(&prefs, &model, &run_dir, &["--task", "regression"]), "`score`", dir.path(), &[]);
-    assert_refused("rm-train", &rm_args(&prefs, &model, &run_dir, &["--max-length", "1000"]), "max_position_embeddings 128", dir.path(), &[]);
-}

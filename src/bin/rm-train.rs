@@ -71,6 +71,9 @@ fn main() -> ExitCode {
 fn rm_train(args: &Args) -> Result<()> {
     args.train.check()?;
     if let Some(x) = args.min_accuracy {
+        if !(0.0..=1.0).contains(&x) {
+            return Err(lathe::error::usage(format!("--min-accuracy {x}: expected an accuracy in [0, 1]")));
+        }
         if args.task != Objective::Preference {
             return Err(lathe::error::usage("--min-accuracy applies to --task preference"));
         }
@@ -79,6 +82,7 @@ fn rm_train(args: &Args) -> Result<()> {
         }
     }
     train::check_run_dir(&args.output, args.train.resume)?;
+    lathe::output::check_distinct(&args.output, &[std::path::Path::new(&args.model)])?;
     let mut task = RewardTask::new(RewardOptions {
         inputs: args.inputs.clone(),
         model: args.model.clone(),

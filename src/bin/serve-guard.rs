@@ -228,9 +228,9 @@ fn run(command: &Command) -> Result<()> {
         }
         Command::Keys(KeysCommand::Add(a)) => {
             let key = keys::add(&a.keys, &a.name, a.role)?;
-            println!("{key}");
+            lathe::output::print(&format!("{key}\n"))?;
             if !a.common.quiet {
-                eprintln!("serve-guard: added {:?} key `{}` to {}; it is shown only this once", a.role, a.name, a.keys.display());
+                lathe::progress::line(format!("serve-guard: added {:?} key `{}` to {}; it is shown only this once", a.role, a.name, a.keys.display()));
             }
             Ok(())
         }
@@ -239,38 +239,37 @@ fn run(command: &Command) -> Result<()> {
             if a.list {
                 let items = db.list(Which::All, usize::MAX >> 1)?;
                 let counts = db.counts()?;
-                println!("review queue {}: {}", a.db.display(), counts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+                let mut text = format!("review queue {}: {}\n", a.db.display(), counts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
                 for item in &items {
-                    println!("{}", review::describe(item));
+                    text += &format!("{}\n", review::describe(item));
                 }
-                return Ok(());
+                return lathe::output::print(&text);
             }
             let reviewer = a.reviewer.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "reviewer".into());
             let stdin = std::io::stdin();
             let (reviewed, skipped) = review::review_terminal(&db, &reviewer, &mut stdin.lock(), &mut std::io::stderr())?;
-            eprintln!("serve-guard: {reviewed} reviewed, {skipped} skipped");
+            lathe::progress::line(format!("serve-guard: {reviewed} reviewed, {skipped} skipped"));
             Ok(())
         }
         Command::Stats(a) => {
             let db = ReviewDb::open_existing(&a.db)?;
             let stats = db.stats()?;
-            if a.json {
-                for s in &stats {
-                    println!("{}", serde_json::to_string(s)?);
-                }
+            let text = if a.json {
+                stats.iter().map(|s| Ok(serde_json::to_string(s)? + "\n")).collect::<Result<String>>()?
             } else if stats.is_empty() {
-                println!("no reviewed decisions yet");
+                "no reviewed decisions yet\n".to_string()
             } else {
-                print!("{}", review::stats_table(&stats));
-            }
-            Ok(())
+                review::stats_table(&stats)
+            };
+            lathe::output::print(&text)
         }
         Command::Export(a) => {
             lathe::output::check_writable(&a.output)?;
+            lathe::output::check_distinct(&a.output, &[&a.db])?;
             let db = ReviewDb::open_existing(&a.db)?;
             let rows = db.export(&a.output)?;
             if !a.common.quiet {
-                eprintln!("serve-guard: exported {rows} reviewed decisions to {}", a.output.display());
+                lathe::progress::line(format!("serve-guard: exported {rows} reviewed decisions to {}", a.output.display()));
             }
             Ok(())
         }

@@ -186,6 +186,11 @@ impl RewardTask {
             return Err(bad_input(&options.inputs[0], "no training examples left after the length policy"));
         }
 
+        let per_item = train.iter().map(|item| item.sequences.len()).max().unwrap_or(1);
+        let longest = train.iter().flat_map(|item| item.sequences.iter().map(Vec::len)).max().unwrap_or(0);
+        crate::limits::Footprint::new(format!("--batch-size {} × --max-length {}", options.batch_size, options.max_length))
+            .training(&config, options.batch_size.saturating_mul(per_item), longest)
+            .check(&options.device)?;
         let mut params = folder.load_params(&options.device)?;
         if params.grow_vocab(tokenizer.vocab_size)? {
             config.vocab_size = tokenizer.vocab_size;

@@ -22,6 +22,7 @@ use crate::data::parquet_io::lathe_metadata;
 use crate::data::records::{Record, ResponseRecord};
 use crate::data::{Kind, ParquetSink};
 use crate::error::{Result, bad_input, usage};
+use crate::limits::Footprint;
 use crate::generate::{Generator, ReadyPrompt, Sampling, chat_template, read_prompts, sample_rng};
 use crate::model::folder::{FolderParts, ModelFolder, WEIGHTS};
 use crate::model::{ChatTemplate, Head, Llama, LlamaConfig, Params};
@@ -234,6 +235,7 @@ impl RlTask {
             ));
         }
 
+        rollout_footprint(s, &folder.config, &prompts).check(&options.device)?;
         let policy = folder.load_params(&options.device)?;
         let policy_config = folder.config.clone();
         let policy_model = Llama::new(&policy_config, &policy)?;
@@ -734,7 +736,13 @@ impl Task for RlTask {
         let bad = |what: &str| crate::error::failed(format!("checkpoint data state: {what}"));
         self.cursor.restore(&state["cursor"])?;
         self.kl.coef = f64::from_bits(state["kl_coef_bits"].as_u64().ok_or_else(|| bad("kl_coef_bits"))?);
-        self.updates = state["updates"].as_u64().ok_or_else(|| bad("updates"))?;
+        let updates = state["updates"].as_u64().ok_or_else(|| bad("updates"))?;
+        if updates < self.updates {
+            // A step abandoned inside its accumulation had started this rollout: it goes too.
+            self.rollout = None;
+            self.update_started = None;
+        }
+        self.updates = updates;
         self.episodes_done = state["episodes"].as_u64().ok_or_else(|| bad("episodes"))?;
         self.position = state["position"].as_u64().ok_or_else(|| bad("position"))? as usize;
         self.stats = serde_json::from_value(state["stats"].clone()).map_err(|_| bad("stats"))?;
@@ -769,6 +777,21 @@ impl Task for RlTask {
     }
 }
 
+/// One update's memory: every episode decoded at once through the KV cache and kept with its
+/// per-token figures, the reference model beside the policy, and a micro-batch trained on.
+fn rollout_footprint(s: &RlSettings, config: &LlamaConfig, prompts: &[ReadyPrompt]) -> Footprint {
+    let episodes = s.prompts_per_update.saturating_mul(s.samples);
+    let length = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0).saturating_add(s.max_new_tokens);
+    let micro_batch = episodes / s.minibatches.saturating_mul(s.grad_accum).max(1);
+    // Token, log-probabilities (policy, reference), KL, value, advantage, return.
+    let per_token = 7 * 4;
+    Footprint::new(format!("--batch-size {} × -n {} × --max-new-tokens {}", s.prompts_per_update, s.samples, s.max_new_tokens))
+        .training(config, micro_batch, length)
+        .add("the reference model", crate::limits::parameters(config).saturating_mul(4))
+        .decoding(config, episodes, length)
+        .add("the rollout", crate::limits::elements(&[episodes, length]).saturating_mul(per_token))
+}
+
 fn check_settings(s: &RlSettings) -> Result<()> {
     let positive = [
         (s.prompts_per_update, "--batch-size"),
@@ -791,8 +814,30 @@ fn check_settings(s: &RlSettings) -> Result<()> {
     if s.algo == Algo::Grpo && s.samples < 2 {
         return Err(usage("--algo grpo compares the samples of a prompt: give -n 2 or more"));
     }
-    if s.sampling.temperature <= 0.0 {
+    if !(s.sampling.temperature > 0.0) {
         return Err(usage("--temperature must be above 0: PPO needs sampled responses and their probabilities"));
+    }
+    let at_least_zero = [
+        ("--kl-coef", s.kl_coef),
+        ("--vf-coef", s.vf_coef),
+        ("--temperature", s.sampling.temperature),
+        ("--eval-temperature", s.eval_temperature),
+        ("--warn-kl", s.warn_kl),
+        ("--kl-horizon", s.kl_horizon),
+    ];
+    if let Some((flag, value)) = at_least_zero.iter().find(|(_, v)| !(*v >= 0.0 && v.is_finite())) {
+        return Err(usage(format!("{flag} {value}: expected a finite number >= 0")));
+    }
+    for (flag, value) in [("--gamma", s.gamma), ("--lam", s.lam), ("--top-p", s.sampling.top_p)] {
+        if !(0.0..=1.0).contains(&value) {
+            return Err(usage(format!("{flag} {value}: expected a number in [0, 1]")));
+        }
+    }
+    if !(s.warn_ratio >= 1.0 && s.warn_ratio.is_finite()) {
+        return Err(usage(format!("--warn-ratio {}: expected a finite number >= 1", s.warn_ratio)));
+    }
+    if let Some(penalty) = s.missing_eos_penalty.filter(|p| !p.is_finite()) {
+        return Err(usage(format!("--missing-eos-penalty {penalty}: expected a finite number")));
     }
     if !(s.cliprange > 0.0 && s.cliprange_value > 0.0) {
         return Err(usage("--cliprange and --cliprange-value must be above 0"));

@@ -60,6 +60,7 @@ pub fn assert_refused(name: &str, args: &[&str], needle: &str, dir: &Path, keep:
         .filter(|l| l.contains("error") || !(l.starts_with(&format!("{name}: ")) || l.starts_with("note: ") || l.starts_with("warning: ")))
         .collect();
     assert_eq!(lines.len(), 1, "not one line: {stderr}");
+    assert!(lines[0].starts_with(&format!("{name}: error: ")), "not `{name}: error: …`: {stderr}");
     assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     let mut expected: Vec<String> = keep.iter().map(|k| k.to_string()).collect();
