@@ -13,6 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use lathe::data::ParquetSource;
+use lathe::human::scoring::ScoreAnswer;
 use lathe::data::records::*;
 use lathe::model::ModelFolder;
 use lathe::tokenizer::LoadedTokenizer;
@@ -79,8 +80,6 @@ struct Fuzz {
 
 impl Fuzz {
     fn new() -> Self {
-        // Panics are collected and reported together; keep their default output quiet.
-        std::panic::set_hook(Box::new(|_| {}));
         Fuzz { dir: tempfile::tempdir().unwrap(), panics: Mutex::new(Vec::new()), runs: Mutex::new(0) }
     }
 
@@ -107,7 +106,6 @@ impl Fuzz {
     fn check(self, at_least: usize) {
         let panics = self.panics.into_inner().unwrap();
         let runs = self.runs.into_inner().unwrap();
-        let _ = std::panic::take_hook();
         assert!(panics.is_empty(), "{} panics in {runs} reads:\n{}", panics.len(), panics.join("\n"));
         assert!(runs >= at_least, "only {runs} reads");
     }
@@ -165,9 +163,9 @@ fn parquet_readers_never_panic() {
     files.sort();
     for file in &files {
         let small = std::fs::metadata(file).unwrap().len() < 100_000;
-        fuzz.run(file, if small { 24 } else { 8 }, "data.parquet", &readers);
+        fuzz.run(file, if small { 64 } else { 16 }, "data.parquet", &readers);
     }
-    fuzz.check(files.len() * 8 * readers.len());
+    fuzz.check(files.len() * 16 * readers.len());
 }
 
 #[test]
@@ -181,9 +179,9 @@ fn jsonl_readers_never_panic() {
     let journal = journal_dir.path().join("answers.journal.jsonl");
     let settings = lathe::human::journal::Settings { task: "score".into(), annotator: "ana".into(), scale: Some("1-5".into()) };
     {
-        let (mut open, _) = lathe::human::journal::Journal::open::<f64>(&journal, &settings, "responses.parquet", 3, |_, _, _| Ok(())).unwrap();
-        for (i, score) in [4.0, 2.0].iter().enumerate() {
-            open.answer(&lathe::human::ItemKey::response(&format!("p{i}"), 0), score, "shown text").unwrap();
+        let (mut open, _) = lathe::human::journal::Journal::open::<ScoreAnswer>(&journal, &settings, "responses.parquet", 3, |_, _, _| Ok(())).unwrap();
+        for (i, score) in [4.0, 2.0].into_iter().enumerate() {
+            open.answer(&lathe::human::ItemKey::response(&format!("p{i}"), 0), &ScoreAnswer { score }, "shown text").unwrap();
         }
         open.skip(&lathe::human::ItemKey::response("p2", 0), "shown text").unwrap();
     }
@@ -199,14 +197,14 @@ fn jsonl_readers_never_panic() {
             }
         })),
         ("ratings", Box::new(|p: &Path| drop(lathe::human::ratings::read_ratings(p, "score")))),
-        ("answers journal", Box::new(|p: &Path| drop(lathe::human::journal::Journal::open::<f64>(p, &settings, "responses.parquet", 3, |_, _, _| Ok(()))))),
+        ("answers journal", Box::new(|p: &Path| drop(lathe::human::journal::Journal::open::<ScoreAnswer>(p, &settings, "responses.parquet", 3, |_, _, _| Ok(()))))),
     ];
     let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("testdata")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "jsonl")).collect();
     files.push(journal.clone());
     for file in &files {
-        fuzz.run(file, 48, "data.jsonl", &readers);
+        fuzz.run(file, 128, "data.jsonl", &readers);
     }
-    fuzz.check(files.len() * 48 * readers.len());
+    fuzz.check(files.len() * 128 * readers.len());
 }
 
 /// Model folders: each JSON file of the fixture (and its weights) damaged in turn, read the
@@ -235,10 +233,10 @@ fn model_folder_readers_never_panic() {
                 let _ = LoadedTokenizer::load(damaged);
             }
         };
-        let count = if name == "model.safetensors" { 24 } else { 48 };
+        let count = if name == "model.safetensors" { 64 } else { 128 };
         fuzz.run(&fixture.join(name), count, name, &[("model folder", Box::new(open) as Box<dyn Fn(&Path)>)]);
     }
-    fuzz.check(4 * 48 + 24);
+    fuzz.check(4 * 128 + 64);
 }
 
 /// Flags of a stage, to parse damaged recipes with (unknown keys are refused like any stage).
@@ -285,7 +283,7 @@ fn toml_readers_never_panic() {
     files.extend([root().join("recipes/redteam/default.toml"), root().join("recipes/guard/policy.toml")]);
     for file in &files {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
-        fuzz.run(file, 32, &name, &readers);
+        fuzz.run(file, 64, &name, &readers);
     }
-    fuzz.check(files.len() * 32 * readers.len());
+    fuzz.check(files.len() * 64 * readers.len());
 }

@@ -115,7 +115,7 @@ fn resume_cleans_what_a_kill_left_and_skips_incomplete_checkpoints() {
     let stderr = String::from_utf8_lossy(&resumed.stderr);
     let names = files_in(&run);
     assert!(!names.iter().any(|n| n.ends_with(".tmp") || n.starts_with(".tmp")), "leftovers removed: {names:?} {stderr}");
-    assert_eq!(files_in(&run.join("checkpoints")), vec!["step-3"], "the incomplete step-9 is gone, not resumed from");
+    assert_eq!(files_in(&run.join("checkpoints")), vec!["step-2", "step-3"], "the incomplete step-9 is gone, not resumed from");
     let eval = common::read_json(&run.join("eval.json"));
     assert_eq!(eval["step"], 3);
 }
@@ -174,7 +174,7 @@ fn sigterm_is_honoured_inside_a_long_gradient_accumulation() {
     assert_eq!(files_in(&endless.join("checkpoints")), vec!["step-0"]);
 
     // Exact resume across an abandoned step: signals at a few moments of a 3-step run.
-    let accum = ["--steps", "3", "--grad-accum", "400", "--checkpoint-every", "0"];
+    let accum = ["--steps", "3", "--grad-accum", "2000", "--checkpoint-every", "0"];
     let straight = dir.path().join("straight");
     let started = Instant::now();
     ok("pretrain", &pretrain_args(&tokens, &tokenizer, &straight, &accum));
@@ -192,7 +192,7 @@ fn sigterm_is_honoured_inside_a_long_gradient_accumulation() {
         }
         run
     };
-    for (i, fraction) in [0.3, 0.6].iter().enumerate() {
+    for (i, fraction) in [0.35, 0.7].iter().enumerate() {
         let run = sigterm_run(&format!("stopped-{i}"), straight_seconds.mul_f64(*fraction).max(Duration::from_millis(300)));
         assert!(std::fs::read(run.join("model.safetensors")).unwrap() == std::fs::read(straight.join("model.safetensors")).unwrap(), "stopped at {fraction}: resumed weights differ");
     }

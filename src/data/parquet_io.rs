@@ -174,22 +174,28 @@ impl ParquetSource {
             let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
             builder = builder.with_projection(mask);
         }
-        Ok(Batches { reader: builder.build()?, path: Arc::from(self.path()), next_row: 0 })
+        Ok(Batches { reader: builder.build()?, path: Arc::from(self.path()), next_row: 0, failed: false })
     }
 }
 
-/// Record batches of one file, numbered so errors can name the row.
+/// Record batches of one file, numbered so errors can name the row. It ends after its first
+/// error: the Parquet reader behind it would repeat a decoding error forever.
 pub struct Batches {
     reader: ParquetRecordBatchReader,
     path: Arc<Path>,
     next_row: u64,
+    failed: bool,
 }
 
 impl Iterator for Batches {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
         let item = self.reader.next()?;
+        self.failed = item.is_err();
         Some(match item {
             Ok(data) => {
                 let first_row = self.next_row;

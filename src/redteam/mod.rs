@@ -90,7 +90,7 @@ pub fn redteam(options: &RedteamOptions, target: &Target) -> Result<RedteamRepor
         .map(|(name, _)| name.clone())
         .collect();
     if !unavailable.is_empty() {
-        progress::warn(format!("left out optional detectors without a model: {} (pass --guard / --reward-model)", unavailable.join(", ")));
+        progress::warn(format!("note: left out optional detectors without a model: {} (pass --guard / --reward-model)", unavailable.join(", ")));
         suite.drop_detectors(&unavailable)?;
     }
     let attempts = suite.attempts(options.generation.seed)?;
