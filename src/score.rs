@@ -264,9 +264,6 @@ impl Classifier {
 /// whole in one span. Output guards check a stream in these spans of characters; guards read
 /// a long text in these spans of tokens.
 pub fn overlapping_windows(len: usize, chunk: usize, overlap: usize) -> Vec<std::ops::Range<usize>> {
-    if len <= chunk {
-        return if len == 0 { Vec::new() } else { vec![0..len] };
-    }
     (0..len).step_by(chunk.max(1)).map(|start| start.saturating_sub(overlap)..(start + chunk).min(len)).collect()
 }
 
@@ -275,7 +272,8 @@ pub fn overlapping_windows(len: usize, chunk: usize, overlap: usize) -> Vec<std:
 /// in a span.
 fn guard_windows(len: usize, room: usize) -> Vec<std::ops::Range<usize>> {
     if len <= room {
-        return vec![0..len];
+        // An empty text too is read once (as EOS alone), like any text that fits.
+        return vec![std::ops::Range { start: 0, end: len }];
     }
     let half = room / 2;
     let mut spans = overlapping_windows(len, half, half);
@@ -637,6 +635,18 @@ pub fn import(options: &ScoreOptions, ratings_path: &Path, annotator: Option<&st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guard_windows_hold_every_run_of_half_a_window_whole() {
+        assert_eq!(guard_windows(5, 8), vec![0..5]);
+        assert_eq!(guard_windows(0, 8), vec![0..0], "an empty text is still read once");
+        let spans = guard_windows(30, 8);
+        assert!(spans.iter().all(|s| s.len() <= 8), "{spans:?}");
+        assert_eq!((spans[0].clone(), spans.last().unwrap().end), (0..8, 30), "from the first token to the last");
+        for start in 0..=26 {
+            assert!(spans.iter().any(|s| s.start <= start && start + 4 <= s.end), "tokens {start}..{} are in no window: {spans:?}", start + 4);
+        }
+    }
 
     #[test]
     fn rules_parse_with_weights_and_colons_in_patterns() {

@@ -42,13 +42,19 @@ fn write_chats(path: &Path, chats: &[Vec<Message>]) {
 
 const HUGE: &str = "1000000000000000000";
 
+/// A Shakespeare tokenizer and its tokens in a folder of their own (kept alive by the first
+/// value), and the empty folder the refusals run in.
+fn shakespeare_workspace() -> (tempfile::TempDir, PathBuf, PathBuf, tempfile::TempDir) {
+    let work = tempfile::tempdir().unwrap();
+    let (tokenizer, tokens) = shakespeare_tokens(work.path(), 300);
+    (work, tokenizer, tokens, tempfile::tempdir().unwrap())
+}
+
 // ---- tokenize ----
 
 #[test]
 fn tokenize() {
-    let work = tempfile::tempdir().unwrap();
-    let (tokenizer, tokens) = shakespeare_tokens(work.path(), 300);
-    let dir = tempfile::tempdir().unwrap();
+    let (_work, tokenizer, tokens, dir) = shakespeare_workspace();
     let out = dir.path().join("out.parquet");
     let (tok, o) = (s(&tokenizer), s(&out));
     let shakespeare = testdata("pretrain_tinyshakespeare.parquet");
@@ -122,9 +128,7 @@ fn tokenize() {
 
 #[test]
 fn pretrain() {
-    let work = tempfile::tempdir().unwrap();
-    let (tokenizer, tokens) = shakespeare_tokens(work.path(), 300);
-    let dir = tempfile::tempdir().unwrap();
+    let (work, tokenizer, tokens, dir) = shakespeare_workspace();
     let run = dir.path().join("run");
     let tiny = ["--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "4", "--seq-len", "32", "--batch-size", "4", "--threads", "2", "-q"];
     let args = |tokens: &Path, tokenizer: &Path, extra: &[&str]| -> Vec<String> {

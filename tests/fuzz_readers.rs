@@ -118,17 +118,43 @@ fn records<R: Record>(path: &Path) {
     }
 }
 
-fn tokenizer() -> LoadedTokenizer {
-    LoadedTokenizer::load(&root().join("testdata/hf-tiny/causal-lm/tokenizer.json")).unwrap()
+/// The fixture model's tokenizer and chat template, which prompt readers encode with.
+struct Encoding {
+    tokenizer: LoadedTokenizer,
+    template: Option<lathe::model::ChatTemplate>,
+}
+
+impl Encoding {
+    fn fixture() -> Self {
+        let folder = ModelFolder::open(root().join("testdata/hf-tiny/causal-lm").to_str().unwrap()).unwrap();
+        Encoding { tokenizer: folder.load_tokenizer().unwrap(), template: folder.chat().unwrap() }
+    }
+}
+
+/// Readers of text-bearing rows in Parquet and JSONL alike: prompts (encoded), text inputs
+/// (the `column` field), imported ratings.
+fn row_readers<'a>(encoding: &'a Encoding, text: &'a lathe::data::text::TextOptions) -> Vec<Reader<'a>> {
+    vec![
+        ("generate prompts", Box::new(|p: &Path| drop(lathe::generate::read_prompts(p, &encoding.tokenizer, encoding.template.as_ref())))),
+        ("text inputs", Box::new(|p: &Path| {
+            if let Ok(inputs) = lathe::data::text::open_inputs(&[p.to_path_buf()], text) {
+                for input in &inputs {
+                    if let Ok(batches) = input.batches(1 << 16) {
+                        batches.for_each(drop);
+                    }
+                }
+            }
+        })),
+        ("ratings", Box::new(|p: &Path| drop(lathe::human::ratings::read_ratings(p, "score")))),
+    ]
 }
 
 #[test]
 fn parquet_readers_never_panic() {
     let fuzz = Fuzz::new();
-    let tokenizer = tokenizer();
-    let template = ModelFolder::open(root().join("testdata/hf-tiny/causal-lm").to_str().unwrap()).unwrap().chat().unwrap();
+    let encoding = Encoding::fixture();
     let text_options = lathe::data::text::TextOptions { column: "text".into(), paragraphs: false, carry: None };
-    let readers: Vec<Reader> = vec![
+    let mut readers: Vec<Reader> = vec![
         ("ParquetSource", Box::new(|p: &Path| {
             if let Ok(source) = ParquetSource::open(p) {
                 if let Ok(batches) = source.batches(None, 256) {
@@ -147,18 +173,8 @@ fn parquet_readers_never_panic() {
         ("labeled-text", Box::new(records::<LabeledTextRecord>)),
         ("findings", Box::new(records::<FindingRecord>)),
         ("tokenize inspect", Box::new(|p: &Path| drop(lathe::tokenizer::inspect(p)))),
-        ("text inputs", Box::new(|p: &Path| {
-            if let Ok(inputs) = lathe::data::text::open_inputs(&[p.to_path_buf()], &text_options) {
-                for input in &inputs {
-                    if let Ok(batches) = input.batches(1 << 16) {
-                        batches.for_each(drop);
-                    }
-                }
-            }
-        })),
-        ("generate prompts", Box::new(|p: &Path| drop(lathe::generate::read_prompts(p, &tokenizer, template.as_ref())))),
-        ("ratings", Box::new(|p: &Path| drop(lathe::human::ratings::read_ratings(p, "score")))),
     ];
+    readers.extend(row_readers(&encoding, &text_options));
     let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("testdata")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
     files.sort();
     for file in &files {
@@ -171,8 +187,7 @@ fn parquet_readers_never_panic() {
 #[test]
 fn jsonl_readers_never_panic() {
     let fuzz = Fuzz::new();
-    let tokenizer = tokenizer();
-    let template = ModelFolder::open(root().join("testdata/hf-tiny/causal-lm").to_str().unwrap()).unwrap().chat().unwrap();
+    let encoding = Encoding::fixture();
     let text_options = lathe::data::text::TextOptions { column: "prompt".into(), paragraphs: false, carry: None };
     // A human answers journal to damage, written through its own API.
     let journal_dir = tempfile::tempdir().unwrap();
@@ -185,20 +200,10 @@ fn jsonl_readers_never_panic() {
         }
         open.skip(&lathe::human::ItemKey::response("p2", 0), "shown text").unwrap();
     }
-    let readers: Vec<Reader> = vec![
-        ("generate prompts", Box::new(|p: &Path| drop(lathe::generate::read_prompts(p, &tokenizer, template.as_ref())))),
-        ("text inputs", Box::new(|p: &Path| {
-            if let Ok(inputs) = lathe::data::text::open_inputs(&[p.to_path_buf()], &text_options) {
-                for input in &inputs {
-                    if let Ok(batches) = input.batches(1 << 16) {
-                        batches.for_each(drop);
-                    }
-                }
-            }
-        })),
-        ("ratings", Box::new(|p: &Path| drop(lathe::human::ratings::read_ratings(p, "score")))),
+    let mut readers = row_readers(&encoding, &text_options);
+    readers.push(
         ("answers journal", Box::new(|p: &Path| drop(lathe::human::journal::Journal::open::<ScoreAnswer>(p, &settings, "responses.parquet", 3, |_, _, _| Ok(()))))),
-    ];
+    );
     let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("testdata")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "jsonl")).collect();
     files.push(journal.clone());
     for file in &files {

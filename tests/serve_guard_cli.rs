@@ -797,27 +797,27 @@ fn sigterm_stops_the_server_even_with_stderr_closed() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("review.sqlite");
-    let mut child = serve_guard()
-        .args(["serve", "--model", s(&testdata("hf-tiny/causal-lm")), "--db", s(&db), "--listen", "127.0.0.1:0", "--threads", "1"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = KillOnDrop(
+        serve_guard()
+            .args(["serve", "--model", s(&testdata("hf-tiny/causal-lm")), "--db", s(&db), "--listen", "127.0.0.1:0", "--threads", "1"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut server.0;
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     while !lines.next().unwrap().unwrap().contains("listening on") {}
     drop(lines);
     let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "review.sqlite holds prompts and responses: {mode:o}");
-    for signal in ["-TERM", "-TERM"] {
-        let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(10) {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert_eq!(status.code(), Some(130), "{status:?}");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(130), "{status:?}");
+            return;
         }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = child.kill();
     panic!("serve-guard ignored SIGTERM with its stderr closed");
 }

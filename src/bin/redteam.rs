@@ -139,7 +139,8 @@ fn run(args: &Args) -> Result<()> {
     if !(0.0..=1.0).contains(&args.min_answered) {
         return Err(usage(format!("--min-answered {}: expected a fraction in [0, 1]", args.min_answered)));
     }
-    if !(args.temperature >= 0.0 && args.temperature.is_finite()) || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    let sampling_ok = args.temperature >= 0.0 && args.temperature.is_finite() && args.top_p > 0.0 && args.top_p <= 1.0;
+    if !sampling_ok {
         return Err(usage(format!("--temperature {} must be a number >= 0 and --top-p {} in (0, 1]", args.temperature, args.top_p)));
     }
     if args.max_new_tokens == 0 {

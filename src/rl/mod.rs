@@ -814,7 +814,7 @@ fn check_settings(s: &RlSettings) -> Result<()> {
     if s.algo == Algo::Grpo && s.samples < 2 {
         return Err(usage("--algo grpo compares the samples of a prompt: give -n 2 or more"));
     }
-    if !(s.sampling.temperature > 0.0) {
+    if s.sampling.temperature <= 0.0 {
         return Err(usage("--temperature must be above 0: PPO needs sampled responses and their probabilities"));
     }
     let at_least_zero = [
