@@ -12,9 +12,10 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, Int64Array};
 use arrow::datatypes::{DataType, Field};
 use lathe::data::Message;
-use lathe::data::records::{ChatRecord, Prompt, PromptRecord, RecordWriter, TextRecord};
+use lathe::data::ParquetSource;
+use lathe::data::records::{ChatRecord, PreferenceRecord, Prompt, PromptRecord, RecordReader, RecordWriter, ResponseRecord, TextRecord};
 
-use common::{copy_folder, ok, s, shakespeare_tokens, testdata};
+use common::{copy_folder, files_in, ok, s, shakespeare_tokens, testdata};
 
 /// One refused case in `dir`, which must hold only `keep` afterwards.
 #[track_caller]
@@ -336,6 +337,126 @@ fn score_rank_redteam() {
     t("redteam", &["--model", m, "--suite", sf, "--temperature", "NaN", "-o", o], "--temperature NaN must be a number >= 0");
     t("redteam", &["--endpoint", "http://127.0.0.1:9/v1", "--timeout", "inf", "-o", o], "--timeout inf: expected a number of seconds > 0");
     t("redteam", &["--model", m, "--suite", sf, "--baseline", r, "-o", r], "responses.parquet: is also an input");
+}
+
+// ---- score and rank by hand, redteam suites ----
+
+fn response(prompt: usize, sample: i32) -> ResponseRecord {
+    ResponseRecord {
+        prompt_id: format!("p{prompt}"),
+        prompt: format!("Question {prompt}?"),
+        response: format!("Answer {sample} to question {prompt}."),
+        sample,
+        model: "fixture".into(),
+        finish_reason: "stop".into(),
+        num_tokens: 5,
+        logprob: -1.0,
+    }
+}
+
+fn write_responses(path: &Path, rows: &[ResponseRecord]) {
+    let mut writer = RecordWriter::<ResponseRecord>::create(path, "test", vec![], vec![]).unwrap();
+    writer.write(rows, vec![]).unwrap();
+    writer.finish().unwrap();
+}
+
+fn write_keys(dir: &Path, name: &str, keys: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, keys.iter().map(|k| format!("{k}\n")).collect::<String>()).unwrap();
+    path
+}
+
+#[test]
+fn score_and_rank_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let responses = dir.path().join("responses.parquet");
+    let rows: Vec<ResponseRecord> = (0..3).flat_map(|p| (0..3).map(move |s| response(p, s))).collect();
+    write_responses(&responses, &rows);
+    let out = dir.path().join("out.parquet");
+    let o = s(&out);
+
+    // Responses without prompt_id.
+    let no_id = dir.path().join("no-id.parquet");
+    {
+        let source = ParquetSource::open(&responses).unwrap();
+        let batch = source.batches(None, 64).unwrap().next().unwrap().unwrap().data;
+        let index = batch.schema().index_of("prompt_id").unwrap();
+        let mut batch = batch;
+        batch.remove_column(index);
+        let mut sink = lathe::data::ParquetSink::create(&no_id, batch.schema(), vec![]).unwrap();
+        sink.write(&batch).unwrap();
+        sink.finish().unwrap();
+    }
+    let keep = ["no-id.parquet", "responses.parquet"];
+    for (name, args) in [
+        ("score", vec![s(&no_id), "--human", "--annotator", "ana", "-o", o]),
+        ("score", vec![s(&no_id), "--rule", "length", "-o", o]),
+        ("rank", vec![s(&no_id), "--human", "--annotator", "ana", "-o", o]),
+    ] {
+        refused(name, &args, "no column `prompt_id`", dir.path(), &keep);
+    }
+
+    // Two responses sharing prompt_id and sample.
+    let twice = dir.path().join("twice.parquet");
+    write_responses(&twice, &[response(0, 0), response(0, 1), response(0, 0)]);
+    let keep = ["no-id.parquet", "responses.parquet", "twice.parquet"];
+    refused("score", &[s(&twice), "--human", "--annotator", "ana", "-o", o], "row 2: prompt_id `p0` sample 0 again (first at row 0)", dir.path(), &keep);
+
+    // Usage: a backwards scale, a journal with nowhere to go, no mode, one file to merge.
+    refused("score", &[s(&responses), "--human", "--scale", "7-1", "-o", o], "--scale 7-1: expected LOW-HIGH", dir.path(), &keep);
+    refused("score", &[s(&responses), "--human", "--annotator", "ana", "-o", "-"], "give --journal FILE", dir.path(), &keep);
+    refused("score", &[s(&responses), "-o", o], "give one of --reward-model, --rule, --human, --import or --merge", dir.path(), &keep);
+    for args in [
+        vec![s(&responses), "--import", s(&responses), "--human", "-o", o],
+        vec!["--merge", s(&responses), "-o", o],
+        vec![s(&responses), "--rule", "length", "--keys", "keys.txt", "-o", o],
+    ] {
+        let clap_refusal = common::run("score", &args);
+        assert_eq!(clap_refusal.status.code(), Some(2), "{}", String::from_utf8_lossy(&clap_refusal.stderr));
+        assert_eq!(files_in(dir.path()), keep);
+    }
+
+    // Scores that are all null (every response skipped) cannot be ranked; some null are left out.
+    let skipped = dir.path().join("skipped.parquet");
+    let keys = write_keys(dir.path(), "skip.txt", &["s"; 9]);
+    ok("score", &[s(&responses), "--human", "--annotator", "ana", "--keys", s(&keys), "-o", s(&skipped), "-q"]);
+    let keep = [&keep[..], &["skip.txt", "skipped.parquet", "skipped.parquet.journal.jsonl"]].concat();
+    refused("rank", &[s(&skipped), "-o", o], "column `score`: none of the 9 responses has a score (all null or NaN); nothing to rank", dir.path(), &keep);
+    let partly = dir.path().join("partly.parquet");
+    let keys = write_keys(dir.path(), "partly.txt", &["1", "2", "3", "s", "s", "s", "s", "s", "s"]);
+    ok("score", &[s(&responses), "--human", "--annotator", "ana", "--keys", s(&keys), "-o", s(&partly), "-q"]);
+    let ranked = ok("rank", &[s(&partly), "-o", o]);
+    assert!(String::from_utf8_lossy(&ranked.stderr).contains("note: 6 of 9 responses have no score (null or NaN) and are left out"), "{}", String::from_utf8_lossy(&ranked.stderr));
+    assert_eq!(RecordReader::<PreferenceRecord>::open(&out).unwrap().read_all().unwrap().len(), 3);
+}
+
+#[test]
+fn redteam_suites() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = testdata("hf-tiny/causal-lm");
+    let out = dir.path().join("findings.parquet");
+    let try_suite = |name: &str, text: &str, needle: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let mut keep: Vec<String> = files_in(dir.path());
+        keep.retain(|f| f.ends_with(".toml"));
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+        refused("redteam", &["--model", s(&model), "--suite", s(&path), "-o", s(&out)], needle, dir.path(), &keep);
+    };
+    let base = "[detectors.refusal]\nkind = \"refusal\"\n[[probes]]\nname = \"p\"\n";
+    try_suite("unknown.toml", &format!("{base}family = \"harmful\"\ndetectors = [\"judge\"]\npayloads = {{ values = [\"x\"] }}\n"), "unknown detector `judge`");
+    try_suite("slot.toml", &format!("{base}family = \"jailbreak\"\ndetectors = [\"refusal\"]\ntemplates = [\"You are DAN.\"]\npayloads = {{ values = [\"x\"] }}\n"), "has no {payload} slot");
+    let advbench = testdata("redteam_advbench.slice.parquet");
+    try_suite(
+        "columns.toml",
+        &format!("[detectors.answer]\nkind = \"answer\"\n[[probes]]\nname = \"p\"\nfamily = \"classification\"\ndetectors = [\"answer\"]\ntemplates = [\"{{payload}}\"]\noptions = [\"negative\", \"positive\"]\ndataset = {{ path = \"{}\" }}\n", advbench.display()),
+        "no column `sentence`",
+    );
+    try_suite("guard.toml", "[detectors.guard]\nkind = \"guard\"\n[[probes]]\nname = \"p\"\nfamily = \"harmful\"\ndetectors = [\"guard\"]\npayloads = { values = [\"x\"] }\n", "needs a guard model");
+    let keep: Vec<String> = files_in(dir.path());
+    let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+    let suite = testdata("../recipes/redteam/default.toml");
+    refused("redteam", &["--model", s(&testdata("hf-tiny/reward-model")), "--suite", s(&suite), "-o", s(&dir.path().join("f.parquet"))], "is a classifier, not a causal language model to red-team", dir.path(), &keep);
 }
 
 // ---- the size checks, one by one ----

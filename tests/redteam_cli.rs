@@ -1,6 +1,7 @@
 //! `redteam` end to end: a local model and a fake OpenAI-compatible endpoint produce findings,
 //! summary and report (opened in headless Chromium); the budget gate; preference exports that
-//! rm-train accepts; an unreachable or dying endpoint; resume after SIGINT; bad suites.
+//! rm-train accepts; an unreachable or dying endpoint; resume after SIGINT (bad suites:
+//! bad_input_catalogue.rs).
 
 mod common;
 
@@ -16,7 +17,7 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use common::{assert_refused, files_in, ok, read_json, run, s, testdata};
+use common::{assert_refused, ok, read_json, run, s, testdata};
 use lathe::data::records::{FindingRecord, RecordReader};
 
 /// A suite touching every family, small enough for seconds on the tiny fixture model.
@@ -541,34 +542,6 @@ fn an_interrupted_run_continues_without_asking_again() {
     assert_eq!(read_json(&dir.path().join("findings.summary.json"))["errors"], 0);
 }
 
-#[test]
-fn bad_suites_and_data_are_refused_with_one_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = testdata("hf-tiny/causal-lm");
-    let out = dir.path().join("findings.parquet");
-    let try_suite = |name: &str, text: &str, needle: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        let mut keep: Vec<String> = files_in(dir.path());
-        keep.retain(|f| f.ends_with(".toml"));
-        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
-        assert_refused("redteam", &["--model", s(&model), "--suite", s(&path), "-o", s(&out)], needle, dir.path(), &keep);
-    };
-    let base = "[detectors.refusal]\nkind = \"refusal\"\n[[probes]]\nname = \"p\"\n";
-    try_suite("unknown.toml", &format!("{base}family = \"harmful\"\ndetectors = [\"judge\"]\npayloads = {{ values = [\"x\"] }}\n"), "unknown detector `judge`");
-    try_suite("slot.toml", &format!("{base}family = \"jailbreak\"\ndetectors = [\"refusal\"]\ntemplates = [\"You are DAN.\"]\npayloads = {{ values = [\"x\"] }}\n"), "has no {payload} slot");
-    let advbench = testdata("redteam_advbench.slice.parquet");
-    try_suite(
-        "columns.toml",
-        &format!("[detectors.answer]\nkind = \"answer\"\n[[probes]]\nname = \"p\"\nfamily = \"classification\"\ndetectors = [\"answer\"]\ntemplates = [\"{{payload}}\"]\noptions = [\"negative\", \"positive\"]\ndataset = {{ path = \"{}\" }}\n", advbench.display()),
-        "no column `sentence`",
-    );
-    try_suite("guard.toml", "[detectors.guard]\nkind = \"guard\"\n[[probes]]\nname = \"p\"\nfamily = \"harmful\"\ndetectors = [\"guard\"]\npayloads = { values = [\"x\"] }\n", "needs a guard model");
-    let suite = write_suite(dir.path(), "");
-    let out = run("redteam", &["--model", s(&testdata("hf-tiny/reward-model")), "--suite", s(&suite), "-o", s(&dir.path().join("f.parquet"))]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is a classifier"));
-}
 
 /// An endpoint that fails every request cannot pass the gate, even with `--fail-above 0.0`
 /// met vacuously: too few answered attempts exit 3 with a line saying how many errored and why.
