@@ -98,30 +98,54 @@ pub fn parse_from<T: CommandFactory + FromArgMatches>(argv: Vec<OsString>) -> Re
         .ok()
         .flatten()
         .cloned();
-    let argv = match config_path {
+    let (argv, recipe) = match config_path {
         Some(path) => {
-            let injected = recipe_arguments(&path, leaf_command, leaf_matches).map_err(ParseError::Lathe)?;
-            splice(argv, injected)
+            let mut injected = recipe_arguments(&path, leaf_command, leaf_matches).map_err(ParseError::Lathe)?;
+            let recipe = RecipeFlags { path, keys: std::mem::take(&mut injected.keys) };
+            (splice(argv, injected), Some(recipe))
         }
-        None => argv,
+        None => (argv, None),
     };
-    let matches = command.try_get_matches_from(&argv).map_err(|e| match recipe_value_error(&e) {
+    let matches = command.try_get_matches_from(&argv).map_err(|e| match recipe.as_ref().and_then(|r| r.value_error(&e)) {
         Some(refused) => ParseError::Lathe(refused),
         None => ParseError::Clap(e),
     })?;
+    *RECIPE.lock().unwrap_or_else(|e| e.into_inner()) = recipe;
     T::from_arg_matches(&matches).map_err(ParseError::Clap)
 }
 
-/// A value a flag cannot take, when the recipe supplied it: the recipe's error, with its key.
-fn recipe_value_error(error: &clap::Error) -> Option<Error> {
-    if !matches!(error.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
-        return None;
-    }
-    let Some(clap::error::ContextValue::String(arg)) = error.get(clap::error::ContextKind::InvalidArg) else { return None };
-    let flags = RECIPE_FLAGS.lock().unwrap_or_else(|e| e.into_inner());
-    let (_, recipe, key) = flags.iter().find(|(long, _, _)| arg.split([' ', '=']).next() == Some(&format!("--{long}")))?;
-    Some(bad_input(recipe, format!("key `{key}`: {}", clap_line(error))))
+/// The flags a recipe set: (long name, the recipe's key).
+struct RecipeFlags {
+    path: PathBuf,
+    keys: Vec<(String, String)>,
 }
+
+impl RecipeFlags {
+    /// A value a flag cannot take, when the recipe supplied it: the recipe's error, with its key.
+    fn value_error(&self, error: &clap::Error) -> Option<Error> {
+        if !matches!(error.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
+            return None;
+        }
+        let Some(clap::error::ContextValue::String(arg)) = error.get(clap::error::ContextKind::InvalidArg) else { return None };
+        let (_, key) = self.keys.iter().find(|(long, _)| arg.split([' ', '=']).next() == Some(&format!("--{long}")))?;
+        Some(bad_input(&self.path, format!("key `{key}`: {}", clap_line(error))))
+    }
+
+    /// ` (set by `key` in r.toml)` when `message` refuses a flag whose value came from the recipe.
+    fn note(&self, message: &str) -> Option<String> {
+        let named = |long: &str| {
+            let needle = format!("--{long}");
+            message.match_indices(&needle).any(|(at, _)| {
+                !message[at + needle.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+        };
+        let (_, key) = self.keys.iter().find(|(long, _)| named(long))?;
+        Some(format!(" (set by `{key}` in {})", self.path.display()))
+    }
+}
+
+/// The recipe of this process's command line, so a later refusal of a value it set can say so.
+static RECIPE: std::sync::Mutex<Option<RecipeFlags>> = std::sync::Mutex::new(None);
 
 fn relax_required(command: Command) -> Command {
     let command = command
@@ -147,10 +171,12 @@ fn leaf<'a>(command: &'a Command, matches: &'a ArgMatches) -> (&'a Command, &'a 
     }
 }
 
-/// Arguments a recipe contributes: flags first, then positional values.
+/// Arguments a recipe contributes: flags first, then positional values; and which of its keys
+/// set which flag.
 struct Injected {
     flags: Vec<OsString>,
     positionals: Vec<OsString>,
+    keys: Vec<(String, String)>,
 }
 
 fn recipe_arguments(path: &Path, command: &Command, matches: &ArgMatches) -> Result<Injected> {
@@ -159,7 +185,7 @@ fn recipe_arguments(path: &Path, command: &Command, matches: &ArgMatches) -> Res
     let mut entries = Vec::new();
     flatten_table("", &table, &mut entries);
 
-    let mut injected = Injected { flags: Vec::new(), positionals: Vec::new() };
+    let mut injected = Injected { flags: Vec::new(), positionals: Vec::new(), keys: Vec::new() };
     for (key, value) in entries {
         let find = |name: &str| {
             let id = name.replace('-', "_");
@@ -184,7 +210,7 @@ fn recipe_arguments(path: &Path, command: &Command, matches: &ArgMatches) -> Res
             continue;
         }
         let long = arg.get_long().unwrap_or(arg.get_id().as_str()).to_string();
-        remember_recipe_flag(path, &long, &key);
+        injected.keys.push((long.clone(), key.clone()));
         match arg.get_action() {
             ArgAction::SetTrue | ArgAction::SetFalse => match value.as_bool() {
                 Some(flag_set) => {
@@ -203,29 +229,6 @@ fn recipe_arguments(path: &Path, command: &Command, matches: &ArgMatches) -> Res
         }
     }
     Ok(injected)
-}
-
-/// Flags a recipe set (long name → recipe file and key), so a later refusal of their value
-/// can name the recipe.
-static RECIPE_FLAGS: std::sync::Mutex<Vec<(String, PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
-
-fn remember_recipe_flag(recipe: &Path, long: &str, key: &str) {
-    RECIPE_FLAGS.lock().unwrap_or_else(|e| e.into_inner()).push((long.to_string(), recipe.to_path_buf(), key.to_string()));
-}
-
-/// ` (set by `key` in r.toml)` when `message` refuses a flag whose value came from a recipe.
-fn recipe_note(message: &str) -> String {
-    let flags = RECIPE_FLAGS.lock().unwrap_or_else(|e| e.into_inner());
-    let named = |long: &str| {
-        let needle = format!("--{long}");
-        message.match_indices(&needle).any(|(at, _)| {
-            !message[at + needle.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
-    };
-    match flags.iter().find(|(long, _, _)| named(long)) {
-        Some((_, recipe, key)) => format!(" (set by `{key}` in {})", recipe.display()),
-        None => String::new(),
-    }
 }
 
 fn flatten_table(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
@@ -408,7 +411,8 @@ pub fn run(body: impl FnOnce() -> Result<()> + Send) -> ExitCode {
 fn report(binary: &str, error: &Error) {
     progress::clear();
     let line = error.one_line();
-    let note = if matches!(error, Error::Input(_)) { recipe_note(&line) } else { String::new() };
+    let recipe = RECIPE.lock().unwrap_or_else(|e| e.into_inner());
+    let note = recipe.as_ref().filter(|_| matches!(error, Error::Input(_))).and_then(|r| r.note(&line)).unwrap_or_default();
     progress::line(format!("{binary}: error: {line}{note}"));
 }
 
