@@ -808,16 +808,16 @@ fn sigterm_stops_the_server_even_with_stderr_closed() {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     while !lines.next().unwrap().unwrap().contains("listening on") {}
     drop(lines);
-    let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "review.sqlite holds prompts and responses: {mode:o}");
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(10) {
+    let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
-            assert_eq!(status.code(), Some(130), "{status:?}");
-            return;
+            break status;
         }
+        assert!(started.elapsed() < Duration::from_secs(10), "serve-guard ignored SIGTERM with its stderr closed");
         std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("serve-guard ignored SIGTERM with its stderr closed");
+    };
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "review.sqlite holds prompts and responses: {mode:o}");
 }
