@@ -15,7 +15,7 @@ use lathe::data::Message;
 use lathe::data::ParquetSource;
 use lathe::data::records::{ChatRecord, PreferenceRecord, Prompt, PromptRecord, RecordReader, RecordWriter, ResponseRecord, TextRecord};
 
-use common::{copy_folder, files_in, ok, s, shakespeare_tokens, testdata};
+use common::{copy_folder, files_in, ok, response, s, shakespeare_tokens, testdata};
 
 /// One refused case in `dir`, which must hold only `keep` afterwards.
 #[track_caller]
@@ -340,19 +340,6 @@ fn score_rank_redteam() {
 }
 
 // ---- score and rank by hand, redteam suites ----
-
-fn response(prompt: usize, sample: i32) -> ResponseRecord {
-    ResponseRecord {
-        prompt_id: format!("p{prompt}"),
-        prompt: format!("Question {prompt}?"),
-        response: format!("Answer {sample} to question {prompt}."),
-        sample,
-        model: "fixture".into(),
-        finish_reason: "stop".into(),
-        num_tokens: 5,
-        logprob: -1.0,
-    }
-}
 
 fn write_responses(path: &Path, rows: &[ResponseRecord]) {
     let mut writer = RecordWriter::<ResponseRecord>::create(path, "test", vec![], vec![]).unwrap();

@@ -13,26 +13,13 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, AsArray, StringArray};
 use arrow::datatypes::{DataType, Field};
-use common::{assert_refused, files_in, ok, run, s, stage, testdata};
+use common::{assert_refused, files_in, ok, response, run, s, stage, testdata};
 use lathe::data::ParquetSource;
 use lathe::data::records::{PreferenceRecord, RecordReader, RecordWriter, ResponseRecord};
 use lathe::human::agreement::agreement;
 
 const PROMPTS: usize = 3;
 const SAMPLES: i32 = 3;
-
-fn response(prompt: usize, sample: i32) -> ResponseRecord {
-    ResponseRecord {
-        prompt_id: format!("p{prompt}"),
-        prompt: format!("Question {prompt}?"),
-        response: format!("Answer {sample} to question {prompt}."),
-        sample,
-        model: "fixture".into(),
-        finish_reason: "stop".into(),
-        num_tokens: 5,
-        logprob: -1.0,
-    }
-}
 
 /// Three prompts with three responses each, and a `note` column to carry through.
 fn write_responses(path: &Path, rows: &[ResponseRecord]) {

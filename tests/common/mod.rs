@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use lathe::data::records::{RecordReader, RecordWriter, TextRecord};
+use lathe::data::records::{RecordReader, RecordWriter, ResponseRecord, TextRecord};
 
 pub fn stage(name: &str) -> Command {
     let path = match name {
@@ -112,4 +112,18 @@ pub fn metric_rows(run: &Path, key: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|r| r.get(key).is_some())
         .collect()
+}
+
+/// Response `sample` to prompt `p{prompt}`, with made-up text.
+pub fn response(prompt: usize, sample: i32) -> ResponseRecord {
+    ResponseRecord {
+        prompt_id: format!("p{prompt}"),
+        prompt: format!("Question {prompt}?"),
+        response: format!("Answer {sample} to question {prompt}."),
+        sample,
+        model: "fixture".into(),
+        finish_reason: "stop".into(),
+        num_tokens: 5,
+        logprob: -1.0,
+    }
 }
