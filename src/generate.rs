@@ -301,9 +301,12 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
     if options.batch_size == 0 {
         return Err(usage("--batch-size must be at least 1"));
     }
+    crate::limits::at_most("-n", options.samples, i32::MAX as usize, "the `sample` column is 32-bit")?;
     let prompts = PromptSource::open(&options.prompts)?;
     output::check_writable(&options.output)?;
     let folder = ModelFolder::open(&options.model)?;
+    output::check_distinct(&options.output, &[&options.prompts, &folder.dir])?;
+    footprint(options, &folder.config, prompts.rows_at_once()).check(&options.device)?;
     let template = chat_template(&folder, options.chat_template.as_deref())?;
     if prompts.needs_template && template.is_none() {
         return Err(bad_input(
@@ -375,6 +378,17 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
         ));
     }
     Ok(report)
+}
+
+/// What one input batch holds at once: its (prompt, sample) jobs and their responses, and the
+/// model decoding a group of them.
+fn footprint(options: &GenerateOptions, config: &crate::model::ModelConfig, rows: usize) -> crate::limits::Footprint {
+    let jobs = rows.saturating_mul(options.samples);
+    let per_response = std::mem::size_of::<(usize, usize)>() + std::mem::size_of::<Option<Completion>>() + std::mem::size_of::<ResponseRecord>();
+    crate::limits::Footprint::new(format!("-n {} × --batch-size {} × --max-new-tokens {}", options.samples, options.batch_size, options.max_new_tokens))
+        .model(config)
+        .add("the responses of one input batch", crate::limits::elements(&[jobs, per_response]))
+        .decoding(config, options.batch_size.min(jobs), options.max_new_tokens.saturating_add(1))
 }
 
 /// The chat template for `messages` prompts: the file given, else the model's own.
@@ -545,6 +559,15 @@ impl PromptSource {
             return Err(bad_input(reader.source().path(), "holds no prompts"));
         }
         Ok(PromptSource { parquet: Some(reader), jsonl: None, carried, needs_template })
+    }
+
+    /// Prompts read (and answered) together: one record batch, or a whole JSONL file.
+    fn rows_at_once(&self) -> usize {
+        match (&self.jsonl, &self.parquet) {
+            (Some(rows), _) => rows.len(),
+            (None, Some(reader)) => (reader.source().num_rows() as usize).min(crate::data::parquet_io::DEFAULT_BATCH_ROWS),
+            (None, None) => 0,
+        }
     }
 
     fn batches(&self) -> Result<Box<dyn Iterator<Item = Result<PromptBatch>> + '_>> {

@@ -9,6 +9,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod human;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod output;

@@ -9,6 +9,7 @@ use serde_json::{Map, Value, json};
 
 use crate::data::{ColumnType, Kind, ParquetSource, meta};
 use crate::error::{Result, bad_input, usage};
+use crate::limits::{Footprint, Tuning};
 use crate::model::folder::{self, FolderParts, ModelFolder};
 use crate::model::{Architecture, Decoder, Family, ForwardOptions, ModelConfig, Params};
 use crate::progress;
@@ -50,6 +51,7 @@ pub struct PretrainOptions {
     pub val_fraction: Option<f64>,
     pub eval_batches: usize,
     pub device: Device,
+    pub gradient_checkpointing: bool,
 }
 
 /// Fixed-length windows over a token stream: block `i` is `tokens[start..start + len + 1]`
@@ -127,15 +129,7 @@ impl PretrainTask {
                 options.seq_len, config.max_position_embeddings
             )));
         }
-        let params = match &init {
-            Some(folder) => folder.load_params(&options.device)?,
-            None => Params::init(&config, options.init_std, options.seed, &options.device)?,
-        };
-        let model = Decoder::new(&config, &params)?;
-        let parts = folder_parts(&tokenizer, init.as_ref(), options.tokenizer.as_deref(), eos_id)?;
-
         let tokens = Arc::new(tokens);
-        let unigram_entropy = unigram_entropy(&tokens, config.vocab_size);
         let blocks = Blocks::cut(tokens.clone(), options.seq_len);
         if blocks.starts.is_empty() {
             return Err(bad_input(
@@ -143,6 +137,17 @@ impl PretrainTask {
                 format!("the inputs hold {} tokens, fewer than one block of --seq-len {} + 1", tokens.len(), options.seq_len),
             ));
         }
+        Footprint::new(format!("--batch-size {} × --seq-len {} with this model shape", options.batch_size, options.seq_len))
+            .training(&config, options.batch_size, options.seq_len, &Tuning { trainable: None, checkpointing: options.gradient_checkpointing })
+            .check(&options.device)?;
+        let params = match &init {
+            Some(folder) => folder.load_params(&options.device)?,
+            None => Params::init(&config, options.init_std, options.seed, &options.device)?,
+        };
+        let mut model = Decoder::new(&config, &params)?;
+        model.set_gradient_checkpointing(options.gradient_checkpointing);
+        let parts = folder_parts(&tokenizer, init.as_ref(), options.tokenizer.as_deref(), eos_id)?;
+        let unigram_entropy = unigram_entropy(&tokens, config.vocab_size);
         let (train, val) = match (&options.val, options.val_fraction) {
             (Some(path), _) => {
                 let (val_tokens, _) = read_tokens(std::slice::from_ref(path), &tokenizer)?;

@@ -20,6 +20,7 @@ use crate::model::folder::{FolderParts, ModelFolder};
 use crate::model::fused::IGNORE_INDEX;
 use crate::model::lora::LoraSettings;
 use crate::model::{ChatTemplate, Decoder, ForwardOptions, Head, ModelConfig, Params};
+use crate::limits::Tuning;
 use crate::train::tuned::{Start, TunedModel};
 use crate::progress;
 use crate::tokenizer::{IM_END_TOKEN, IM_START_TOKEN, LoadedTokenizer, PAD_TOKEN};
@@ -251,6 +252,11 @@ impl SftTask {
             return Err(bad_input(&options.inputs[0], "no training examples left (every row was dropped; see the lines above)"));
         }
 
+        let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let rows = if options.packing { options.max_length } else { longest };
+        crate::limits::Footprint::new(format!("--batch-size {} × --max-length {}", options.batch_size, options.max_length))
+            .training(&config, options.batch_size.min(examples.len()), rows, &Tuning::of(options.lora.as_ref(), &config, options.gradient_checkpointing)?)
+            .check(&options.device)?;
         let mut start = Start::open(&folder, options.lora.as_ref(), options.seed, &options.device)?;
         TunedModel::check_vocab_fits(&start, &config, tokenizer.vocab_size, "adding the chat tokens")?;
         if let Start::Full(params) = &mut start {
@@ -259,7 +265,7 @@ impl SftTask {
                 config.vocab_size = tokenizer.vocab_size;
             }
         }
-        let tuned = TunedModel::new(config, start, options.gradient_checkpointing)?;
+        let tuned = TunedModel::new(config, start, options.gradient_checkpointing, options.seed)?;
         Self::assemble(tuned, parts, examples, val, pad_id, &options, report)
     }
 
@@ -408,6 +414,7 @@ impl Task for SftTask {
         } else {
             self.cursor.next().into_iter().map(|i| vec![i]).collect()
         };
+        self.tuned.dropout_for(Some(self.cursor.consumed()));
         let out = sequence_loss(&self.tuned.decoder, &self.train, &rows, self.pad_id)?;
         let loss = (out.sum / out.count.max(1) as f64)?;
         let mut metrics = Map::new();
@@ -422,6 +429,7 @@ impl Task for SftTask {
             return Ok(None);
         }
         let limit = crate::train::eval_limit(self.eval_batches, self.eval_batch, self.val.len());
+        self.tuned.dropout_for(None);
         let (mut sum, mut count, mut correct) = (0f64, 0usize, 0usize);
         let indices: Vec<usize> = (0..limit).collect();
         for chunk in indices.chunks(self.eval_batch) {

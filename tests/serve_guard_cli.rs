@@ -6,14 +6,14 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::web::{ChromeDriver, Server, agent, browser_installed, raw};
+use common::web::{ChromeDriver, KillOnDrop, Server, agent, browser_installed, raw};
 use common::{ok, s, testdata};
 use lathe::data::records::{LabeledTextRecord, RecordReader};
 use serde_json::{Value, json};
@@ -739,4 +739,86 @@ fn the_web_layer_refuses_cross_site_posts_stale_keys_slow_clients_and_floods() {
 
     let public = start(&["--model", s(&model), "--keys", s(&keys), "--db", s(&dir.path().join("p.sqlite")), "--public-metrics"]);
     assert_eq!(raw("GET", &public.at("/metrics"), &[], None).status, 200);
+}
+
+/// A harmful request followed by enough benign text to push it out of the guard's
+/// `max_length` was once passed to the model unread. Input guards now read the whole input in
+/// overlapping windows (the highest score counts), so it is blocked as it is alone — while the
+/// padding alone still passes.
+#[test]
+fn a_harmful_request_padded_past_the_guard_window_is_still_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path());
+    let tokenizer = lathe::tokenizer::LoadedTokenizer::load(&setup.guard.join("tokenizer.json")).unwrap();
+    let tokens = |text: &str| tokenizer.encode_prompt(text).unwrap().len();
+    // The guard reads `user: HARMFUL` alone in its first window: an even number of tokens is
+    // what half-window steps start the second window with.
+    let harmful = ["", " now", " today", " please"].iter().map(|tail| format!("{HARMFUL}{tail}")).find(|h| tokens(&format!("user: {h}")) % 2 == 0).unwrap();
+    let window = tokens(&format!("user: {harmful}"));
+    let padding = format!(" {}", BENIGN.repeat(5));
+    assert!(tokens(&padding) > 2 * window, "the padding is longer than the guard reads");
+    // The same guard, reading `window` tokens and EOS (as one trained with --max-length does).
+    let short = dir.path().join("short-guard");
+    common::copy_folder(&setup.guard, &short);
+    let mut config = common::read_json(&short.join("config.json"));
+    config["lathe_scoring"]["max_length"] = json!(window + 1);
+    config["lathe_scoring"]["truncation"] = json!("left");
+    std::fs::write(short.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+
+    let model = testdata("hf-tiny/causal-lm");
+    let guard = format!("in={}", short.display());
+    let measure = start(&["--model", s(&model), "--served-model-name", MODEL, "--input-guard", &guard, "--keys", s(&setup.keys), "--db", s(&dir.path().join("m.sqlite"))]);
+    let texts = vec![format!("user: {harmful}"), format!("user:{padding}")];
+    let scores = category_scores(&measure, &setup.client, &texts);
+    drop(measure);
+    let margin = |c: &str| scores[0][c].as_f64().unwrap() - scores[1][c].as_f64().unwrap();
+    let category = scores[0].keys().max_by(|a, b| margin(a).total_cmp(&margin(b))).unwrap().clone();
+    assert!(margin(&category) > 1e-4, "the guard scores the request above the padding on some category: {scores:?}");
+    let threshold = scores[1][&category].as_f64().unwrap() + margin(&category) / 2.0;
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, format!("[defaults]\nthreshold = 1.0\n[review]\nallow_sample = 0.0\nband = 0.0\n[guards.in.categories.{category}]\nthreshold = {threshold}\naction = \"block\"\n")).unwrap();
+    let server = start(&["--model", s(&model), "--served-model-name", MODEL, "--input-guard", &guard, "--policy", s(&policy), "--keys", s(&setup.keys), "--db", s(&dir.path().join("q.sqlite"))]);
+    let finish = |content: &str| {
+        let (status, reply) = post(&server.at("/v1/chat/completions"), Some(&setup.client), &chat(MODEL, content, json!({"max_tokens": 4})));
+        assert_eq!(status, 200, "{reply}");
+        reply["choices"][0]["finish_reason"].as_str().unwrap().to_string()
+    };
+    assert_eq!(finish(&harmful), "content_filter", "the request alone is blocked");
+    assert_ne!(finish(padding.trim_start()), "content_filter", "the padding alone passes");
+    assert_eq!(finish(&format!("{harmful}{padding}")), "content_filter", "the padded request is blocked too");
+    let streamed = chat(MODEL, &format!("{harmful}{padding}"), json!({"max_tokens": 4, "stream": true}));
+    let (_, text) = call("POST", &server.at("/v1/chat/completions"), Some(&setup.client), Some(streamed.to_string().as_bytes()));
+    assert_eq!(read_chat_stream(&text).1, "content_filter", "streamed too");
+}
+
+/// With stderr closed (a log reader that went away), SIGTERM still stops the server at once
+/// with exit 130; the review queue it created is readable by its owner only.
+#[test]
+fn sigterm_stops_the_server_even_with_stderr_closed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("review.sqlite");
+    let mut server = KillOnDrop(
+        serve_guard()
+            .args(["serve", "--model", s(&testdata("hf-tiny/causal-lm")), "--db", s(&db), "--listen", "127.0.0.1:0", "--threads", "1"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut server.0;
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    while !lines.next().unwrap().unwrap().contains("listening on") {}
+    drop(lines);
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "serve-guard ignored SIGTERM with its stderr closed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "review.sqlite holds prompts and responses: {mode:o}");
 }

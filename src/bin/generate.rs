@@ -76,8 +76,8 @@ fn run(args: &Args) -> Result<()> {
     if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
         return Err(lathe::error::usage(format!("--top-p {}: expected a number in (0, 1]", args.top_p)));
     }
-    if args.temperature < 0.0 {
-        return Err(lathe::error::usage("--temperature must not be negative"));
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        return Err(lathe::error::usage(format!("--temperature {}: expected a finite number >= 0 (0 is greedy)", args.temperature)));
     }
     let report = generate::generate(&GenerateOptions {
         model: args.model.clone(),

@@ -253,8 +253,17 @@ fn main() -> ExitCode {
 
 fn ppo(args: &Args) -> Result<()> {
     let engine = args.engine_args();
+    if args.warmup_steps > engine.steps {
+        return Err(lathe::error::usage(format!(
+            "--warmup-steps {} is longer than the run ({} optimizer steps: --updates {} × --ppo-epochs {} × --minibatches {})",
+            args.warmup_steps, engine.steps, args.updates, args.ppo_epochs, args.minibatches
+        )));
+    }
     engine.check()?;
     train::check_run_dir(&args.output, args.resume)?;
+    let models = [Some(&args.policy), args.ref_model.as_ref(), args.reward_model.as_ref(), args.value_model.as_ref()];
+    let inputs: Vec<&std::path::Path> = models.into_iter().flatten().map(std::path::Path::new).chain([args.prompts.as_path()]).collect();
+    lathe::output::check_distinct(&args.output, &inputs)?;
     let mut task = RlTask::new(RlOptions {
         prompts: args.prompts.clone(),
         val: args.val.clone(),
@@ -269,6 +278,8 @@ fn ppo(args: &Args) -> Result<()> {
         chat_template: args.chat_template.clone(),
         max_prompt_length: args.max_prompt_length,
         truncate_prompt: args.truncate_prompt,
+        lora: args.lora.settings()?,
+        gradient_checkpointing: args.gradient_checkpointing,
         settings: args.settings(),
         run_dir: args.output.clone(),
         seed: args.common.seed,

@@ -84,6 +84,9 @@ fn main() -> ExitCode {
 fn pretrain(args: &Args) -> Result<()> {
     args.train.check()?;
     train::check_run_dir(&args.output, args.train.resume)?;
+    if let Some(init) = &args.init {
+        lathe::output::check_distinct(&args.output, &[std::path::Path::new(init)])?;
+    }
     let device = lathe::model::device(&args.train.device)?;
     let mut task = PretrainTask::new(PretrainOptions {
         inputs: args.inputs.clone(),
@@ -110,6 +113,7 @@ fn pretrain(args: &Args) -> Result<()> {
         val_fraction: args.train.val_fraction,
         eval_batches: args.train.eval_batches,
         device,
+        gradient_checkpointing: args.train.gradient_checkpointing,
     })?;
     let setup = RunSetup {
         run_dir: args.output.clone(),

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use lathe::cli::{self, CommonArgs};
 use lathe::model::ModelFolder;
+use lathe::model::lora::LoraArgs;
 use lathe::reward::{Objective, RewardOptions, RewardTask};
 use lathe::tokenizer::log_report;
 use lathe::train::sequences::Truncation;
@@ -58,6 +59,9 @@ struct Args {
     truncation: Truncation,
     #[command(flatten)]
     #[serde(flatten)]
+    lora: LoraArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
     train: TrainArgs,
     #[command(flatten)]
     #[serde(flatten)]
@@ -72,6 +76,9 @@ fn main() -> ExitCode {
 fn rm_train(args: &Args) -> Result<()> {
     args.train.check()?;
     if let Some(x) = args.min_accuracy {
+        if !(0.0..=1.0).contains(&x) {
+            return Err(lathe::error::usage(format!("--min-accuracy {x}: expected an accuracy in [0, 1]")));
+        }
         if args.task != Objective::Preference {
             return Err(lathe::error::usage("--min-accuracy applies to --task preference"));
         }
@@ -80,6 +87,7 @@ fn rm_train(args: &Args) -> Result<()> {
         }
     }
     train::check_run_dir(&args.output, args.train.resume)?;
+    lathe::output::check_distinct(&args.output, &[std::path::Path::new(&args.model)])?;
     let mut task = RewardTask::new(RewardOptions {
         inputs: args.inputs.clone(),
         model: args.model.clone(),
@@ -96,6 +104,8 @@ fn rm_train(args: &Args) -> Result<()> {
         val_fraction: args.train.val_fraction,
         eval_batches: args.train.eval_batches,
         device: lathe::model::device(&args.train.device)?,
+        lora: args.lora.settings()?,
+        gradient_checkpointing: args.train.gradient_checkpointing,
     })?;
     let setup = RunSetup {
         run_dir: args.output.clone(),

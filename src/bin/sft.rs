@@ -69,6 +69,7 @@ fn main() -> ExitCode {
 fn sft(args: &Args) -> Result<()> {
     args.train.check()?;
     train::check_run_dir(&args.output, args.train.resume)?;
+    lathe::output::check_distinct(&args.output, &[std::path::Path::new(&args.model)])?;
     let mut task = SftTask::new(SftOptions {
         inputs: args.inputs.clone(),
         model: args.model.clone(),

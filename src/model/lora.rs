@@ -323,6 +323,11 @@ impl Adapter {
     }
 }
 
+/// Parameters of the adapter `settings` would put on a model of `config`.
+pub fn adapter_size(settings: &LoraSettings, config: &ModelConfig) -> Result<usize> {
+    Ok(Adapter::select(&settings.targets, config)?.iter().map(|m| settings.r * (m.input + m.output)).sum())
+}
+
 /// Is `dir` an adapter folder (it has `adapter_config.json`)?
 pub fn is_adapter(dir: &Path) -> bool {
     dir.join(ADAPTER_CONFIG).exists()

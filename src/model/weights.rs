@@ -10,7 +10,6 @@ use rand_distr::{Distribution, Normal};
 
 use super::config::{Head, ModelConfig};
 use crate::error::{Result, bad_input};
-use crate::output::AtomicFile;
 
 /// Parameters by Hugging Face tensor name.
 #[derive(Clone, Default)]
@@ -161,9 +160,7 @@ impl Params {
 pub fn save_tensors<'a>(path: &Path, tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>) -> Result<()> {
     let tensors: Vec<(&str, &Tensor)> = tensors.into_iter().collect();
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let file = AtomicFile::create(path)?;
-    safetensors::serialize_to_file(tensors, Some(metadata), file.path())?;
-    file.commit()
+    crate::output::write_safetensors(path, tensors, metadata)
 }
 
 /// The names of a layer's norms: Llama's `post_attention_layernorm` is the MLP's input norm;

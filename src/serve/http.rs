@@ -338,21 +338,7 @@ async fn collect(mut events: mpsc::UnboundedReceiver<Event>) -> Result<(String, 
 /// characters of the piece before: the pieces a stream's output is checked in.
 pub(crate) fn windows(text: &str, chunk: usize, overlap: usize) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
-    if chars.is_empty() {
-        return Vec::new();
-    }
-    if chars.len() <= chunk {
-        return vec![text.to_string()];
-    }
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < chars.len() {
-        let from = start.saturating_sub(overlap);
-        let to = (start + chunk).min(chars.len());
-        out.push(chars[from..to].iter().collect());
-        start += chunk;
-    }
-    out
+    crate::score::overlapping_windows(chars.len(), chunk, overlap).into_iter().map(|span| chars[span].iter().collect()).collect()
 }
 
 /// How to answer one generation request.

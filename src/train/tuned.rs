@@ -57,11 +57,12 @@ pub struct TunedModel {
     /// Every parameter, or the adapter's.
     params: Params,
     adapter: Option<Adapter>,
+    seed: u64,
 }
 
 impl TunedModel {
     /// Build the decoder over `start` for `config` (the base is held once, by the decoder).
-    pub fn new(config: ModelConfig, start: Start, gradient_checkpointing: bool) -> Result<Self> {
+    pub fn new(config: ModelConfig, start: Start, gradient_checkpointing: bool, seed: u64) -> Result<Self> {
         let (mut decoder, params, adapter) = match start {
             Start::Full(params) => (Decoder::new(&config, &params)?, params, None),
             Start::Lora { base, adapter } => {
@@ -70,7 +71,7 @@ impl TunedModel {
             }
         };
         decoder.set_gradient_checkpointing(gradient_checkpointing);
-        Ok(TunedModel { config, decoder, params, adapter })
+        Ok(TunedModel { config, decoder, params, adapter, seed })
     }
 
     /// The parameters the optimizer updates.
@@ -84,11 +85,16 @@ impl TunedModel {
 
     /// Write the model folder, or the adapter folder with the folder's other files.
     pub fn save(&self, dir: &Path, parts: &FolderParts) -> Result<()> {
+        self.save_as(dir, parts, &self.config)
+    }
+
+    /// [`Self::save`] with a config the trainer completed (calibration, scoring format).
+    pub fn save_as(&self, dir: &Path, parts: &FolderParts, config: &ModelConfig) -> Result<()> {
         match &self.adapter {
-            None => parts.save(dir, &self.config, &self.params),
+            None => parts.save(dir, config, &self.params),
             Some(adapter) => {
-                parts.save_beside_adapter(dir, &self.config)?;
-                adapter.save(dir, &self.config)
+                parts.save_beside_adapter(dir, config)?;
+                adapter.save(dir, config)
             }
         }
     }
@@ -104,14 +110,26 @@ impl TunedModel {
     pub fn sampling<R>(&self, f: impl FnOnce(&Decoder) -> Result<R>) -> Result<R> {
         match &self.adapter {
             None => f(&Decoder::new_inference(&self.config, &self.params)?),
-            Some(_) => {
-                let switch = self.decoder.adapter_switch();
-                switch.set_grad(false);
-                let out = f(&self.decoder);
-                switch.set_grad(true);
-                out
-            }
+            Some(_) => self.no_grad(f),
         }
+    }
+
+    /// The adapter's dropout masks for the micro-batch numbered `key` (a data cursor's count,
+    /// so a resumed run draws the same masks); `None` turns dropout off (evaluation).
+    pub fn dropout_for(&self, key: Option<u64>) {
+        let seed = key.map(|k| self.seed.rotate_left(17) ^ k.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        self.decoder.adapter_switch().set_dropout_seed(seed);
+    }
+
+    /// Run `f` on the trained decoder for figures that need no gradients, without dropout:
+    /// LoRA's records none; a full model's graph is simply dropped with the result.
+    pub fn no_grad<R>(&self, f: impl FnOnce(&Decoder) -> Result<R>) -> Result<R> {
+        let switch = self.decoder.adapter_switch();
+        switch.set_grad(false);
+        switch.set_dropout_seed(None);
+        let out = f(&self.decoder);
+        switch.set_grad(true);
+        out
     }
 
     /// Run `f` on the base model (the adapter off): LoRA's reference, without a second copy.
