@@ -31,6 +31,10 @@ pub struct CommonArgs {
     /// No progress bars or log lines; errors are still printed.
     #[arg(long, short)]
     pub quiet: bool,
+    /// The base model of any LoRA adapter folder given as a model, instead of the
+    /// `base_model_name_or_path` in its adapter_config.json.
+    #[arg(long, value_name = "MODEL")]
+    pub base: Option<String>,
 }
 
 /// Parse the command line of `T`, merging the `--config` recipe under the flags given.
@@ -305,6 +309,9 @@ static SIGNALS_SEEN: AtomicUsize = AtomicUsize::new(0);
 /// Set up threads, progress mode and signal handling for a stage. Call once, first thing.
 pub fn init(common: &CommonArgs) {
     progress::set_quiet(common.quiet);
+    if let Some(base) = &common.base {
+        crate::model::folder::set_adapter_base(base.clone());
+    }
     if let Some(threads) = common.threads.filter(|&t| t > 0) {
         // candle's matmul reads RAYON_NUM_THREADS; rayon's pool is set directly.
         // SAFETY: called at start-up, before any thread of ours reads the environment.

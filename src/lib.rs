@@ -3,6 +3,7 @@
 //! Each stage is a thin binary in `src/bin/` over this library. Stages exchange Parquet files
 //! ([`data`]) and Hugging Face model folders ([`model::folder`]).
 
+pub mod adapter;
 pub mod annotate;
 pub mod cli;
 pub mod data;

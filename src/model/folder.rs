@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value, json};
 
 use super::chat::ChatTemplate;
@@ -216,6 +216,19 @@ impl ModelFolder {
         Ok(chosen)
     }
 
+    /// The float dtype the weights are stored in (loaded as f32 whatever it is).
+    pub fn stored_dtype(&self) -> Result<DType> {
+        let first = self.weight_files()?.into_iter().next().ok_or_else(|| bad_input(&self.dir, "no weight files"))?;
+        let header = safetensors_header(&first)?;
+        let stored = header.iter().filter(|(name, _)| *name != "__metadata__").find_map(|(_, info)| info["dtype"].as_str());
+        Ok(match stored {
+            Some("BF16") => DType::BF16,
+            Some("F16") => DType::F16,
+            Some("F64") => DType::F64,
+            _ => DType::F32,
+        })
+    }
+
     /// The weight files: `model.safetensors`, or the shards its index names (an adapter's base's).
     pub fn weight_files(&self) -> Result<Vec<PathBuf>> {
         if let Some(base) = &self.base {
@@ -321,12 +334,37 @@ fn adapter_head_config(dir: &Path, base: &ModelConfig) -> Result<ModelConfig> {
     Ok(config)
 }
 
+/// A safetensors file's JSON header (name → dtype, shape, offsets), read without the tensors:
+/// an 8-byte little-endian length, then that many bytes of JSON.
+fn safetensors_header(file: &Path) -> Result<Map<String, Value>> {
+    use std::io::Read;
+    let unreadable = |why: String| bad_input(file, format!("not a readable safetensors file ({why})"));
+    let mut reader = std::fs::File::open(file).map_err(|e| bad_input(file, format!("cannot read: {e}")))?;
+    let mut length = [0u8; 8];
+    reader.read_exact(&mut length).map_err(|e| unreadable(e.to_string()))?;
+    let length = u64::from_le_bytes(length);
+    if length > 100_000_000 {
+        return Err(unreadable(format!("a header of {length} bytes")));
+    }
+    let mut header = vec![0u8; length as usize];
+    reader.read_exact(&mut header).map_err(|e| unreadable(e.to_string()))?;
+    serde_json::from_slice(&header).map_err(|e| unreadable(e.to_string()))
+}
+
 /// Tensor names and shapes of a safetensors file, without reading the tensors.
 fn safetensors_shapes(file: &Path) -> Result<std::collections::HashMap<String, Vec<usize>>> {
-    let bytes = std::fs::read(file).map_err(|e| bad_input(file, format!("cannot read: {e}")))?;
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| bad_input(file, format!("not a readable safetensors file ({e})")))?;
-    Ok(metadata.tensors().into_iter().map(|(name, info)| (name, info.shape.clone())).collect())
+    let shape = |info: &Value| info["shape"].as_array().map(|dims| dims.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect());
+    Ok(safetensors_header(file)?.iter().filter_map(|(name, info)| Some((name.clone(), shape(info)?))).collect())
+}
+
+/// transformers' name of a dtype (`config.json`'s `dtype`).
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
 }
 
 fn read_json_if_present(path: &Path) -> Result<Option<Value>> {
@@ -431,7 +469,7 @@ impl FolderParts {
     /// tuned config (new stop tokens, a classifier head) as `tuned_config.json`, which PEFT
     /// and transformers ignore and lathe reads.
     pub fn save_beside_adapter(&self, dir: &Path, config: &ModelConfig) -> Result<()> {
-        save_files(dir, &self.files(config, &Params::default()), false)
+        save_files(dir, &self.files(config, &Params::default()), None)
     }
 
     fn files<'a>(&'a self, config: &'a ModelConfig, params: &'a Params) -> ModelFiles<'a> {
@@ -448,17 +486,33 @@ impl FolderParts {
 
 /// Write a model folder in transformers' layout. Each file lands atomically.
 pub fn save(dir: &Path, files: &ModelFiles) -> Result<()> {
-    save_files(dir, files, true)
+    save_files(dir, files, Some(DType::F32))
 }
 
-fn save_files(dir: &Path, files: &ModelFiles, weights: bool) -> Result<()> {
+/// [`save`] with the weights stored as `dtype` (a merged adapter keeps its base's bf16).
+pub fn save_as(dir: &Path, files: &ModelFiles, dtype: DType) -> Result<()> {
+    save_files(dir, files, Some(dtype))
+}
+
+/// `weights: None` writes everything but the weights, the config as `tuned_config.json`.
+fn save_files(dir: &Path, files: &ModelFiles, weights: Option<DType>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| bad_input(dir, format!("cannot create folder: {e}")))?;
-    let config_name = if weights { CONFIG } else { TUNED_CONFIG };
-    write_atomic(&dir.join(config_name), pretty_json(&files.config.to_json())?.as_bytes())?;
+    let config_name = if weights.is_some() { CONFIG } else { TUNED_CONFIG };
+    let mut config = files.config.to_json();
+    if let Some(dtype) = weights {
+        config["dtype"] = json!(dtype_name(dtype));
+    }
+    write_atomic(&dir.join(config_name), pretty_json(&config)?.as_bytes())?;
     let generation = files.generation_config.cloned().unwrap_or_else(|| default_generation_config(files.config));
     write_atomic(&dir.join(GENERATION_CONFIG), pretty_json(&generation)?.as_bytes())?;
-    if weights {
-        files.params.save(&dir.join(WEIGHTS))?;
+    match weights {
+        Some(DType::F32) => files.params.save(&dir.join(WEIGHTS))?,
+        Some(dtype) => {
+            let converted: Vec<(&str, Tensor)> =
+                files.params.iter().map(|(name, var)| Ok((name, var.as_tensor().to_dtype(dtype)?))).collect::<Result<_>>()?;
+            super::weights::save_tensors(&dir.join(WEIGHTS), converted.iter().map(|(n, t)| (*n, t)))?;
+        }
+        None => {}
     }
     write_atomic(&dir.join(TOKENIZER), files.tokenizer_json.as_bytes())?;
     let mut tokenizer_config = files.tokenizer_config.clone();
