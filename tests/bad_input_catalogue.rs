@@ -459,3 +459,34 @@ fn sizes_name_their_largest_part() {
         .one_line();
     assert!(line.starts_with("--batch-size 9: needs at least") && line.contains("; the KV cache:") && line.contains("more than the"), "{line}");
 }
+
+// ---- LoRA and adapters ----
+
+#[test]
+fn lora_and_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = testdata("sft_alpaca_prompt_completion.slice.parquet");
+    let (run, base) = (dir.path().join("run"), model());
+    let (d, m, r) = (s(&data), s(&base), s(&run));
+    refused("sft", &[d, "--model", m, "--lora-r", "4", "--lora-target", "query", "-o", r],
+            "--lora-target query: matches no module of this llama model", dir.path(), &[]);
+    refused("sft", &[d, "--model", m, "--lora-alpha", "16", "-o", r], "--lora-alpha needs --lora-r above 0", dir.path(), &[]);
+    refused("sft", &[d, "--model", m, "--lora-r", "4", "--lora-dropout", "1", "-o", r], "--lora-dropout 1: expected a number in [0, 1)", dir.path(), &[]);
+    let adapter = testdata("peft/causal-adapter");
+    refused("sft", &[d, "--model", s(&adapter), "--lora-r", "4", "-o", r], "is a LoRA adapter, which trains on as it is", dir.path(), &[]);
+    // An adapter whose shapes do not fit the base it is given.
+    let qwen = testdata("families/qwen2/causal-lm");
+    refused("generate", &[s(&testdata("demo_prompts.jsonl")), "--model", s(&adapter), "--base", s(&qwen), "-o", s(&dir.path().join("o.parquet"))],
+            "has shape [4, 64], the base model implies [4, 32]", dir.path(), &[]);
+    // An adapter whose base cannot be found.
+    let moved = dir.path().join("moved");
+    copy_folder(&adapter, &moved);
+    refused("generate", &[s(&testdata("demo_prompts.jsonl")), "--model", s(&moved), "-o", s(&dir.path().join("o.parquet"))],
+            "its base `../../hf-tiny/causal-lm` cannot be opened", dir.path(), &["moved"]);
+    refused("adapter", &["merge", s(&model()), "-o", s(&dir.path().join("m"))], "is not a LoRA adapter folder", dir.path(), &["moved"]);
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(moved.join("adapter_config.json")).unwrap()).unwrap();
+    config["use_dora"] = serde_json::json!(true);
+    config["base_model_name_or_path"] = serde_json::json!(s(&model()));
+    std::fs::write(moved.join("adapter_config.json"), config.to_string()).unwrap();
+    refused("adapter", &["inspect", s(&moved)], "key `use_dora` = true: not supported by lathe", dir.path(), &["moved"]);
+}

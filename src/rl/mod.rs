@@ -769,7 +769,8 @@ impl Task for RlTask {
         self.position = state["position"].as_u64().ok_or_else(|| bad("position"))? as usize;
         self.stats = serde_json::from_value(state["stats"].clone()).map_err(|_| bad("stats"))?;
         self.rollout_metrics = state["rollout_metrics"].as_object().cloned().unwrap_or_default();
-        if self.rollout.is_none() && self.position > 0 {
+        // A finished update leaves its position at the end and its rollout gone.
+        if self.rollout.is_none() && self.position > 0 && self.position < self.micro_batches_per_update() {
             return Err(bad("an update in progress but no rollout.json"));
         }
         Ok(())

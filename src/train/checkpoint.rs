@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::guard::OutlierGuard;
 use crate::error::{Result, bad_input, failed};
 use crate::model::folder::WEIGHTS;
+use crate::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::model::weights::save_tensors;
 use crate::output::write_atomic;
 
@@ -79,7 +80,9 @@ impl Checkpoints {
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let step = name.strip_prefix(PREFIX)?.parse::<u64>().ok()?;
-                let complete = [TRAINER_STATE, OPTIMIZER, WEIGHTS, CONFIG].iter().all(|f| e.path().join(f).is_file());
+                let has = |files: &[&str]| files.iter().all(|f| e.path().join(f).is_file());
+                // The model folder, or a LoRA run's adapter folder.
+                let complete = has(&[TRAINER_STATE, OPTIMIZER]) && (has(&[WEIGHTS, CONFIG]) || has(&[ADAPTER_WEIGHTS, ADAPTER_CONFIG]));
                 complete.then(|| (step, e.path()))
             })
             .collect();

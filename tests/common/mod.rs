@@ -21,6 +21,7 @@ pub fn stage(name: &str) -> Command {
         "redteam" => env!("CARGO_BIN_EXE_redteam"),
         "serve-guard" => env!("CARGO_BIN_EXE_serve-guard"),
         "annotate" => env!("CARGO_BIN_EXE_annotate"),
+        "adapter" => env!("CARGO_BIN_EXE_adapter"),
         other => panic!("no stage {other}"),
     };
     Command::new(path)
