@@ -69,6 +69,9 @@ impl LoadedTokenizer {
         if text.trim().is_empty() {
             return Err(bad_input(&file, "empty file, expected a tokenizer.json"));
         }
+        // Check the JSON syntax first: tokenizers panics (rather than errs) on some broken JSON.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| bad_input(&file, format!("not a valid tokenizer.json ({e})")))?;
         let tokenizer: Tokenizer = text
             .parse()
             .map_err(|e| bad_input(&file, format!("not a valid tokenizer.json ({e})")))?;

@@ -98,6 +98,8 @@ struct Linear {
     weight_t: Tensor,
     bias: Option<Tensor>,
     lora: Option<Lora>,
+    /// A frozen base's weight: no gradient is computed for it.
+    frozen: bool,
 }
 
 impl Linear {
@@ -107,6 +109,7 @@ impl Linear {
             weight_t: params.transposed(&weight)?,
             bias: if bias { Some(params.get(&format!("{prefix}.bias"))?) } else { None },
             lora: params.lora(prefix)?,
+            frozen: params.mode == Mode::Frozen,
         })
     }
 
@@ -115,7 +118,7 @@ impl Linear {
         let features = dims.pop().unwrap_or(1);
         let rows: usize = dims.iter().product();
         let x = x.reshape((rows, features))?;
-        let mut y = x.matmul(&self.weight_t)?;
+        let mut y = frozen_or_matmul(&x, &self.weight_t, self.frozen)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -240,11 +243,11 @@ impl<'a> Weights<'a> {
     }
 
     /// `Wᵀ` for `x Wᵀ`: a view of the parameter when training (it changes in place every
-    /// step); a contiguous copy for inference and for a frozen base, which gemm multiplies by
-    /// small row counts twice as fast (batch-8 decoding: 2,740 → 5,530 tokens/s). A frozen
-    /// base's own tensors can then be dropped.
+    /// step) and of a frozen base (no second copy of the weights: LoRA is about memory); a
+    /// contiguous copy for inference, which gemm multiplies by small row counts twice as fast
+    /// (batch-8 decoding: 2,740 → 5,530 tokens/s).
     fn transposed(&self, weight: &Tensor) -> Result<Tensor> {
-        if self.mode == Mode::Train { weight.t() } else { weight.t()?.contiguous() }
+        if self.mode == Mode::Inference { weight.t()?.contiguous() } else { weight.t() }
     }
 
     /// The adapter's pair for the module at `prefix`, if it wraps that module.
@@ -525,6 +528,8 @@ pub struct Decoder {
     switch: Arc<AdapterSwitch>,
     /// Recompute each layer in the backward pass instead of keeping its activations.
     checkpointing: bool,
+    /// The base is frozen (LoRA): its weights get no gradients.
+    frozen_base: bool,
 }
 
 impl Decoder {
@@ -567,8 +572,7 @@ impl Decoder {
             .map(|layer| Block::load(params, layer, config))
             .collect::<Result<Vec<_>>>()?;
         let lm_head_t = if config.tie_word_embeddings {
-            // A frozen base keeps the tied head a view of the embedding: no second copy.
-            Some(if params.mode == Mode::Frozen { embed_tokens.t()? } else { params.transposed(&embed_tokens)? })
+            Some(params.transposed(&embed_tokens)?)
         } else {
             params.optional("lm_head.weight").map(|w| params.transposed(&w)).transpose()?
         };
@@ -587,6 +591,7 @@ impl Decoder {
             embed_tokens,
             switch: params.switch.clone(),
             checkpointing: false,
+            frozen_base: params.mode == Mode::Frozen,
         })
     }
 
@@ -624,11 +629,13 @@ impl Decoder {
                 slot.insert(attention_mask(b, t, past, &options, layer.window, self.device())?);
             }
         }
-        // Checkpointing needs a graph to cut (training) and a CPU device (see `recompute`).
-        let checkpoint = self.checkpointing && cache.is_none() && x.track_op() && x.device().is_cpu();
+        // Checkpointing needs a graph to cut (training) and a CPU device (see `recompute`). A
+        // frozen base's first layer sees an input without a graph: it runs as it is, and its
+        // output (tracked through the adapter) starts the graph the later layers cut.
+        let checkpoint = self.checkpointing && cache.is_none() && x.device().is_cpu();
         for (i, layer) in self.layers.iter().enumerate() {
             let mask = masks[&layer.window].as_ref();
-            x = if checkpoint {
+            x = if checkpoint && x.track_op() {
                 layer.checkpointed(&x, &cos, &sin, mask)?
             } else {
                 let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], c.capacity_hint));
@@ -647,7 +654,7 @@ impl Decoder {
             .lm_head_t
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("this model has no language-model head".into()))?;
-        let logits = project(hidden, weight_t)?;
+        let logits = project(hidden, weight_t, self.frozen_base)?;
         match self.config.arch.final_logit_softcapping {
             Some(cap) => softcap(&logits, cap),
             None => Ok(logits),
@@ -660,7 +667,7 @@ impl Decoder {
             .score_t
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("this model has no `score` head".into()))?;
-        project(hidden, weight_t)
+        project(hidden, weight_t, false)
     }
 
     /// Hidden states and logits of every position.
@@ -671,9 +678,18 @@ impl Decoder {
     }
 }
 
-fn project(hidden: &Tensor, weight_t: &Tensor) -> Result<Tensor> {
+fn project(hidden: &Tensor, weight_t: &Tensor, frozen: bool) -> Result<Tensor> {
     let (b, t, h) = hidden.dims3()?;
-    hidden.reshape((b * t, h))?.matmul(weight_t)?.reshape((b, t, weight_t.dim(1)?))
+    frozen_or_matmul(&hidden.reshape((b * t, h))?, weight_t, frozen)?.reshape((b, t, weight_t.dim(1)?))
+}
+
+/// `x Wᵀ`; for a frozen weight that `x` needs a gradient through, without one for the weight.
+fn frozen_or_matmul(x: &Tensor, weight_t: &Tensor, frozen: bool) -> Result<Tensor> {
+    if frozen && x.track_op() && super::fused::supported(x) && super::fused::supported(weight_t) {
+        super::fused::frozen_matmul(x, weight_t)
+    } else {
+        x.matmul(weight_t)
+    }
 }
 
 /// The additive mask `[1 or B, T, T_cached + T]`: causal, within the sliding window if any,

@@ -542,6 +542,54 @@ pub fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tenso
     gate.contiguous()?.apply_op2(&up.contiguous()?, Gated(activation))
 }
 
+// ---------------------------------------------------------------- matmul by a frozen weight
+
+/// `x Wᵀ` for rows `x` `[M, K]` and a frozen `Wᵀ` `[K, N]` (any strides, e.g. a view of `W`).
+/// candle's own matmul computes (and stores) the gradient of both sides whether or not one
+/// needs it: for a frozen LoRA base that is a full-size gradient per weight, and a third of
+/// the backward's arithmetic. This one gives `x` its gradient, `dx = dy W`, and `Wᵀ` none.
+struct FrozenMatmul;
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let CpuStorage::F32(w) = s2 else { bail!("frozen-matmul: expected an f32 weight") };
+        let (&[m, k], &[k2, n]) = (l1.dims(), l2.dims()) else { bail!("frozen-matmul: expected x [M, K] and Wᵀ [K, N]") };
+        if k != k2 {
+            bail!("frozen-matmul: x {:?} and Wᵀ {:?} do not fit", l1.dims(), l2.dims())
+        }
+        let w = &w[l2.start_offset()..];
+        let (w_rs, w_cs) = (l2.stride()[0] as isize, l2.stride()[1] as isize);
+        let mut y = vec![0f32; m * n];
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: the slices hold M×K, K×N (by the layout's strides) and M×N elements.
+        unsafe {
+            gemm::gemm(
+                m, n, k,
+                y.as_mut_ptr(), 1, n as isize, false,
+                x.as_ptr(), 1, k as isize,
+                w.as_ptr(), w_cs, w_rs,
+                0f32, 1f32, false, false, false, parallelism,
+            );
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _x: &Tensor, w_t: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&w_t.t()?)?), None))
+    }
+}
+
+/// `x Wᵀ` for rows `x` `[M, K]` and a frozen `Wᵀ` `[K, N]`: the gradient reaches `x` only.
+pub fn frozen_matmul(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(w_t, FrozenMatmul)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,6 +707,23 @@ mod tests {
                 |t| composite::gated(&t[0], &t[1], activation).unwrap(),
                 1e-5,
             );
+        }
+    }
+
+    #[test]
+    fn frozen_matmul_matches_matmul_and_gives_the_weight_no_gradient() {
+        let (x, w) = (random(&[7, 5], 11), random(&[3, 5], 12));
+        for w_t in [w.t().unwrap(), w.t().unwrap().contiguous().unwrap()] {
+            let xv = Var::from_tensor(&x).unwrap();
+            let ours = frozen_matmul(xv.as_tensor(), &w_t).unwrap();
+            let theirs = xv.as_tensor().matmul(&w_t).unwrap();
+            assert!(max_diff(&ours, &theirs) <= 1e-6);
+            let probe = random(&[7, 3], 13);
+            let g_ours = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_theirs = (&theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(max_diff(g_ours.get(xv.as_tensor()).unwrap(), g_theirs.get(xv.as_tensor()).unwrap()) <= 1e-6);
+            assert!(g_ours.get(&w_t).is_none(), "no gradient stored for the frozen weight");
+            assert!(g_theirs.get(&w_t).is_some(), "candle's matmul stores one");
         }
     }
 

@@ -18,19 +18,14 @@ pub struct Params {
 }
 
 impl Params {
-    /// Load every tensor of the given safetensors files onto `device` as f32.
+    /// Load every tensor of the given safetensors files onto `device` as f32, one tensor at a
+    /// time: the peak is the model plus its largest tensor, not two or three whole copies.
     pub fn load(files: &[PathBuf], device: &Device) -> Result<Self> {
         let mut vars = BTreeMap::new();
         for file in files {
-            let tensors = candle_core::safetensors::load(file, device)
-                .map_err(|e| bad_input(file, format!("not a readable safetensors file ({e})")))?;
-            for (name, tensor) in tensors {
-                if !tensor.dtype().is_float() {
-                    return Err(bad_input(file, format!("tensor `{name}` has dtype {:?}, expected a float dtype", tensor.dtype())));
-                }
-                let tensor = if tensor.dtype() == DType::F32 { tensor } else { tensor.to_dtype(DType::F32)? };
-                vars.insert(name, Var::from_tensor(&tensor)?);
-            }
+            read_safetensors(file, device, |name, var| {
+                vars.insert(name, var);
+            })?;
         }
         Ok(Params { vars })
     }
@@ -154,6 +149,54 @@ impl Params {
         }
         Ok(())
     }
+}
+
+/// Each tensor of a safetensors file as an f32 `Var`, read from its place in the file (the
+/// header, parsed by the safetensors crate, gives names, dtypes, shapes and offsets).
+fn read_safetensors(file: &Path, device: &Device, mut each: impl FnMut(String, Var)) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let unreadable = |why: String| bad_input(file, format!("not a readable safetensors file ({why})"));
+    let mut reader = std::fs::File::open(file).map_err(|e| bad_input(file, format!("cannot read: {e}")))?;
+    let size = reader.metadata().map_err(|e| unreadable(e.to_string()))?.len();
+    let mut length = [0u8; 8];
+    reader.read_exact(&mut length).map_err(|e| unreadable(e.to_string()))?;
+    let header_len = u64::from_le_bytes(length);
+    if header_len > 100_000_000 || 8 + header_len > size {
+        return Err(unreadable(format!("a header of {header_len} bytes in a file of {size}")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    reader.read_exact(&mut header).map_err(|e| unreadable(e.to_string()))?;
+    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| unreadable(e.to_string()))?;
+    let data_start = 8 + header_len;
+    let mut tensors: Vec<(String, &safetensors::tensor::TensorInfo)> = metadata.tensors().into_iter().collect();
+    tensors.sort_by_key(|(_, info)| info.data_offsets.0);
+    for (name, info) in tensors {
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::F64 => DType::F64,
+            other => return Err(bad_input(file, format!("tensor `{name}` has dtype {other:?}, expected a float dtype"))),
+        };
+        let (start, end) = info.data_offsets;
+        let elements = info.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let expected = elements.and_then(|n| n.checked_mul(dtype.size_in_bytes()));
+        if end < start || expected != Some(end - start) || data_start + end as u64 > size {
+            return Err(unreadable(format!("tensor `{name}`: offsets {start}..{end} do not fit its shape {:?} or the file", info.shape)));
+        }
+        reader.seek(SeekFrom::Start(data_start + start as u64)).map_err(|e| unreadable(e.to_string()))?;
+        let mut bytes = vec![0u8; end - start];
+        reader.read_exact(&mut bytes).map_err(|e| unreadable(e.to_string()))?;
+        let values: Vec<f32> = match dtype {
+            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            // bf16 is the top half of an f32.
+            DType::BF16 => bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect(),
+            _ => Tensor::from_raw_buffer(&bytes, dtype, &info.shape, &Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        };
+        drop(bytes);
+        each(name, Var::from_vec(values, info.shape.as_slice(), device)?);
+    }
+    Ok(())
 }
 
 /// Write named tensors to a safetensors file atomically, with transformers' metadata.
