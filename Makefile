@@ -90,6 +90,7 @@ demo: build
 	  $(BIN)/score $(DEMO)/dpo/benign.parquet --rule refusal -o $(DEMO)/dpo/benign_scored.parquet 2>&1 | sed "s|^|   $$stage: |"; \
 	done
 	$(MAKE) demo-serve
+	$(MAKE) demo-annotate
 
 # One JSON object per line per figure.
 # Set REFERENCE_PYTHON to a python with torch, transformers and tokenizers (../shared/bench's
@@ -137,3 +138,28 @@ demo-serve: build
 	baseline=$$(test -f $(DEMO)/redteam/sft.parquet && echo "--baseline $(DEMO)/redteam/sft.parquet"); \
 	DEMO_KEY=$$key $(BIN)/redteam --endpoint $$url/v1 --api-key-env DEMO_KEY --guard $(DEMO)/guard --reward-model $(DEMO)/rl/rm \
 	  $$baseline -o $(DEMO)/redteam/served.parquet --report $(DEMO)/redteam/served.html
+
+# annotate on the demo's RL responses (run `make demo` first for demo-out/rl and demo-out/rm):
+# two scripted annotators score a handful through the JSON API (each response seen by both),
+# then the export goes through rank into rm-train.
+ANNOTATE := $(DEMO)/annotate
+.PHONY: demo-annotate
+demo-annotate: build
+	@echo "== annotate: a web workbench on $(DEMO)/rl/responses.parquet (score 1-7, overlap 2), two scripted annotators"
+	@rm -rf $(ANNOTATE) && mkdir -p $(ANNOTATE)
+	@$(BIN)/annotate keys add --keys $(ANNOTATE)/keys.txt --name ana -q > $(ANNOTATE)/ana.key
+	@$(BIN)/annotate keys add --keys $(ANNOTATE)/keys.txt --name bo -q > $(ANNOTATE)/bo.key
+	@$(BIN)/annotate keys add --keys $(ANNOTATE)/keys.txt --name lead --role admin -q > $(ANNOTATE)/lead.key
+	@set -e; \
+	$(BIN)/annotate serve $(DEMO)/rl/responses.parquet --task score --scale 1-7 --overlap 2 --db $(ANNOTATE)/annotate.sqlite \
+	  --keys $(ANNOTATE)/keys.txt --listen 127.0.0.1:0 -q 2> $(ANNOTATE)/server.log & pid=$$!; trap "kill $$pid 2>/dev/null" EXIT; \
+	for i in $$(seq 100); do grep -q "listening on" $(ANNOTATE)/server.log && break; kill -0 $$pid || { cat $(ANNOTATE)/server.log; exit 1; }; sleep 0.2; done; \
+	url=$$(sed -n "s/.*listening on //p" $(ANNOTATE)/server.log); \
+	echo "   $$url (sign in with a key from $(ANNOTATE)/*.key; $$url/admin with lead.key)"; \
+	$(PYTHON) scripts/annotate_demo.py $$url $$(cat $(ANNOTATE)/ana.key) $$(cat $(ANNOTATE)/bo.key) --items 24; \
+	curl -sS "$$url/api/progress" -H "Authorization: Bearer $$(cat $(ANNOTATE)/lead.key)"; echo
+	$(BIN)/annotate stats --db $(ANNOTATE)/annotate.sqlite
+	$(BIN)/annotate export --db $(ANNOTATE)/annotate.sqlite --min-annotators 2 -o $(ANNOTATE)/scored.parquet
+	$(BIN)/rank $(ANNOTATE)/scored.parquet --pairs all -o $(ANNOTATE)/prefs.parquet
+	rm -rf $(ANNOTATE)/rm
+	$(BIN)/rm-train $(ANNOTATE)/prefs.parquet --model $(DEMO)/rm --config recipes/rm-tiny.toml --steps 20 -o $(ANNOTATE)/rm

@@ -41,12 +41,28 @@ def lathe_outputs(folder, rows):
     return json.loads(out)
 
 
+def load(folder, config, cls):
+    """The model transformers builds from the folder; a LoRA adapter folder through PEFT, on
+    the base its adapter_config.json names, as a PEFT user loads it."""
+    adapter_config = os.path.join(folder, "adapter_config.json")
+    if not os.path.exists(adapter_config):
+        return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval(), ""
+    from peft import PeftModel
+
+    base = json.load(open(adapter_config))["base_model_name_or_path"]
+    kwargs = {"num_labels": config.num_labels} if cls is AutoModelForSequenceClassification else {}
+    model = cls.from_pretrained(base, dtype=torch.float32, attn_implementation="eager", **kwargs)
+    return PeftModel.from_pretrained(model, folder).eval(), f" (PEFT adapter on {base})"
+
+
 def check(folder):
-    config = AutoConfig.from_pretrained(folder)
+    # An adapter folder lathe wrote holds the tuned model's config beside the adapter.
+    tuned = os.path.join(folder, "tuned_config.json")
+    config = AutoConfig.from_pretrained(tuned if os.path.exists(tuned) else folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    classifier = config.architectures[0] == "LlamaForSequenceClassification"
+    classifier = config.architectures[0].endswith("ForSequenceClassification")
     cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-    model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+    model, how = load(folder, config, cls)
     rows = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in TEXTS]
     if classifier and getattr(config, "lathe_scoring", {}).get("append_eos"):
         rows = [r + [tokenizer.eos_token_id] for r in rows]
@@ -74,7 +90,7 @@ def check(folder):
                 )
                 detail += f"; chat template renders {rendered!r}"
     verdict = "OK" if worst <= TOLERANCE else "MISMATCH"
-    print(f"{verdict} {folder}: {cls.__name__}, max |lathe - transformers| = {worst:.2e}; {detail}")
+    print(f"{verdict} {folder}: {cls.__name__}{how}, max |lathe - transformers| = {worst:.2e}; {detail}")
     return worst <= TOLERANCE
 
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use clap::parser::ValueSource;
+use clap::error::ErrorKind;
 use clap::{ArgAction, ArgMatches, Command, CommandFactory, FromArgMatches};
 use serde::Serialize;
 
@@ -30,6 +31,10 @@ pub struct CommonArgs {
     /// No progress bars or log lines; errors are still printed.
     #[arg(long, short)]
     pub quiet: bool,
+    /// The base model of any LoRA adapter folder given as a model, instead of the
+    /// `base_model_name_or_path` in its adapter_config.json.
+    #[arg(long, value_name = "MODEL")]
+    pub base: Option<String>,
 }
 
 /// Parse the command line of `T`, merging the `--config` recipe under the flags given.
@@ -38,12 +43,30 @@ pub fn parse<T: CommandFactory + FromArgMatches>() -> T {
     let argv: Vec<OsString> = std::env::args_os().collect();
     match parse_from::<T>(argv) {
         Ok(parsed) => parsed,
-        Err(ParseError::Clap(e)) => e.exit(),
+        Err(ParseError::Clap(e)) if !e.use_stderr() || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        Err(ParseError::Clap(e)) => {
+            let binary = binary_name();
+            report(&binary, &Error::Input(format!("{} (see {binary} --help)", clap_line(&e))));
+            std::process::exit(exit::BAD_INPUT as i32)
+        }
         Err(ParseError::Lathe(e)) => {
             report(&binary_name(), &e);
             std::process::exit(e.exit_code() as i32)
         }
     }
+}
+
+/// A clap error as one line: its message and tips, without the usage block.
+pub fn clap_line(error: &clap::Error) -> String {
+    let text = error.to_string();
+    let kept: Vec<&str> = text
+        .split("\n\n")
+        .filter(|p| !p.starts_with("Usage:") && !p.starts_with("For more information"))
+        .flat_map(str::lines)
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    kept.join(" ").trim_start_matches("error: ").to_string()
 }
 
 pub enum ParseError {
@@ -79,18 +102,54 @@ pub fn parse_from<T: CommandFactory + FromArgMatches>(argv: Vec<OsString>) -> Re
         .ok()
         .flatten()
         .cloned();
-    let argv = match config_path {
+    let (argv, recipe) = match config_path {
         Some(path) => {
-            let injected = recipe_arguments(&path, leaf_command, leaf_matches).map_err(ParseError::Lathe)?;
-            splice(argv, injected)
+            let mut injected = recipe_arguments(&path, leaf_command, leaf_matches).map_err(ParseError::Lathe)?;
+            let recipe = RecipeFlags { path, keys: std::mem::take(&mut injected.keys) };
+            (splice(argv, injected), Some(recipe))
         }
-        None => argv,
+        None => (argv, None),
     };
-    let matches = command
-        .try_get_matches_from(&argv)
-        .map_err(ParseError::Clap)?;
+    let matches = command.try_get_matches_from(&argv).map_err(|e| match recipe.as_ref().and_then(|r| r.value_error(&e)) {
+        Some(refused) => ParseError::Lathe(refused),
+        None => ParseError::Clap(e),
+    })?;
+    *RECIPE.lock().unwrap_or_else(|e| e.into_inner()) = recipe;
     T::from_arg_matches(&matches).map_err(ParseError::Clap)
 }
+
+/// The flags a recipe set: (long name, the recipe's key).
+struct RecipeFlags {
+    path: PathBuf,
+    keys: Vec<(String, String)>,
+}
+
+impl RecipeFlags {
+    /// A value a flag cannot take, when the recipe supplied it: the recipe's error, with its key.
+    fn value_error(&self, error: &clap::Error) -> Option<Error> {
+        if !matches!(error.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
+            return None;
+        }
+        let Some(clap::error::ContextValue::String(arg)) = error.get(clap::error::ContextKind::InvalidArg) else { return None };
+        let (_, key) = self.keys.iter().find(|(long, _)| arg.split([' ', '=']).next() == Some(&format!("--{long}")))?;
+        Some(bad_input(&self.path, format!("key `{key}`: {}", clap_line(error))))
+    }
+
+    /// ` (set by `key` in r.toml)` when `message` refuses a flag whose value came from the recipe.
+    fn note(&self, message: &str) -> Option<String> {
+        let named = |long: &str| {
+            let needle = format!("--{long}");
+            message.match_indices(&needle).any(|(at, _)| {
+                !message[at + needle.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+        };
+        let (_, key) = self.keys.iter().find(|(long, _)| named(long))?;
+        Some(format!(" (set by `{key}` in {})", self.path.display()))
+    }
+}
+
+/// The recipe of this process's command line, so a later refusal of a value it set can say so.
+static RECIPE: std::sync::Mutex<Option<RecipeFlags>> = std::sync::Mutex::new(None);
 
 fn relax_required(command: Command) -> Command {
     let command = command
@@ -116,10 +175,12 @@ fn leaf<'a>(command: &'a Command, matches: &'a ArgMatches) -> (&'a Command, &'a 
     }
 }
 
-/// Arguments a recipe contributes: flags first, then positional values.
+/// Arguments a recipe contributes: flags first, then positional values; and which of its keys
+/// set which flag.
 struct Injected {
     flags: Vec<OsString>,
     positionals: Vec<OsString>,
+    keys: Vec<(String, String)>,
 }
 
 fn recipe_arguments(path: &Path, command: &Command, matches: &ArgMatches) -> Result<Injected> {
@@ -128,7 +189,7 @@ fn recipe_arguments(path: &Path, command: &Command, matches: &ArgMatches) -> Res
     let mut entries = Vec::new();
     flatten_table("", &table, &mut entries);
 
-    let mut injected = Injected { flags: Vec::new(), positionals: Vec::new() };
+    let mut injected = Injected { flags: Vec::new(), positionals: Vec::new(), keys: Vec::new() };
     for (key, value) in entries {
         let find = |name: &str| {
             let id = name.replace('-', "_");
@@ -153,6 +214,7 @@ fn recipe_arguments(path: &Path, command: &Command, matches: &ArgMatches) -> Res
             continue;
         }
         let long = arg.get_long().unwrap_or(arg.get_id().as_str()).to_string();
+        injected.keys.push((long.clone(), key.clone()));
         match arg.get_action() {
             ArgAction::SetTrue | ArgAction::SetFalse => match value.as_bool() {
                 Some(flag_set) => {
@@ -247,6 +309,9 @@ static SIGNALS_SEEN: AtomicUsize = AtomicUsize::new(0);
 /// Set up threads, progress mode and signal handling for a stage. Call once, first thing.
 pub fn init(common: &CommonArgs) {
     progress::set_quiet(common.quiet);
+    if let Some(base) = &common.base {
+        crate::model::folder::set_adapter_base(base.clone());
+    }
     if let Some(threads) = common.threads.filter(|&t| t > 0) {
         // candle's matmul reads RAYON_NUM_THREADS; rayon's pool is set directly.
         // SAFETY: called at start-up, before any thread of ours reads the environment.
@@ -296,15 +361,24 @@ pub fn set_graceful_interrupt(graceful: bool) {
     GRACEFUL.store(graceful, Ordering::SeqCst);
 }
 
+/// The signal handler's thread runs this for every SIGINT / SIGTERM. It must never panic (a
+/// panic ends the thread and every later signal is ignored) and its lines must survive a
+/// closed stderr; whatever happens, a stop that is due happens.
 fn on_signal() {
     INTERRUPTED.store(true, Ordering::SeqCst);
     let seen = SIGNALS_SEEN.fetch_add(1, Ordering::SeqCst);
-    if !GRACEFUL.load(Ordering::SeqCst) || seen >= 1 {
-        output::remove_pending();
-        eprintln!("{}: interrupted", binary_name());
+    let stop_now = !GRACEFUL.load(Ordering::SeqCst) || seen >= 1;
+    let _ = std::panic::catch_unwind(|| {
+        if stop_now {
+            output::remove_pending();
+            progress::line(format!("{}: interrupted", binary_name()));
+        } else {
+            progress::line(format!("{}: interrupt received, saving and stopping (press Ctrl-C again to stop at once)", binary_name()));
+        }
+    });
+    if stop_now {
         std::process::exit(exit::INTERRUPTED as i32);
     }
-    eprintln!("{}: interrupt received, saving and stopping (press Ctrl-C again to stop at once)", binary_name());
 }
 
 pub fn interrupted() -> bool {
@@ -340,9 +414,13 @@ pub fn run(body: impl FnOnce() -> Result<()> + Send) -> ExitCode {
     }
 }
 
+/// The one error line; a closed stderr loses it rather than panicking.
 fn report(binary: &str, error: &Error) {
     progress::clear();
-    eprintln!("{binary}: error: {}", error.one_line());
+    let line = error.one_line();
+    let recipe = RECIPE.lock().unwrap_or_else(|e| e.into_inner());
+    let note = recipe.as_ref().filter(|_| matches!(error, Error::Input(_))).and_then(|r| r.note(&line)).unwrap_or_default();
+    progress::line(format!("{binary}: error: {line}{note}"));
 }
 
 pub fn binary_name() -> String {
@@ -351,6 +429,29 @@ pub fn binary_name() -> String {
         .map(PathBuf::from)
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "lathe".into())
+}
+
+/// A recipe shipped with lathe (`redteam/default.toml`), found beside the installed binaries
+/// rather than in the current folder: `$LATHE_RECIPES`, then `recipes/` or
+/// `share/lathe/recipes/` in a folder above the executable, then the source tree it was built
+/// from. `instead` is the flag that names another file.
+pub fn installed_recipe(relative: &str, instead: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().ok().and_then(|p| p.canonicalize().ok());
+    let candidates = recipe_candidates(std::env::var_os("LATHE_RECIPES").map(PathBuf::from), exe.as_deref(), relative);
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+        crate::error::usage(format!("recipes/{relative} was not found beside the installed lathe (looked in {}); pass {instead} or set LATHE_RECIPES", looked.join(", ")))
+    })
+}
+
+fn recipe_candidates(from_env: Option<PathBuf>, exe: Option<&Path>, relative: &str) -> Vec<PathBuf> {
+    let mut candidates: Vec<PathBuf> = from_env.into_iter().map(|dir| dir.join(relative)).collect();
+    for dir in exe.into_iter().flat_map(Path::ancestors).skip(1) {
+        candidates.push(dir.join("recipes").join(relative));
+        candidates.push(dir.join("share/lathe/recipes").join(relative));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes").join(relative));
+    candidates
 }
 
 /// The resolved configuration of a stage, as recorded beside its outputs.
@@ -434,6 +535,32 @@ mod tests {
                 assert!(e.to_string().contains("unknown key `vocab_sise`"), "{e}");
             }
             other => panic!("expected an unknown-key error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn shipped_recipes_are_found_above_the_executable_not_in_the_current_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let installed = dir.path().join("opt/lathe");
+        std::fs::create_dir_all(installed.join("share/lathe/recipes/redteam")).unwrap();
+        std::fs::create_dir_all(installed.join("bin")).unwrap();
+        let candidates = recipe_candidates(None, Some(&installed.join("bin/redteam")), "redteam/default.toml");
+        let shared = candidates.iter().position(|c| *c == installed.join("share/lathe/recipes/redteam/default.toml")).unwrap();
+        assert_eq!(candidates[shared - 1], installed.join("recipes/redteam/default.toml"));
+        assert!(candidates.last().unwrap().starts_with(env!("CARGO_MANIFEST_DIR")), "the source tree comes last");
+        assert!(candidates.iter().all(|c| c.is_absolute()), "never relative to the current folder: {candidates:?}");
+        let from_env = recipe_candidates(Some(dir.path().into()), None, "x.toml");
+        assert_eq!(from_env[0], dir.path().join("x.toml"));
+    }
+
+    #[test]
+    fn a_bad_recipe_value_names_the_recipe_and_its_key() {
+        match parse_with("vocab_size = \"many\"\n", &["a"]) {
+            Err(ParseError::Lathe(e)) => {
+                let line = e.one_line();
+                assert!(line.contains("r.toml: key `vocab_size`: invalid value 'many' for '--vocab-size"), "{line}");
+            }
+            other => panic!("expected a recipe error, got {other:?}"),
         }
     }
 

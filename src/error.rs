@@ -24,8 +24,21 @@ pub enum Error {
     #[error("interrupted")]
     Interrupted,
     /// Anything that went wrong while running.
-    #[error("{0:#}")]
+    #[error("{}", cause_chain(.0))]
     Failed(anyhow::Error),
+}
+
+/// `context: cause: root` with each cause said once: libraries often repeat their source's
+/// message in their own (`External: File too large` over `File too large`).
+fn cause_chain(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -104,5 +117,18 @@ impl From<candle_core::Error> for Error {
 impl From<tokenizers::Error> for Error {
     fn from(e: tokenizers::Error) -> Self {
         Error::Failed(anyhow::anyhow!("{e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_is_said_once() {
+        let io = std::io::Error::from_raw_os_error(27);
+        let wrapped = parquet::errors::ParquetError::External(Box::new(io));
+        let line = Error::from(wrapped).one_line();
+        assert_eq!(line.matches("File too large").count(), 1, "{line}");
     }
 }

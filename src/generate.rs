@@ -19,7 +19,7 @@ use crate::data::records::{Prompt, PromptRecord, Record, ResponseRecord};
 use crate::data::{ColumnMap, Kind, Message, ParquetSink, ParquetSource, meta};
 use crate::data::parquet_io::lathe_metadata;
 use crate::error::{Result, bad_input, usage};
-use crate::model::{ChatTemplate, ForwardOptions, KvCache, Llama, ModelFolder};
+use crate::model::{ChatTemplate, ForwardOptions, KvCache, Decoder, ModelFolder};
 use crate::output;
 use crate::progress::{Progress, Unit};
 use crate::tokenizer::LoadedTokenizer;
@@ -122,7 +122,7 @@ pub struct Completion {
 
 /// Decodes batches of prompts with one model.
 pub struct Generator<'a> {
-    pub model: &'a Llama,
+    pub model: &'a Decoder,
     pub eos: Vec<u32>,
     pub pad: u32,
     pub max_new_tokens: usize,
@@ -221,6 +221,35 @@ impl Generator<'_> {
     }
 }
 
+/// What `generate` and `ppo` do with a prompt that leaves too little room for the response.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptTruncation {
+    /// Refuse the input, naming the row.
+    #[default]
+    None,
+    /// Keep the end of the prompt (the question and the generation prompt), cut its start.
+    Left,
+}
+
+/// Make room for `max_new_tokens` after `ids` within `limit` positions: cut the prompt at the
+/// left if allowed (true when cut), else explain why it does not fit.
+pub fn fit_prompt(ids: &mut Vec<u32>, max_new_tokens: usize, limit: usize, truncation: PromptTruncation) -> std::result::Result<bool, String> {
+    if ids.len() + max_new_tokens <= limit {
+        return Ok(false);
+    }
+    let room = limit.saturating_sub(max_new_tokens);
+    if truncation == PromptTruncation::None || room == 0 {
+        let hint = if room == 0 { "lower --max-new-tokens" } else { "pass --truncate-prompt left to keep the end of long prompts" };
+        return Err(format!(
+            "a prompt of {} tokens plus --max-new-tokens {max_new_tokens} exceeds the model's max_position_embeddings {limit}; {hint}",
+            ids.len()
+        ));
+    }
+    ids.drain(..ids.len() - room);
+    Ok(true)
+}
+
 pub struct GenerateOptions {
     pub model: String,
     pub prompts: PathBuf,
@@ -232,6 +261,7 @@ pub struct GenerateOptions {
     pub output: PathBuf,
     pub chat_template: Option<PathBuf>,
     pub ignore_eos: bool,
+    pub truncate_prompt: PromptTruncation,
     pub device: Device,
     pub config: String,
     /// Print this many responses to the terminal when done.
@@ -241,6 +271,8 @@ pub struct GenerateOptions {
 #[derive(Debug, serde::Serialize)]
 pub struct GenerateReport {
     pub prompts: u64,
+    /// Prompts cut at the left to fit (`--truncate-prompt left`).
+    pub truncated: u64,
     pub responses: u64,
     pub new_tokens: u64,
     pub seconds: f64,
@@ -269,9 +301,12 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
     if options.batch_size == 0 {
         return Err(usage("--batch-size must be at least 1"));
     }
+    crate::limits::at_most("-n", options.samples, i32::MAX as usize, "the `sample` column is 32-bit")?;
     let prompts = PromptSource::open(&options.prompts)?;
     output::check_writable(&options.output)?;
     let folder = ModelFolder::open(&options.model)?;
+    output::check_distinct(&options.output, &[&options.prompts, &folder.dir])?;
+    footprint(options, &folder.config, prompts.rows_at_once()).check(&options.device)?;
     let template = chat_template(&folder, options.chat_template.as_deref())?;
     if prompts.needs_template && template.is_none() {
         return Err(bad_input(
@@ -281,7 +316,7 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
     }
     let tokenizer = folder.load_tokenizer()?;
     let params = folder.load_params(&options.device)?;
-    let model = Llama::new_inference(&folder.config, &params)?;
+    let model = Decoder::new_inference(&folder.config, &params)?;
     let mut eos = folder.eos_token_ids();
     if eos.is_empty() {
         eos.extend(tokenizer.eos_id());
@@ -304,11 +339,12 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
 
     let started = Instant::now();
     let bar = Progress::new("generating", None, Unit::Items("tokens"));
-    let mut report = GenerateReport { prompts: 0, responses: 0, new_tokens: 0, seconds: 0.0 };
+    let mut report = GenerateReport { prompts: 0, truncated: 0, responses: 0, new_tokens: 0, seconds: 0.0 };
     let mut shown: Vec<ResponseRecord> = Vec::new();
     for batch in prompts.batches()? {
         let batch = batch?;
         let encoded = encode_prompts(&batch, &tokenizer, template.as_ref(), &folder, options)?;
+        report.truncated += encoded.truncated;
         let completions = complete(&generator, &encoded, batch.first_row, options, &bar)?;
         let responses = to_responses(&batch, &encoded, &completions, &tokenizer, options)?;
         shown.extend(responses.iter().take(options.show.saturating_sub(shown.len())).cloned());
@@ -327,6 +363,12 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
     if report.prompts == 0 {
         return Err(bad_input(&options.prompts, "holds no prompts"));
     }
+    if report.truncated > 0 {
+        crate::progress::warn(format!(
+            "generate: {} of {} prompts were cut at the left to leave room for --max-new-tokens",
+            report.truncated, report.prompts
+        ));
+    }
     sink.finish()?;
     report.seconds = started.elapsed().as_secs_f64();
     for response in &shown {
@@ -336,6 +378,17 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
         ));
     }
     Ok(report)
+}
+
+/// What one input batch holds at once: its (prompt, sample) jobs and their responses, and the
+/// model decoding a group of them.
+fn footprint(options: &GenerateOptions, config: &crate::model::ModelConfig, rows: usize) -> crate::limits::Footprint {
+    let jobs = rows.saturating_mul(options.samples);
+    let per_response = std::mem::size_of::<(usize, usize)>() + std::mem::size_of::<Option<Completion>>() + std::mem::size_of::<ResponseRecord>();
+    crate::limits::Footprint::new(format!("-n {} × --batch-size {} × --max-new-tokens {}", options.samples, options.batch_size, options.max_new_tokens))
+        .model(config)
+        .add("the responses of one input batch", crate::limits::elements(&[jobs, per_response]))
+        .decoding(config, options.batch_size.min(jobs), options.max_new_tokens.saturating_add(1))
 }
 
 /// The chat template for `messages` prompts: the file given, else the model's own.
@@ -399,6 +452,7 @@ pub fn read_prompts(path: &Path, tokenizer: &LoadedTokenizer, template: Option<&
 struct Encoded {
     texts: Vec<String>,
     ids: Vec<Vec<u32>>,
+    truncated: u64,
 }
 
 fn encode_prompts(
@@ -408,24 +462,17 @@ fn encode_prompts(
     folder: &ModelFolder,
     options: &GenerateOptions,
 ) -> Result<Encoded> {
-    let mut encoded = Encoded { texts: Vec::new(), ids: Vec::new() };
+    let mut encoded = Encoded { texts: Vec::new(), ids: Vec::new(), truncated: 0 };
     for (i, row) in batch.rows.iter().enumerate() {
-        let (text, ids) = encode_prompt(&row.prompt, tokenizer, template)?;
+        let (text, mut ids) = encode_prompt(&row.prompt, tokenizer, template)?;
         let row_number = batch.first_row + i as u64;
         if ids.is_empty() {
             return Err(bad_input(&options.prompts, format!("row {row_number}: the prompt is empty")));
         }
         let limit = folder.config.max_position_embeddings;
-        if ids.len() + options.max_new_tokens > limit {
-            return Err(bad_input(
-                &options.prompts,
-                format!(
-                    "row {row_number}: a prompt of {} tokens plus --max-new-tokens {} exceeds the model's max_position_embeddings {limit}",
-                    ids.len(),
-                    options.max_new_tokens
-                ),
-            ));
-        }
+        let cut = fit_prompt(&mut ids, options.max_new_tokens, limit, options.truncate_prompt)
+            .map_err(|why| bad_input(&options.prompts, format!("row {row_number}: {why}")))?;
+        encoded.truncated += u64::from(cut);
         encoded.texts.push(text);
         encoded.ids.push(ids);
     }
@@ -514,6 +561,15 @@ impl PromptSource {
         Ok(PromptSource { parquet: Some(reader), jsonl: None, carried, needs_template })
     }
 
+    /// Prompts read (and answered) together: one record batch, or a whole JSONL file.
+    fn rows_at_once(&self) -> usize {
+        match (&self.jsonl, &self.parquet) {
+            (Some(rows), _) => rows.len(),
+            (None, Some(reader)) => (reader.source().num_rows() as usize).min(crate::data::parquet_io::DEFAULT_BATCH_ROWS),
+            (None, None) => 0,
+        }
+    }
+
     fn batches(&self) -> Result<Box<dyn Iterator<Item = Result<PromptBatch>> + '_>> {
         if let Some(rows) = &self.jsonl {
             let batch = PromptBatch { rows: rows.clone(), carried: Vec::new(), first_row: 0 };
@@ -570,7 +626,7 @@ mod tests {
     fn greedy_continuations_match_transformers_alone_and_left_padded() {
         let folder = ModelFolder::open(fixture().join("causal-lm").to_str().unwrap()).unwrap();
         let params = folder.load_params(&Device::Cpu).unwrap();
-        let model = Llama::new_inference(&folder.config, &params).unwrap();
+        let model = Decoder::new_inference(&folder.config, &params).unwrap();
         let expected = candle_core::safetensors::load(fixture().join("expected_logits.safetensors"), &Device::Cpu).unwrap();
         let ids = |name: &str| -> Vec<u32> { expected[name].to_dtype(DType::U32).unwrap().to_vec1().unwrap() };
         let prompts = vec![ids("input_ids.0"), ids("input_ids.1")];

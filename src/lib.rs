@@ -3,12 +3,15 @@
 //! Each stage is a thin binary in `src/bin/` over this library. Stages exchange Parquet files
 //! ([`data`]) and Hugging Face model folders ([`model::folder`]).
 
+pub mod adapter;
+pub mod annotate;
 pub mod cli;
 pub mod data;
 pub mod dpo;
 pub mod error;
 pub mod generate;
 pub mod human;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod output;
@@ -24,6 +27,7 @@ pub mod reward;
 pub mod rl;
 pub mod tokenizer;
 pub mod train;
+pub mod web;
 
 pub use error::{Error, Result};
 

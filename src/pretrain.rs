@@ -9,8 +9,9 @@ use serde_json::{Map, Value, json};
 
 use crate::data::{ColumnType, Kind, ParquetSource, meta};
 use crate::error::{Result, bad_input, usage};
+use crate::limits::{Footprint, Tuning};
 use crate::model::folder::{self, FolderParts, ModelFolder};
-use crate::model::{ForwardOptions, Llama, LlamaConfig, Params};
+use crate::model::{Architecture, Decoder, Family, ForwardOptions, ModelConfig, Params};
 use crate::progress;
 use crate::tokenizer::{LoadedTokenizer, PAD_TOKEN, check_tokens_match};
 use crate::train::cursor::{EpochCursor, shuffled};
@@ -19,10 +20,13 @@ use crate::train::{Evaluation, StepLoss, Task};
 /// The shape of a new model (`[model]` in a recipe); the vocabulary comes from the tokenizer.
 #[derive(Clone, Debug)]
 pub struct ModelShape {
+    pub family: Family,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
+    /// Defaults to `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
     /// Defaults to `num_attention_heads`.
     pub num_key_value_heads: Option<usize>,
     /// Defaults to the sequence length.
@@ -47,6 +51,7 @@ pub struct PretrainOptions {
     pub val_fraction: Option<f64>,
     pub eval_batches: usize,
     pub device: Device,
+    pub gradient_checkpointing: bool,
 }
 
 /// Fixed-length windows over a token stream: block `i` is `tokens[start..start + len + 1]`
@@ -72,9 +77,9 @@ impl Blocks {
 }
 
 pub struct PretrainTask {
-    config: LlamaConfig,
+    config: ModelConfig,
     params: Params,
-    model: Llama,
+    model: Decoder,
     parts: FolderParts,
     train: Blocks,
     val: Option<Blocks>,
@@ -124,15 +129,7 @@ impl PretrainTask {
                 options.seq_len, config.max_position_embeddings
             )));
         }
-        let params = match &init {
-            Some(folder) => folder.load_params(&options.device)?,
-            None => Params::init(&config, options.init_std, options.seed, &options.device)?,
-        };
-        let model = Llama::new(&config, &params)?;
-        let parts = folder_parts(&tokenizer, init.as_ref(), options.tokenizer.as_deref(), eos_id)?;
-
         let tokens = Arc::new(tokens);
-        let unigram_entropy = unigram_entropy(&tokens, config.vocab_size);
         let blocks = Blocks::cut(tokens.clone(), options.seq_len);
         if blocks.starts.is_empty() {
             return Err(bad_input(
@@ -140,6 +137,17 @@ impl PretrainTask {
                 format!("the inputs hold {} tokens, fewer than one block of --seq-len {} + 1", tokens.len(), options.seq_len),
             ));
         }
+        Footprint::new(format!("--batch-size {} × --seq-len {} with this model shape", options.batch_size, options.seq_len))
+            .training(&config, options.batch_size, options.seq_len, &Tuning { trainable: None, checkpointing: options.gradient_checkpointing })
+            .check(&options.device)?;
+        let params = match &init {
+            Some(folder) => folder.load_params(&options.device)?,
+            None => Params::init(&config, options.init_std, options.seed, &options.device)?,
+        };
+        let mut model = Decoder::new(&config, &params)?;
+        model.set_gradient_checkpointing(options.gradient_checkpointing);
+        let parts = folder_parts(&tokenizer, init.as_ref(), options.tokenizer.as_deref(), eos_id)?;
+        let unigram_entropy = unigram_entropy(&tokens, config.vocab_size);
         let (train, val) = match (&options.val, options.val_fraction) {
             (Some(path), _) => {
                 let (val_tokens, _) = read_tokens(std::slice::from_ref(path), &tokenizer)?;
@@ -287,19 +295,25 @@ fn read_tokens(paths: &[PathBuf], tokenizer: &LoadedTokenizer) -> Result<(Vec<u3
     Ok((tokens, eos.or(tokenizer.eos_id())))
 }
 
-fn new_config(shape: &ModelShape, tokenizer: &LoadedTokenizer, eos_id: Option<u32>, seq_len: usize) -> Result<LlamaConfig> {
+fn new_config(shape: &ModelShape, tokenizer: &LoadedTokenizer, eos_id: Option<u32>, seq_len: usize) -> Result<ModelConfig> {
     let heads = shape.num_attention_heads;
     let kv_heads = shape.num_key_value_heads.unwrap_or(heads);
-    if heads == 0 || shape.hidden_size % heads != 0 || kv_heads == 0 || heads % kv_heads != 0 {
+    let divides = shape.head_dim.is_some() || (heads > 0 && shape.hidden_size % heads == 0);
+    if heads == 0 || !divides || kv_heads == 0 || heads % kv_heads != 0 {
         return Err(usage(format!(
             "model shape: hidden_size {} must divide into num_attention_heads {heads}, which must be a multiple of num_key_value_heads {kv_heads}",
             shape.hidden_size
         )));
     }
-    if (shape.hidden_size / heads) % 2 != 0 {
-        return Err(usage("model shape: the head dimension (hidden_size / heads) must be even for rotary embeddings"));
+    if shape.num_hidden_layers == 0 {
+        return Err(usage("model shape: num_hidden_layers must be at least 1"));
     }
-    let mut config = LlamaConfig::new(
+    let head_dim = shape.head_dim.unwrap_or(shape.hidden_size / heads);
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(usage(format!("model shape: the head dimension {head_dim} must be even for rotary embeddings")));
+    }
+    let mut config = ModelConfig::new(
+        shape.family,
         tokenizer.vocab_size,
         shape.hidden_size,
         shape.intermediate_size,
@@ -309,6 +323,9 @@ fn new_config(shape: &ModelShape, tokenizer: &LoadedTokenizer, eos_id: Option<u3
         shape.max_position_embeddings.unwrap_or(seq_len),
         shape.tie_word_embeddings,
     );
+    config.head_dim = head_dim;
+    config.rotary_dim = head_dim;
+    config.arch = Architecture::defaults(shape.family, shape.num_hidden_layers, head_dim);
     config.rope_theta = shape.rope_theta;
     config.rms_norm_eps = shape.rms_norm_eps;
     config.eos_token_ids = eos_id.into_iter().collect();

@@ -253,20 +253,7 @@ mod tests {
     use crate::data::records::ResponseRecord;
 
     fn scored(prompt_id: &str, sample: i32, score: f64) -> ScoredRecord {
-        ScoredRecord {
-            response: ResponseRecord {
-                prompt_id: prompt_id.into(),
-                prompt: format!("prompt {prompt_id}"),
-                response: format!("{prompt_id}-{sample}"),
-                sample,
-                model: "m".into(),
-                finish_reason: "stop".into(),
-                num_tokens: 3,
-                logprob: -1.0,
-            },
-            score,
-            scorer: "test".into(),
-        }
+        ScoredRecord { response: ResponseRecord::example(prompt_id, sample), score, scorer: "test".into() }
     }
 
     fn rows() -> Vec<ScoredRecord> {

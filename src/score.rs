@@ -20,7 +20,7 @@ use crate::error::{Result, bad_input, usage};
 use crate::human::scoring::{Scale, ScoreJudgement};
 use crate::human::session::{self, Annotation};
 use crate::human::{ItemKey, first_few, ratings, read_responses};
-use crate::model::{Head, Llama, ModelFolder};
+use crate::model::{Head, Decoder, ModelFolder};
 use crate::progress::{self, Progress, Unit};
 use crate::reward::{ScoringFormat, classifier_labels, score_rows};
 use crate::safety::{chrf, is_refusal};
@@ -166,7 +166,7 @@ pub fn rule_scores(rules: &[WeightedRule], responses: &[&str], references: Optio
 /// A sequence classifier ready to score text: the encoding it was trained with (`lathe_scoring`
 /// in its config.json), its padding and batching.
 struct Classifier {
-    model: Llama,
+    model: Decoder,
     tokenizer: LoadedTokenizer,
     format: ScoringFormat,
     eos: Option<u32>,
@@ -187,7 +187,7 @@ impl Classifier {
         let tokenizer = folder.load_tokenizer()?;
         let (params, eos) = (folder.load_params(device)?, folder.config.eos_token_ids.first().copied().or(tokenizer.eos_id()));
         Ok(Classifier {
-            model: Llama::new_inference(&folder.config, &params)?,
+            model: Decoder::new_inference(&folder.config, &params)?,
             pad: folder.config.pad_token_id.unwrap_or(0),
             tokenizer,
             format,
@@ -196,7 +196,7 @@ impl Classifier {
         })
     }
 
-    /// Scores `[text][label]`, batched by length.
+    /// Scores `[text][label]`, encoded with the model's length policy.
     fn scores(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let mut encoded = Vec::with_capacity(texts.len());
         for text in texts {
@@ -211,9 +211,43 @@ impl Classifier {
             };
             encoded.push(ids);
         }
-        let mut order: Vec<usize> = (0..texts.len()).collect();
+        self.score_encoded(&encoded)
+    }
+
+    /// Scores `[text][label]` of the whole of each text: one longer than the model reads is
+    /// scored in overlapping windows (the windows output guards check a stream in), each
+    /// ending with EOS as in training, and each label's highest score counts. So no part of a
+    /// text goes unread, wherever it sits.
+    fn covering_scores(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let eos = self.eos.filter(|_| self.format.append_eos);
+        let room = self.format.max_length.saturating_sub(usize::from(eos.is_some())).max(2);
+        let (mut rows, mut owner) = (Vec::new(), Vec::new());
+        for (i, text) in texts.iter().enumerate() {
+            let mut ids = self.tokenizer.encode_prompt(text)?;
+            if ids.last().is_some() && ids.last() == eos.as_ref() {
+                ids.pop();
+            }
+            for span in guard_windows(ids.len(), room) {
+                rows.push(ids[span].iter().copied().chain(eos).collect::<Vec<u32>>());
+                owner.push(i);
+            }
+        }
+        let mut best: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        for (i, scores) in owner.into_iter().zip(self.score_encoded(&rows)?) {
+            if best[i].is_empty() {
+                best[i] = scores;
+            } else {
+                best[i].iter_mut().zip(scores).for_each(|(b, s)| *b = b.max(s));
+            }
+        }
+        Ok(best)
+    }
+
+    /// Scores of token rows, batched by length.
+    fn score_encoded(&self, encoded: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
         order.sort_by_key(|&i| encoded[i].len());
-        let mut scores = vec![Vec::new(); texts.len()];
+        let mut scores = vec![Vec::new(); encoded.len()];
         for chunk in order.chunks(self.batch_size) {
             let rows: Vec<&[u32]> = chunk.iter().map(|&i| encoded[i].as_slice()).collect();
             let values = score_rows(&self.model, &rows, self.pad)?.to_vec2::<f32>()?;
@@ -223,6 +257,31 @@ impl Classifier {
         }
         Ok(scores)
     }
+}
+
+/// Overlapping spans that cover `0..len`: span `k` holds the `chunk` items from `k × chunk`
+/// with up to `overlap` items before them, so anything up to `overlap + 1` items long lies
+/// whole in one span. Output guards check a stream in these spans of characters; guards read
+/// a long text in these spans of tokens.
+pub fn overlapping_windows(len: usize, chunk: usize, overlap: usize) -> Vec<std::ops::Range<usize>> {
+    (0..len).step_by(chunk.max(1)).map(|start| start.saturating_sub(overlap)..(start + chunk).min(len)).collect()
+}
+
+/// The token spans a guard reads a text of `len` tokens in, each at most `room` long: the whole
+/// text when it fits, else half-window steps, so any run of up to `room / 2` tokens lies whole
+/// in a span.
+fn guard_windows(len: usize, room: usize) -> Vec<std::ops::Range<usize>> {
+    if len <= room {
+        // An empty text too is read once (as EOS alone), like any text that fits.
+        return vec![std::ops::Range { start: 0, end: len }];
+    }
+    let half = room / 2;
+    let mut spans = overlapping_windows(len, half, half);
+    // The first span is the start of the second.
+    if spans.len() > 1 && spans[1].start == 0 {
+        spans.remove(0);
+    }
+    spans
 }
 
 /// A reward model ready to score text.
@@ -237,7 +296,7 @@ impl RewardScorer {
     pub fn load(model: &str, normalize: bool, batch_size: usize, device: &Device) -> Result<Self> {
         let folder = ModelFolder::open(model)?;
         if folder.config.head != (Head::SequenceClassification { num_labels: 1 }) {
-            return Err(bad_input(&folder.dir, "is not a reward model (LlamaForSequenceClassification with one label)"));
+            return Err(bad_input(&folder.dir, "is not a reward model (a …ForSequenceClassification with one label)"));
         }
         let raw = &folder.config.raw;
         let normalization = if normalize {
@@ -308,11 +367,12 @@ impl GuardModel {
         })
     }
 
-    /// σ(logit) of every label for each text: `[text][label]`.
+    /// σ(logit) of every label for each text: `[text][label]`. The whole text is read: a
+    /// longer one than the guard's `max_length` in overlapping windows, the highest counting.
     pub fn probabilities(&self, texts: &[&str]) -> Result<Vec<Vec<f64>>> {
         Ok(self
             .classifier
-            .scores(texts)?
+            .covering_scores(texts)?
             .into_iter()
             .map(|row| row.into_iter().map(|s| 1.0 / (1.0 + (-(s as f64)).exp())).collect())
             .collect())
@@ -575,6 +635,18 @@ pub fn import(options: &ScoreOptions, ratings_path: &Path, annotator: Option<&st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guard_windows_hold_every_run_of_half_a_window_whole() {
+        assert_eq!(guard_windows(5, 8), vec![0..5]);
+        assert_eq!(guard_windows(0, 8), vec![0..0], "an empty text is still read once");
+        let spans = guard_windows(30, 8);
+        assert!(spans.iter().all(|s| s.len() <= 8), "{spans:?}");
+        assert_eq!((spans[0].clone(), spans.last().unwrap().end), (0..8, 30), "from the first token to the last");
+        for start in 0..=26 {
+            assert!(spans.iter().any(|s| s.start <= start && start + 4 <= s.end), "tokens {start}..{} are in no window: {spans:?}", start + 4);
+        }
+    }
 
     #[test]
     fn rules_parse_with_weights_and_colons_in_patterns() {

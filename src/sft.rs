@@ -18,7 +18,10 @@ use crate::error::{Result, bad_input, usage};
 use crate::model::chat::CHATML;
 use crate::model::folder::{FolderParts, ModelFolder};
 use crate::model::fused::IGNORE_INDEX;
-use crate::model::{ChatTemplate, ForwardOptions, Head, Llama, LlamaConfig, Params};
+use crate::model::lora::LoraSettings;
+use crate::model::{ChatTemplate, Decoder, ForwardOptions, Head, ModelConfig, Params};
+use crate::limits::Tuning;
+use crate::train::tuned::{Start, TunedModel};
 use crate::progress;
 use crate::tokenizer::{IM_END_TOKEN, IM_START_TOKEN, LoadedTokenizer, PAD_TOKEN};
 use crate::train::cursor::{EpochCursor, epoch_rng, shuffled};
@@ -46,6 +49,9 @@ pub struct SftOptions {
     pub val_fraction: Option<f64>,
     pub eval_batches: usize,
     pub device: Device,
+    /// Train a LoRA adapter on the frozen model instead of every weight.
+    pub lora: Option<LoraSettings>,
+    pub gradient_checkpointing: bool,
 }
 
 /// A rendered, tokenized sample: ids and whether each token is an answer token.
@@ -177,9 +183,7 @@ struct DataReport {
 }
 
 pub struct SftTask {
-    config: LlamaConfig,
-    params: Params,
-    model: Llama,
+    tuned: TunedModel,
     parts: FolderParts,
     train: Vec<Example>,
     val: Vec<Example>,
@@ -199,7 +203,7 @@ impl SftTask {
         crate::output::check_single_stdin(&options.inputs)?;
         let folder = ModelFolder::open(&options.model)?;
         if folder.config.head != Head::CausalLm {
-            return Err(bad_input(&folder.dir, "is a sequence classifier (LlamaForSequenceClassification); sft needs a causal LM"));
+            return Err(bad_input(&folder.dir, "is a sequence classifier (…ForSequenceClassification); sft needs a causal LM"));
         }
         folder.check_max_length(options.max_length)?;
         let mut tokenizer = folder.load_matching_tokenizer()?;
@@ -271,18 +275,25 @@ impl SftTask {
             return Err(bad_input(&options.inputs[0], "no training examples left (every row was dropped; see the lines above)"));
         }
 
-        let mut params = folder.load_params(&options.device)?;
-        if params.grow_vocab(tokenizer.vocab_size)? {
-            progress::warn(format!("note: embedding grown from {} to {} rows", config.vocab_size, tokenizer.vocab_size));
-            config.vocab_size = tokenizer.vocab_size;
+        let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let rows = if options.packing { options.max_length } else { longest };
+        crate::limits::Footprint::new(format!("--batch-size {} × --max-length {}", options.batch_size, options.max_length))
+            .training(&config, options.batch_size.min(examples.len()), rows, &Tuning::of(options.lora.as_ref(), &config, options.gradient_checkpointing)?)
+            .check(&options.device)?;
+        let mut start = Start::open(&folder, options.lora.as_ref(), options.seed, &options.device)?;
+        TunedModel::check_vocab_fits(&start, &config, tokenizer.vocab_size, "adding the chat tokens")?;
+        if let Start::Full(params) = &mut start {
+            if params.grow_vocab(tokenizer.vocab_size)? {
+                progress::warn(format!("note: embedding grown from {} to {} rows", config.vocab_size, tokenizer.vocab_size));
+                config.vocab_size = tokenizer.vocab_size;
+            }
         }
-        Self::assemble(config, params, parts, examples, val, pad_id, &options, report)
+        let tuned = TunedModel::new(config, start, options.gradient_checkpointing, options.seed)?;
+        Self::assemble(tuned, parts, examples, val, pad_id, &options, report)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn assemble(
-        config: LlamaConfig,
-        params: Params,
+        tuned: TunedModel,
         parts: FolderParts,
         train: Vec<Example>,
         val: Vec<Example>,
@@ -290,7 +301,6 @@ impl SftTask {
         options: &SftOptions,
         report: DataReport,
     ) -> Result<Self> {
-        let model = Llama::new(&config, &params)?;
         let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
         let (seed, batch) = (options.seed, options.batch_size);
         let (cursor, rows_per_batch) = if options.packing {
@@ -308,17 +318,16 @@ impl SftTask {
             (EpochCursor::new(move |epoch| length_grouped_batches(&lengths, batch, seed, epoch)), 1)
         };
         progress::log(format!(
-            "sft: {} training examples ({} answer tokens of {}), {} held out; {} parameters",
+            "sft: {} training examples ({} answer tokens of {}), {} held out; {} {}parameters",
             train.len(),
             report.answer_tokens,
             report.tokens,
             val.len(),
-            params.num_elements()
+            tuned.params().num_elements(),
+            if tuned.adapter().is_some() { "LoRA " } else { "" }
         ));
         Ok(SftTask {
-            config,
-            params,
-            model,
+            tuned,
             parts,
             train,
             val,
@@ -349,7 +358,7 @@ pub struct CountedLogits {
 
 /// One forward over rows of examples; only counted positions go through the LM head, since
 /// the prompt's logits are never needed.
-pub fn counted_logits(model: &Llama, examples: &[Example], rows: &[Row], pad: u32) -> Result<CountedLogits> {
+pub fn counted_logits(model: &Decoder, examples: &[Example], rows: &[Row], pad: u32) -> Result<CountedLogits> {
     let device = model.device();
     let batch = RowBatch::build(examples, rows, pad, device)?;
     let options = ForwardOptions {
@@ -368,7 +377,7 @@ pub fn counted_logits(model: &Llama, examples: &[Example], rows: &[Row], pad: u3
 }
 
 /// Summed loss, counted targets and correct argmax predictions over rows of examples.
-pub fn sequence_loss(model: &Llama, examples: &[Example], rows: &[Row], pad: u32) -> Result<RowsLoss> {
+pub fn sequence_loss(model: &Decoder, examples: &[Example], rows: &[Row], pad: u32) -> Result<RowsLoss> {
     let counted = counted_logits(model, examples, rows, pad)?;
     let sum = crate::model::ops::cross_entropy_rows(&counted.logits, &counted.targets)?.sum_all()?;
     let predicted: Vec<u32> = counted.logits.detach().argmax(D::Minus1)?.to_vec1()?;
@@ -442,7 +451,7 @@ impl RowBatch {
 
 impl Task for SftTask {
     fn params(&self) -> &Params {
-        &self.params
+        self.tuned.params()
     }
 
     fn next_loss(&mut self) -> Result<StepLoss> {
@@ -451,7 +460,8 @@ impl Task for SftTask {
         } else {
             self.cursor.next().into_iter().map(|i| vec![i]).collect()
         };
-        let out = sequence_loss(&self.model, &self.train, &rows, self.pad_id)?;
+        self.tuned.dropout_for(Some(self.cursor.consumed()));
+        let out = sequence_loss(&self.tuned.decoder, &self.train, &rows, self.pad_id)?;
         let loss = (out.sum / out.count.max(1) as f64)?;
         let mut metrics = Map::new();
         metrics.insert("mean_token_accuracy".into(), json!(out.correct as f64 / out.count.max(1) as f64));
@@ -465,11 +475,12 @@ impl Task for SftTask {
             return Ok(None);
         }
         let limit = crate::train::eval_limit(self.eval_batches, self.eval_batch, self.val.len());
+        self.tuned.dropout_for(None);
         let (mut sum, mut count, mut correct) = (0f64, 0usize, 0usize);
         let indices: Vec<usize> = (0..limit).collect();
         for chunk in indices.chunks(self.eval_batch) {
             let rows: Vec<Row> = chunk.iter().map(|&i| vec![i]).collect();
-            let out = sequence_loss(&self.model, &self.val, &rows, self.pad_id)?;
+            let out = sequence_loss(&self.tuned.decoder, &self.val, &rows, self.pad_id)?;
             sum += out.sum.detach().to_scalar::<f32>()? as f64;
             count += out.count;
             correct += out.correct;
@@ -481,7 +492,11 @@ impl Task for SftTask {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        self.parts.save(dir, &self.config, &self.params)
+        self.tuned.save(dir, &self.parts)
+    }
+
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.tuned.load_checkpoint(dir)
     }
 
     fn data_state(&self) -> Value {
@@ -493,10 +508,11 @@ impl Task for SftTask {
     }
 
     fn signature(&self) -> Value {
-        let c = &self.config;
+        let c = &self.tuned.config;
         json!({
             "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
             "max_length": self.max_length, "packing": self.packing, "examples": self.train.len(),
+            "lora": self.tuned.adapter().map(|a| json!({"r": a.settings.r, "modules": a.modules.len()})),
         })
     }
 
@@ -510,13 +526,13 @@ impl Task for SftTask {
         out.insert("dropped_over_length".into(), json!(self.report.lengths.dropped));
         out.insert("answer_truncated_away".into(), json!(self.report.answer_cut));
         out.insert("answer_tokens".into(), json!(self.report.answer_tokens));
-        out.insert("parameters".into(), json!(self.params.num_elements()));
+        out.insert("parameters".into(), json!(self.tuned.params().num_elements()));
         out
     }
 }
 
 /// The model stops on `id` too (ChatML's end of turn), in config and generation config.
-fn add_stop_token(config: &mut LlamaConfig, parts: &mut FolderParts, id: u32) {
+fn add_stop_token(config: &mut ModelConfig, parts: &mut FolderParts, id: u32) {
     if !config.eos_token_ids.contains(&id) {
         config.eos_token_ids.push(id);
     }

@@ -69,6 +69,9 @@ impl LoadedTokenizer {
         if text.trim().is_empty() {
             return Err(bad_input(&file, "empty file, expected a tokenizer.json"));
         }
+        // Check the JSON syntax first: tokenizers panics (rather than errs) on some broken JSON.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| bad_input(&file, format!("not a valid tokenizer.json ({e})")))?;
         let tokenizer: Tokenizer = text
             .parse()
             .map_err(|e| bad_input(&file, format!("not a valid tokenizer.json ({e})")))?;
@@ -208,6 +211,12 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
             SPECIAL_TOKENS.len()
         )));
     }
+    crate::limits::at_most("--vocab-size", options.vocab_size, u32::MAX as usize, "token ids are 32-bit")?;
+    // The trainer reserves its tables for the whole vocabulary up front: a string, its id and
+    // two hash entries per token at the least.
+    crate::limits::Footprint::new(format!("--vocab-size {}", options.vocab_size))
+        .add("the vocabulary tables", crate::limits::elements(&[options.vocab_size, 64]))
+        .check(&candle_core::Device::Cpu)?;
     output::check_writable(&options.output)?;
     let inputs = open_inputs(&options.inputs, &options.text)?;
     let started = Instant::now();

@@ -1,4 +1,4 @@
-//! The `generate` binary: the fixture's greedy continuations, reproducible sampling, refusals.
+//! The `generate` binary: the fixture's greedy continuations, reproducible sampling (refusals: bad_input_catalogue.rs).
 
 mod common;
 
@@ -9,7 +9,7 @@ use lathe::data::{Message, PromptRecord};
 use lathe::data::records::Prompt;
 use lathe::tokenizer::LoadedTokenizer;
 
-use common::{assert_refused, ok, s, testdata};
+use common::{ok, s, testdata};
 
 fn fixture() -> std::path::PathBuf {
     testdata("hf-tiny/causal-lm")
@@ -83,26 +83,3 @@ fn the_same_seed_gives_the_same_samples() {
     assert_eq!((first[7].sample, first[8].sample), (1, 2));
 }
 
-#[test]
-fn bad_inputs_exit_2_with_one_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.parquet");
-    let prompts = dir.path().join("prompts.parquet");
-    write_prompts(&prompts, vec![text("ROMEO:")]);
-    let model = fixture();
-    let (p, o, m) = (s(&prompts), s(&out), s(&model));
-
-    assert_refused("generate", &[p, "--model", "/no/such/model", "-o", o], "no such model folder", dir.path(), &["prompts.parquet"]);
-    assert_refused("generate", &[p, "--model", m, "-n", "0", "-o", o], "-n must be at least 1", dir.path(), &["prompts.parquet"]);
-    let bad = dir.path().join("bad.parquet");
-    std::fs::write(&bad, "not parquet").unwrap();
-    assert_refused("generate", &[s(&bad), "--model", m, "-o", o], "not a readable Parquet file", dir.path(), &["bad.parquet", "prompts.parquet"]);
-    std::fs::remove_file(&bad).unwrap();
-    let jsonl = dir.path().join("p.jsonl");
-    std::fs::write(&jsonl, "{\"prompt\": \"ok\"}\n{\"question\": \"no prompt here\"}\n").unwrap();
-    assert_refused("generate", &[s(&jsonl), "--model", m, "-o", o], "line 2", dir.path(), &["p.jsonl", "prompts.parquet"]);
-    std::fs::remove_file(&jsonl).unwrap();
-    let long = dir.path().join("long.parquet");
-    write_prompts(&long, vec![text("ok"), text(&"word ".repeat(200))]);
-    assert_refused("generate", &[s(&long), "--model", m, "-o", o], "row 1: a prompt of", dir.path(), &["long.parquet", "prompts.parquet"]);
-}

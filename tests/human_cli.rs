@@ -1,7 +1,7 @@
 //! People in the loop, through the binaries: `score --human` and `rank --human` driven by
 //! scripted answers (a keys file, a pipe) and stopped every way a session can stop (quit, the
 //! end of the answers, SIGKILL), `score --import`, `score --merge` with agreement, the
-//! `guard:` rule, and the refusals.
+//! `guard:` rule (refusals: bad_input_catalogue.rs).
 
 mod common;
 
@@ -13,26 +13,13 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, AsArray, StringArray};
 use arrow::datatypes::{DataType, Field};
-use common::{assert_refused, files_in, ok, run, s, stage, testdata};
+use common::{assert_refused, files_in, ok, response, run, s, stage, testdata};
 use lathe::data::ParquetSource;
 use lathe::data::records::{PreferenceRecord, RecordReader, RecordWriter, ResponseRecord};
 use lathe::human::agreement::agreement;
 
 const PROMPTS: usize = 3;
 const SAMPLES: i32 = 3;
-
-fn response(prompt: usize, sample: i32) -> ResponseRecord {
-    ResponseRecord {
-        prompt_id: format!("p{prompt}"),
-        prompt: format!("Question {prompt}?"),
-        response: format!("Answer {sample} to question {prompt}."),
-        sample,
-        model: "fixture".into(),
-        finish_reason: "stop".into(),
-        num_tokens: 5,
-        logprob: -1.0,
-    }
-}
 
 /// Three prompts with three responses each, and a `note` column to carry through.
 fn write_responses(path: &Path, rows: &[ResponseRecord]) {
@@ -385,66 +372,4 @@ fn the_guard_rule_scores_the_probability_of_a_label() {
     assert_refused("score", &[s(&responses), "--rule", &format!("guard:{}:spam", s(&guard)), "-o", s(&out)], "the guard has no label `spam`; its labels: sexual", dir.path(), &keep);
     let reward = testdata("hf-tiny/reward-model");
     assert_refused("score", &[s(&responses), "--rule", &format!("guard:{}:violence", s(&reward)), "-o", s(&out)], "is not a multi-label classifier", dir.path(), &keep);
-}
-
-#[test]
-fn bad_inputs_exit_2_with_one_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let responses = fixture(dir.path());
-    let out = dir.path().join("out.parquet");
-    let o = s(&out);
-
-    // Responses without prompt_id.
-    let no_id = dir.path().join("no-id.parquet");
-    {
-        let source = ParquetSource::open(&responses).unwrap();
-        let batch = source.batches(None, 64).unwrap().next().unwrap().unwrap().data;
-        let index = batch.schema().index_of("prompt_id").unwrap();
-        let mut batch = batch;
-        batch.remove_column(index);
-        let mut sink = lathe::data::ParquetSink::create(&no_id, batch.schema(), vec![]).unwrap();
-        sink.write(&batch).unwrap();
-        sink.finish().unwrap();
-    }
-    let keep = ["no-id.parquet", "responses.parquet"];
-    for (name, args) in [
-        ("score", vec![s(&no_id), "--human", "--annotator", "ana", "-o", o]),
-        ("score", vec![s(&no_id), "--rule", "length", "-o", o]),
-        ("rank", vec![s(&no_id), "--human", "--annotator", "ana", "-o", o]),
-    ] {
-        assert_refused(name, &args, "no column `prompt_id`", dir.path(), &keep);
-    }
-
-    // Two responses sharing prompt_id and sample.
-    let twice = dir.path().join("twice.parquet");
-    write_responses(&twice, &[response(0, 0), response(0, 1), response(0, 0)]);
-    let keep = ["no-id.parquet", "responses.parquet", "twice.parquet"];
-    assert_refused("score", &[s(&twice), "--human", "--annotator", "ana", "-o", o], "row 2: prompt_id `p0` sample 0 again (first at row 0)", dir.path(), &keep);
-
-    // Usage: a backwards scale, a journal with nowhere to go, no mode, one file to merge.
-    assert_refused("score", &[s(&responses), "--human", "--scale", "7-1", "-o", o], "--scale 7-1: expected LOW-HIGH", dir.path(), &keep);
-    assert_refused("score", &[s(&responses), "--human", "--annotator", "ana", "-o", "-"], "give --journal FILE", dir.path(), &keep);
-    assert_refused("score", &[s(&responses), "-o", o], "give one of --reward-model, --rule, --human, --import or --merge", dir.path(), &keep);
-    for args in [
-        vec![s(&responses), "--import", s(&responses), "--human", "-o", o],
-        vec!["--merge", s(&responses), "-o", o],
-        vec![s(&responses), "--rule", "length", "--keys", "keys.txt", "-o", o],
-    ] {
-        let clap_refusal = run("score", &args);
-        assert_eq!(clap_refusal.status.code(), Some(2), "{}", stderr(&clap_refusal));
-        assert_eq!(files_in(dir.path()), keep);
-    }
-
-    // Scores that are all null (every response skipped) cannot be ranked; some null are left out.
-    let skipped = dir.path().join("skipped.parquet");
-    let keys = write_keys(dir.path(), "skip.txt", &["s"; 9]);
-    ok("score", &[s(&responses), "--human", "--annotator", "ana", "--keys", s(&keys), "-o", s(&skipped), "-q"]);
-    let keep = [&keep[..], &["skip.txt", "skipped.parquet", "skipped.parquet.journal.jsonl"]].concat();
-    assert_refused("rank", &[s(&skipped), "-o", o], "column `score`: none of the 9 responses has a score (all null or NaN); nothing to rank", dir.path(), &keep);
-    let partly = dir.path().join("partly.parquet");
-    let keys = write_keys(dir.path(), "partly.txt", &["1", "2", "3", "s", "s", "s", "s", "s", "s"]);
-    ok("score", &[s(&responses), "--human", "--annotator", "ana", "--keys", s(&keys), "-o", s(&partly), "-q"]);
-    let ranked = ok("rank", &[s(&partly), "-o", o]);
-    assert!(stderr(&ranked).contains("note: 6 of 9 responses have no score (null or NaN) and are left out"), "{}", stderr(&ranked));
-    assert_eq!(RecordReader::<PreferenceRecord>::open(&out).unwrap().read_all().unwrap().len(), 3);
 }

@@ -1,6 +1,6 @@
 //! The `ppo` binary: the whole loop on tiny models (a rule's preferences → reward model → PPO)
 //! raises the held-out reward with the KL bounded; exact resume after SIGINT mid-run; GRPO;
-//! refusals.
+//! refusals in bad_input_catalogue.rs.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{assert_refused, metric_rows, ok, read_json, s, stage, testdata};
+use common::{metric_rows, ok, read_json, s, stage, testdata};
 
 fn policy() -> PathBuf {
     testdata("hf-tiny/causal-lm")
@@ -149,27 +149,3 @@ fn grpo_learns_from_groups_without_a_value_model() {
     assert_eq!(first["episode"], 16, "4 prompts × 4 samples per update");
 }
 
-#[test]
-fn bad_inputs_exit_2_with_one_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = dir.path().join("prompts.jsonl");
-    write_prompts(&prompts, 20);
-    let out = dir.path().join("out");
-    let fixture = policy();
-    // A reward model whose head is not one scalar: the multilabel fixture is built below.
-    let long = dir.path().join("long.jsonl");
-    let words = "word ".repeat(200);
-    std::fs::write(&long, format!("{{\"prompt\": \"{words}\"}}\n").repeat(10)).unwrap();
-    assert_refused("ppo", &[s(&long), "--policy", s(&fixture), "--reward-rule", "length", "-o", s(&out)],
-                   "row 0: a prompt of", dir.path(), &["prompts.jsonl", "long.jsonl"]);
-    assert_refused("ppo", &[s(&prompts), "--policy", s(&fixture), "-o", s(&out), "--reward-model", s(&testdata("hf-tiny/causal-lm"))],
-                   "is not a reward model", dir.path(), &["prompts.jsonl", "long.jsonl"]);
-    assert_refused("ppo", &[s(&prompts), "--policy", s(&testdata("hf-tiny/reward-model")), "--reward-rule", "length", "-o", s(&out)],
-                   "must be a causal LM", dir.path(), &["prompts.jsonl", "long.jsonl"]);
-    assert_refused("ppo", &[s(&prompts), "--policy", s(&fixture), "--reward-rule", "length", "--algo", "grpo", "-o", s(&out)],
-                   "-n 2 or more", dir.path(), &["prompts.jsonl", "long.jsonl"]);
-    assert_refused("ppo", &[s(&prompts), "--policy", s(&fixture), "--reward-rule", "length", "--minibatches", "3", "-o", s(&out)],
-                   "do not split", dir.path(), &["prompts.jsonl", "long.jsonl"]);
-    assert_refused("ppo", &[s(&prompts), "--policy", s(&fixture), "--reward-rule", "exact", "-o", s(&out)],
-                   "needs a `reference`", dir.path(), &["prompts.jsonl", "long.jsonl"]);
-}

@@ -1,12 +1,12 @@
-//! The `pretrain` binary: exact resume after SIGKILL and SIGINT, and refusals.
+//! The `pretrain` binary: exact resume after SIGKILL and SIGINT (refusals: bad_input_catalogue.rs).
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{assert_refused, ok, s, shakespeare_tokens, stage, testdata};
+use common::{ok, s, shakespeare_tokens, stage};
 
 /// A model small enough that hundreds of steps take seconds.
 const TINY: &[&str] = &[
@@ -94,64 +94,3 @@ fn a_run_writes_a_model_folder_that_learns() {
     ok("pretrain", &[s(&tokens), "--init", s(&run), "-o", s(&next), "--steps", "2", "--seq-len", "32", "--batch-size", "2", "-q"]);
 }
 
-#[test]
-fn bad_inputs_exit_2_with_one_line() {
-    let work = tempfile::tempdir().unwrap();
-    let (tokenizer, tokens) = shakespeare_tokens(work.path(), 300);
-    let dir = tempfile::tempdir().unwrap();
-    let run: PathBuf = dir.path().join("run");
-
-    let recipe = dir.path().join("r.toml");
-    std::fs::write(&recipe, "[model]\nhidden_size = 32\nhiden_layers = 2\n").unwrap();
-    let mut args = pretrain_args(&tokens, &tokenizer, &run, "5", &[]);
-    args.extend(["--config", s(&recipe)]);
-    assert_refused("pretrain", &args, "unknown key `model.hiden_layers`", dir.path(), &["r.toml"]);
-    std::fs::remove_file(&recipe).unwrap();
-
-    let other_dir = tempfile::tempdir().unwrap();
-    let other = other_dir.path().join("other.json");
-    ok("tokenize", &["train", s(&testdata("pretrain_c4_sample.parquet")), "--vocab-size", "300", "-o", s(&other), "-q"]);
-    assert_refused("pretrain", &pretrain_args(&tokens, &other, &run, "5", &[]), "written with tokenizer sha256", dir.path(), &[]);
-
-    let empty = dir.path().join("empty.parquet");
-    std::fs::write(&empty, "").unwrap();
-    assert_refused("pretrain", &pretrain_args(&empty, &tokenizer, &run, "5", &[]), "empty file", dir.path(), &["empty.parquet"]);
-    std::fs::remove_file(&empty).unwrap();
-
-    let no_rows = dir.path().join("none.parquet");
-    let source = lathe::data::ParquetSource::open(&tokens).unwrap();
-    let mut sink = lathe::data::ParquetSink::create(&no_rows, source.schema().clone(), source.metadata().clone().into_iter().collect()).unwrap();
-    sink.write(&arrow::array::RecordBatch::new_empty(source.schema().clone())).unwrap();
-    sink.finish().unwrap();
-    assert_refused("pretrain", &pretrain_args(&no_rows, &tokenizer, &run, "5", &[]), "empty tokens file", dir.path(), &["none.parquet"]);
-    std::fs::remove_file(&no_rows).unwrap();
-
-    let fixture = testdata("hf-tiny/causal-lm");
-    let fixture_tokens = work.path().join("fixture_tokens.parquet");
-    let text = testdata("pretrain_tinystories_sample.parquet");
-    ok("tokenize", &["encode", s(&text), "--tokenizer", s(&fixture), "-o", s(&fixture_tokens), "-q"]);
-    assert_refused(
-        "pretrain",
-        &[s(&fixture_tokens), "--init", s(&fixture), "-o", s(&run), "--seq-len", "512", "-q"],
-        "max_position_embeddings 128",
-        dir.path(),
-        &[],
-    );
-    assert_refused(
-        "pretrain",
-        &pretrain_args(&tokens, &tokenizer, &run, "5", &["--max-position-embeddings", "16"]),
-        "max_position_embeddings 16",
-        dir.path(),
-        &[],
-    );
-
-    ok("pretrain", &pretrain_args(&tokens, &tokenizer, &run, "3", &[]));
-    let mut wider = pretrain_args(&tokens, &tokenizer, &run, "6", &["--resume"]);
-    wider.extend(["--hidden-size", "64"]);
-    let out = common::run("pretrain", &wider);
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("another model shape (hidden_size: 32 → 64)"));
-    let again = common::run("pretrain", &pretrain_args(&tokens, &tokenizer, &run, "6", &[]));
-    assert_eq!(again.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&again.stderr).contains("pass --resume"));
-}

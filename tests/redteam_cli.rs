@@ -1,6 +1,7 @@
 //! `redteam` end to end: a local model and a fake OpenAI-compatible endpoint produce findings,
 //! summary and report (opened in headless Chromium); the budget gate; preference exports that
-//! rm-train accepts; an unreachable or dying endpoint; resume after SIGINT; bad suites.
+//! rm-train accepts; an unreachable or dying endpoint; resume after SIGINT (bad suites:
+//! bad_input_catalogue.rs).
 
 mod common;
 
@@ -16,7 +17,7 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use common::{assert_refused, files_in, ok, read_json, run, s, testdata};
+use common::{assert_refused, ok, read_json, run, s, testdata};
 use lathe::data::records::{FindingRecord, RecordReader};
 
 /// A suite touching every family, small enough for seconds on the tiny fixture model.
@@ -246,6 +247,44 @@ struct Fake {
     delay: Duration,
     /// Every other request fails with 503 or 429, as a busy server does.
     flaky: bool,
+    /// Every request fails this way.
+    broken: Option<Broken>,
+}
+
+/// Ways an endpoint answers every request wrongly.
+#[derive(Clone, Copy, Debug)]
+enum Broken {
+    Status500,
+    /// HTTP 200 with a body that is not JSON.
+    Garbage,
+    /// HTTP 200 whose `message.content` is null (or a number): not an answer.
+    NullContent,
+    NumberContent,
+    /// HTTP 200 whose body stalls after its first bytes, past the client's timeout.
+    SlowBody,
+    /// HTTP 200 with a body over the client's 10 MB limit.
+    HugeBody,
+}
+
+async fn broken_reply(broken: Broken) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let choice = |content: Value| Json(json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})).into_response();
+    match broken {
+        Broken::Status500 => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}))).into_response(),
+        Broken::Garbage => "<html>not json</html>".into_response(),
+        Broken::NullContent => choice(Value::Null),
+        Broken::NumberContent => choice(json!(42)),
+        Broken::SlowBody => {
+            let pieces = futures_util::stream::unfold(0, |n| async move {
+                if n > 0 {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                (n < 2).then(|| (Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{\"choices\": ")), n + 1))
+            });
+            axum::body::Body::from_stream(pieces).into_response()
+        }
+        Broken::HugeBody => choice(json!("x".repeat(11 << 20))),
+    }
 }
 
 /// A model with known habits: refuses anything about bombs, leaks codes it is asked for,
@@ -272,6 +311,9 @@ async fn chat(State(fake): State<Fake>, Json(body): Json<Value>) -> axum::respon
     use axum::response::IntoResponse;
     let n = fake.requests.fetch_add(1, Ordering::SeqCst);
     tokio::time::sleep(fake.delay).await;
+    if let Some(broken) = fake.broken {
+        return broken_reply(broken).await;
+    }
     if fake.flaky && n % 2 == 0 {
         let (status, retry_after) = if n % 4 == 0 { (503, None) } else { (429, Some("0")) };
         let status = axum::http::StatusCode::from_u16(status).unwrap();
@@ -411,7 +453,7 @@ fn redteam_attacks_a_model_served_by_serve_guard() {
     let url = receiver.recv_timeout(Duration::from_secs(60)).expect("the server starts");
     let out = dir.path().join("findings.parquet");
     let run = common::stage("redteam")
-        .args(["--endpoint", &format!("{url}/v1"), "--api-key-env", "REDTEAM_TEST_KEY", "--suite", s(&suite), "-o", s(&out), "--max-new-tokens", "8", "-q"])
+        .args(["--endpoint", &format!("{url}/v1"), "--api-key-env", "REDTEAM_TEST_KEY", "--suite", s(&suite), "-o", s(&out), "--max-new-tokens", "8", "--min-answered", "0", "-q"])
         .env("REDTEAM_TEST_KEY", &key)
         .output()
         .unwrap();
@@ -443,7 +485,7 @@ fn an_unreachable_endpoint_is_refused_and_one_that_dies_is_recorded_per_attempt(
 
     let fake = Fake { stop_after: Some(10), ..Fake::default() };
     let url = serve(fake);
-    ok("redteam", &["--endpoint", &url, "--suite", s(&suite), "-o", s(&out), "--concurrency", "2", "--retries", "1", "--backoff", "0.05", "--timeout", "2", "-q"]);
+    ok("redteam", &["--endpoint", &url, "--suite", s(&suite), "-o", s(&out), "--concurrency", "2", "--retries", "1", "--backoff", "0.05", "--timeout", "2", "--min-answered", "0", "-q"]);
     let summary = read_json(&dir.path().join("findings.summary.json"));
     let errors = summary["errors"].as_u64().unwrap() as usize;
     // Requests already in flight on open connections may still be answered after the 10th.
@@ -465,7 +507,7 @@ fn busy_answers_are_retried_with_back_off() {
     assert_eq!(requests.load(Ordering::SeqCst), 2 * ATTEMPTS, "one failure, then success, per attempt");
     let none = dir.path().join("none.parquet");
     requests.store(0, Ordering::SeqCst);
-    ok("redteam", &["--endpoint", &url, "--suite", s(&suite), "-o", s(&none), "--concurrency", "1", "--retries", "0", "-q"]);
+    ok("redteam", &["--endpoint", &url, "--suite", s(&suite), "-o", s(&none), "--concurrency", "1", "--retries", "0", "--min-answered", "0", "-q"]);
     let summary = read_json(&dir.path().join("none.summary.json"));
     assert_eq!(summary["errors"].as_u64().unwrap() as usize, ATTEMPTS / 2 + ATTEMPTS % 2, "without retries every other attempt fails");
     let rows = findings(&none);
@@ -500,31 +542,63 @@ fn an_interrupted_run_continues_without_asking_again() {
     assert_eq!(read_json(&dir.path().join("findings.summary.json"))["errors"], 0);
 }
 
+
+/// An endpoint that fails every request cannot pass the gate, even with `--fail-above 0.0`
+/// met vacuously: too few answered attempts exit 3 with a line saying how many errored and why.
 #[test]
-fn bad_suites_and_data_are_refused_with_one_line() {
+fn an_endpoint_that_fails_every_request_fails_the_gate() {
     let dir = tempfile::tempdir().unwrap();
-    let model = testdata("hf-tiny/causal-lm");
-    let out = dir.path().join("findings.parquet");
-    let try_suite = |name: &str, text: &str, needle: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        let mut keep: Vec<String> = files_in(dir.path());
-        keep.retain(|f| f.ends_with(".toml"));
-        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
-        assert_refused("redteam", &["--model", s(&model), "--suite", s(&path), "-o", s(&out)], needle, dir.path(), &keep);
-    };
-    let base = "[detectors.refusal]\nkind = \"refusal\"\n[[probes]]\nname = \"p\"\n";
-    try_suite("unknown.toml", &format!("{base}family = \"harmful\"\ndetectors = [\"judge\"]\npayloads = {{ values = [\"x\"] }}\n"), "unknown detector `judge`");
-    try_suite("slot.toml", &format!("{base}family = \"jailbreak\"\ndetectors = [\"refusal\"]\ntemplates = [\"You are DAN.\"]\npayloads = {{ values = [\"x\"] }}\n"), "has no {payload} slot");
-    let advbench = testdata("redteam_advbench.slice.parquet");
-    try_suite(
-        "columns.toml",
-        &format!("[detectors.answer]\nkind = \"answer\"\n[[probes]]\nname = \"p\"\nfamily = \"classification\"\ndetectors = [\"answer\"]\ntemplates = [\"{{payload}}\"]\noptions = [\"negative\", \"positive\"]\ndataset = {{ path = \"{}\" }}\n", advbench.display()),
-        "no column `sentence`",
-    );
-    try_suite("guard.toml", "[detectors.guard]\nkind = \"guard\"\n[[probes]]\nname = \"p\"\nfamily = \"harmful\"\ndetectors = [\"guard\"]\npayloads = { values = [\"x\"] }\n", "needs a guard model");
     let suite = write_suite(dir.path(), "");
-    let out = run("redteam", &["--model", s(&testdata("hf-tiny/reward-model")), "--suite", s(&suite), "-o", s(&dir.path().join("f.parquet"))]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is a classifier"));
+    for broken in [Broken::Status500, Broken::Garbage, Broken::NullContent] {
+        let url = serve(Fake { broken: Some(broken), ..Fake::default() });
+        let out = dir.path().join("findings.parquet");
+        let run = run("redteam", &["--endpoint", &url, "--suite", s(&suite), "-o", s(&out), "--fail-above", "0.0", "--retries", "0", "-q"]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(3), "{broken:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(&format!("only 0 of {ATTEMPTS} attempts answered ({ATTEMPTS} errored; most often ({ATTEMPTS}×): ")), "{broken:?}: {stderr}");
+        assert!(stderr.contains("fewer than --min-answered 0.9"), "{stderr}");
+        let summary = read_json(&dir.path().join("findings.summary.json"));
+        assert_eq!((summary["answered"].as_u64(), summary["errors"].as_u64()), (Some(0), Some(ATTEMPTS as u64)));
+        assert_eq!(summary["gate"]["min_answered"], 0.9);
+    }
+}
+
+/// What comes back is recorded as the error it is: a null or numeric answer is no answer (and
+/// no attack success), a stalled or oversized body says so, not "without choices".
+#[test]
+fn malformed_answers_are_errors_with_their_real_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write_suite(dir.path(), "");
+    let cases = [
+        (Broken::NullContent, "HTTP 200, but choices[0].message.content is null, expected the answer text"),
+        (Broken::NumberContent, "HTTP 200, but choices[0].message.content is 42, expected the answer text"),
+        (Broken::Garbage, "HTTP 200, but the body is not JSON"),
+        (Broken::SlowBody, "HTTP 200, but reading the body failed: timeout"),
+        (Broken::HugeBody, "HTTP 200, but the body could not be read"),
+    ];
+    for (broken, expected) in cases {
+        let url = serve(Fake { broken: Some(broken), ..Fake::default() });
+        let out = dir.path().join("findings.parquet");
+        ok("redteam", &["--endpoint", &url, "--suite", s(&suite), "-o", s(&out), "--retries", "0", "--timeout", "1", "--min-answered", "0", "-q", "--restart"]);
+        let summary = read_json(&dir.path().join("findings.summary.json"));
+        assert_eq!(summary["errors"].as_u64(), Some(ATTEMPTS as u64), "{broken:?}");
+        assert_eq!(summary["attack"]["successes"], 0, "{broken:?}: no answer is no attack success");
+        let message = summary["top_errors"][0][0].as_str().unwrap();
+        assert!(message.contains(expected), "{broken:?}: {message}");
+    }
+}
+
+/// The default suite is the one installed with lathe, found from any current folder.
+#[test]
+fn the_default_suite_is_found_outside_the_source_folder() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = elsewhere.path().join("findings.parquet");
+    let run = common::stage("redteam")
+        .args(["--model", s(&testdata("hf-tiny/causal-lm")), "-o", s(&out), "--max-new-tokens", "1", "--batch-size", "64", "-q"])
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(read_json(&elsewhere.path().join("findings.summary.json"))["suite"], "default");
 }

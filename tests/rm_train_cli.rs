@@ -1,5 +1,5 @@
 //! The `rm-train` binary on the fixture model: reward models with the accuracy gate, guard
-//! classifiers continued from an earlier guard, regression, and refusals.
+//! classifiers continued from an earlier guard, regression (refusals: bad_input_catalogue.rs).
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use arrow::array::{Float64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use common::{assert_refused, ok, read_json, run, s, testdata};
+use common::{ok, read_json, run, s, testdata};
 use lathe::data::records::{LabeledTextRecord, RecordWriter};
 
 const SMALL: &[&str] = &["--max-length", "96", "--batch-size", "4", "--lr", "2e-3", "--threads", "2", "-q"];
@@ -43,11 +43,12 @@ fn a_reward_model_is_a_sequence_classifier_with_its_eval_statistics() {
     let steps = common::metric_rows(&run_dir, "accuracy");
     assert_eq!(steps.len(), 12, "every step logs TRL's accuracy");
 
-    // The gate: exit 3 with the model still written.
+    // The gate at its most demanding (about 7 of 12 held-out pairs are right after 2 steps): exit 3
+    // with the model still written.
     let gated = dir.path().join("gated");
-    let out = run("rm-train", &rm_args(&data, &model, &gated, &["--steps", "2", "--val-fraction", "0.25", "--min-accuracy", "1.01"]));
+    let out = run("rm-train", &rm_args(&data, &model, &gated, &["--steps", "2", "--val-fraction", "0.25", "--min-accuracy", "1"]));
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("below --min-accuracy 1.01"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is below --min-accuracy 1"));
     assert!(gated.join("model.safetensors").exists());
 }
 
@@ -115,15 +116,3 @@ fn regression_reports_correlation() {
     assert!(eval["eval_mse"].is_number() && eval["eval_spearman"].is_number());
 }
 
-#[test]
-fn bad_inputs_exit_2_with_one_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = testdata("hf-tiny/causal-lm");
-    let run_dir = dir.path().join("run");
-    let prefs = testdata("pref_hh_rlhf_harmless_base.slice.parquet");
-    assert_refused("rm-train", &rm_args(&prefs, &model, &run_dir, &["--min-accuracy", "0.6"]), "needs held-out data", dir.path(), &[]);
-    let moderation = testdata("moderation_openai_samples.slice.parquet");
-    assert_refused("rm-train", &rm_args(&moderation, &model, &run_dir, &[]), "`chosen`", dir.path(), &[]);
-    assert_refused("rm-train", &rm_args(&prefs, &model, &run_dir, &["--task", "regression"]), "`score`", dir.path(), &[]);
-    assert_refused("rm-train", &rm_args(&prefs, &model, &run_dir, &["--max-length", "1000"]), "max_position_embeddings 128", dir.path(), &[]);
-}

@@ -1,5 +1,5 @@
 //! The human-feedback loop's data path on the fixture models: generate → score → rank →
-//! rm-train, and refusals.
+//! rm-train (refusals: bad_input_catalogue.rs).
 
 mod common;
 
@@ -46,18 +46,6 @@ fn responses_are_scored_ranked_and_trained_on() {
         let expected = -0.01 * row.response.response.chars().count() as f64 + if starts_upper { 1.0 } else { 0.0 };
         assert!((row.score - expected).abs() < 1e-9);
     }
-}
-
-#[test]
-fn bad_inputs_exit_2_with_one_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let responses = dir.path().join("responses.parquet");
-    ok("generate", &[s(&testdata("demo_prompts.jsonl")), "--model", s(&testdata("hf-tiny/causal-lm")), "-n", "1", "--max-new-tokens", "4", "-o", s(&responses), "-q"]);
-    let out = dir.path().join("out.parquet");
-    assert_refused("score", &[s(&responses), "--rule", "exact", "-o", s(&out)], "need a `reference` column", dir.path(), &["responses.parquet"]);
-    assert_refused("score", &[s(&responses), "--rule", "sentiment:1", "-o", s(&out)], "unknown rule `sentiment`", dir.path(), &["responses.parquet"]);
-    assert_refused("score", &[s(&responses), "--reward-model", s(&testdata("hf-tiny/causal-lm")), "-o", s(&out)], "is not a reward model", dir.path(), &["responses.parquet"]);
-    assert_refused("rank", &[s(&responses), "-o", s(&out)], "score", dir.path(), &["responses.parquet"]);
 }
 
 #[test]

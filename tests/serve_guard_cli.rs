@@ -8,11 +8,12 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::web::{ChromeDriver, KillOnDrop, Server, agent, browser_installed, raw};
 use common::{ok, s, testdata};
 use lathe::data::records::{LabeledTextRecord, RecordReader};
 use serde_json::{Value, json};
@@ -21,66 +22,10 @@ fn serve_guard() -> Command {
     Command::new(env!("CARGO_BIN_EXE_serve-guard"))
 }
 
-/// A server on a free loopback port, killed when dropped.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        let mut child = serve_guard()
-            .arg("serve")
-            .args(args)
-            .args(["--listen", "127.0.0.1:0", "--threads", "2", "-q"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("serve-guard starts");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(url) = line.split("listening on ").nth(1) {
-                        let _ = tx.send(Ok(url.trim().to_string()));
-                        sent = true;
-                        continue;
-                    }
-                }
-                eprintln!("[server] {line}");
-                if !sent {
-                    let _ = tx.send(Err(line));
-                }
-            }
-        });
-        loop {
-            match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(Ok(url)) => return Server { child, url },
-                Ok(Err(_)) => continue,
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("serve-guard did not start: {:?}", child.wait());
-                }
-            }
-        }
-    }
-
-    fn at(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build().into()
+fn start(args: &[&str]) -> Server {
+    let mut command = serve_guard();
+    command.arg("serve");
+    Server::start(command, args)
 }
 
 /// (status, body text) of a request; `key` goes in `Authorization: Bearer`.
@@ -156,8 +101,9 @@ fn read_chat_stream(text: &str) -> (String, String) {
     (content, finish)
 }
 
-fn metric(server: &Server, name: &str) -> f64 {
-    let (status, text) = call("GET", &server.at("/metrics"), None, None);
+/// A figure of `/metrics`, read with `key` (the page is behind a key unless --public-metrics).
+fn metric(server: &Server, key: &str, name: &str) -> f64 {
+    let (status, text) = call("GET", &server.at("/metrics"), Some(key), None);
     assert_eq!(status, 200);
     text.lines().find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
@@ -247,7 +193,7 @@ fn serves_openai_endpoints_behind_guards_with_a_review_loop() {
     let open_policy = dir.path().join("open.toml");
     std::fs::write(&open_policy, "version = \"open-1\"\n[defaults]\nthreshold = 1.0\naction = \"flag\"\n[review]\nallow_sample = 1.0\nband = 0.0\n[stream]\nchunk_chars = 16\noverlap_chars = 8\n").unwrap();
     let db = dir.path().join("review.sqlite");
-    let a = Server::start(&[
+    let a = start(&[
         "--model", s(&model), "--served-model-name", MODEL, "--input-guard", &guard_arg, "--policy", s(&open_policy),
         "--keys", s(&setup.keys), "--db", s(&db), "--max-body-bytes", "4096", "--max-tokens", "64",
     ]);
@@ -304,7 +250,8 @@ fn serves_openai_endpoints_behind_guards_with_a_review_loop() {
         assert_eq!(r["categories"].as_object().unwrap().len(), 8);
         assert!(r["category_scores"]["violence"].as_f64().unwrap() > 0.0);
     }
-    let metrics = call("GET", &a.at("/metrics"), None, None).1;
+    assert_error(get(&a.at("/metrics"), None), 401, "invalid_api_key");
+    let metrics = call("GET", &a.at("/metrics"), Some(client), None).1;
     for needle in [
         "lathe_requests_total{path=\"/v1/chat/completions\",status=\"200\"} 2",
         "lathe_requests_total{path=\"/v1/chat/completions\",status=\"413\"} 1",
@@ -365,13 +312,13 @@ fn serves_openai_endpoints_behind_guards_with_a_review_loop() {
         ),
     )
     .unwrap();
-    let b = Server::start(&[
+    let b = start(&[
         "--model", s(&model), "--served-model-name", MODEL, "--input-guard", &format!("in={}", setup.guard.display()),
         "--output-guard", &format!("out={}", setup.guard.display()), "--policy", s(&policy), "--keys", s(&setup.keys),
         "--db", s(&dir.path().join("b.sqlite")),
     ]);
     // A blocked input never reaches the model.
-    let prompts_before = metric(&b, "lathe_engine_prompts_total");
+    let prompts_before = metric(&b, client, "lathe_engine_prompts_total");
     let (status, blocked) = post(&b.at("/v1/chat/completions"), Some(client), &chat(MODEL, bad, json!({})));
     assert_eq!(status, 200, "{blocked}");
     assert_eq!(blocked["choices"][0]["finish_reason"], "content_filter");
@@ -383,7 +330,7 @@ fn serves_openai_endpoints_behind_guards_with_a_review_loop() {
     let (status, text) = call("POST", &b.at("/v1/chat/completions"), Some(client), Some(chat(MODEL, bad, json!({"stream": true})).to_string().as_bytes()));
     assert_eq!(status, 200);
     assert_eq!(read_chat_stream(&text), ("Blocked by policy.".to_string(), "content_filter".to_string()));
-    assert_eq!(metric(&b, "lathe_engine_prompts_total"), prompts_before, "the model never saw a blocked input");
+    assert_eq!(metric(&b, client, "lathe_engine_prompts_total"), prompts_before, "the model never saw a blocked input");
     // An output blocked mid-stream: the windows before the cut are released, then content_filter.
     let (status, text) = call("POST", &b.at("/v1/chat/completions"), Some(client), Some(long.clone().to_string().as_bytes()));
     assert_eq!(status, 200);
@@ -397,7 +344,7 @@ fn serves_openai_endpoints_behind_guards_with_a_review_loop() {
     let released: String = long_answer.chars().take(cut * chunk).collect();
     assert_eq!(content, released, "exactly the checked windows before the blocked one are released");
     assert!(!content.is_empty() && content.len() < long_answer.len());
-    assert_eq!(metric(&b, "lathe_engine_prompts_total"), prompts_before + 2.0);
+    assert_eq!(metric(&b, client, "lathe_engine_prompts_total"), prompts_before + 2.0);
     // Without streaming the whole answer is replaced.
     let whole: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(whole["choices"][0]["finish_reason"], "content_filter");
@@ -460,7 +407,7 @@ fn serves_openai_endpoints_behind_guards_with_a_review_loop() {
 }
 
 fn rate_limit_and_full_queue_answer_429(model: &Path, setup: &Setup, dir: &Path) {
-    let c = Server::start(&[
+    let c = start(&[
         "--model", s(model), "--keys", s(&setup.keys), "--db", s(&dir.join("c.sqlite")), "--rate-limit", "20",
         "--queue-len", "1", "--max-batch", "1", "--max-tokens", "100",
     ]);
@@ -481,8 +428,8 @@ fn rate_limit_and_full_queue_answer_429(model: &Path, setup: &Setup, dir: &Path)
     // in a few milliseconds, sometimes before the close is seen, so a few tries are allowed.
     let stopped_early = (0..5).any(|_| {
         use std::io::Read;
-        let cancelled = metric(&c, "lathe_engine_cancelled_total");
-        let tokens = metric(&c, "lathe_generated_tokens_total");
+        let cancelled = metric(&c, &setup.client, "lathe_engine_cancelled_total");
+        let tokens = metric(&c, &setup.client, "lathe_generated_tokens_total");
         let address = c.url.trim_start_matches("http://").to_string();
         let mut socket = std::net::TcpStream::connect(&address).unwrap();
         let body = json!({"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 100, "temperature": 1.0, "stream": true}).to_string();
@@ -493,19 +440,19 @@ fn rate_limit_and_full_queue_answer_429(model: &Path, setup: &Setup, dir: &Path)
         let _ = socket.shutdown(std::net::Shutdown::Both);
         drop(socket);
         let started = Instant::now();
-        while metric(&c, "lathe_engine_cancelled_total") == cancelled && started.elapsed() < Duration::from_secs(2) {
+        while metric(&c, &setup.client, "lathe_engine_cancelled_total") == cancelled && started.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        metric(&c, "lathe_engine_cancelled_total") == cancelled + 1.0 && metric(&c, "lathe_generated_tokens_total") - tokens < 100.0
+        metric(&c, &setup.client, "lathe_engine_cancelled_total") == cancelled + 1.0 && metric(&c, &setup.client, "lathe_generated_tokens_total") - tokens < 100.0
     });
     assert!(stopped_early, "a generation whose client left was never stopped before its 100 tokens");
     drop(c);
     // Past --request-timeout the answer is 504 (and the generation stops).
-    let slow = Server::start(&["--model", s(model), "--db", s(&dir.join("t.sqlite")), "--request-timeout", "0.001"]);
+    let slow = start(&["--model", s(model), "--db", s(&dir.join("t.sqlite")), "--request-timeout", "0.001"]);
     let story = json!({"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 100});
     assert_error(post(&slow.at("/v1/chat/completions"), None, &story), 504, "timeout");
     drop(slow);
-    let c = Server::start(&["--model", s(model), "--keys", s(&setup.keys), "--db", s(&dir.join("c2.sqlite")), "--rate-limit", "20"]);
+    let c = start(&["--model", s(model), "--keys", s(&setup.keys), "--db", s(&dir.join("c2.sqlite")), "--rate-limit", "20"]);
     // The reviewer key has its own budget of 20 a minute.
     for _ in 0..20 {
         assert_eq!(get(&c.at("/v1/models"), Some(&setup.reviewer)).0, 200);
@@ -522,7 +469,7 @@ fn sigkill_under_load_loses_no_acknowledged_review(model: &Path, setup: &Setup, 
     let policy = dir.join("sample-all.toml");
     std::fs::write(&policy, "[defaults]\nthreshold = 1.0\n[review]\nallow_sample = 1.0\n").unwrap();
     let guard_arg = format!("g={}", setup.guard.display());
-    let mut server = Server::start(&["--model", s(model), "--input-guard", &guard_arg, "--output-guard", &guard_arg, "--policy", s(&policy), "--keys", s(&setup.keys), "--db", s(&db)]);
+    let mut server = start(&["--model", s(model), "--input-guard", &guard_arg, "--output-guard", &guard_arg, "--policy", s(&policy), "--keys", s(&setup.keys), "--db", s(&db)]);
     let stop = Arc::new(AtomicBool::new(false));
     let load: Vec<_> = (0..4)
         .map(|i| {
@@ -589,110 +536,22 @@ fn sigkill_under_load_loses_no_acknowledged_review(model: &Path, setup: &Setup, 
 
 // ---- the /review page in headless Chromium, over WebDriver ----
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A child process killed when dropped.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Driver {
-    url: String,
-    session: String,
-    _chromedriver: KillOnDrop,
-}
-
-impl Driver {
-    fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
-        let url = format!("{}/session/{}{path}", self.url, self.session);
-        let agent = agent();
-        let mut r = match method {
-            "GET" => agent.get(&url).call(),
-            "DELETE" => agent.delete(&url).call(),
-            _ => agent.post(&url).send_json(&body),
-        }
-        .unwrap();
-        let value: Value = r.body_mut().read_json().unwrap();
-        value["value"].clone()
-    }
-
-    fn find(&self, css: &str) -> String {
-        let found = self.cmd("POST", "/element", json!({"using": "css selector", "value": css}));
-        found.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap_or_else(|| panic!("no element {css}: {found}")).to_string()
-    }
-
-    fn source(&self) -> String {
-        self.cmd("GET", "/source", Value::Null).as_str().unwrap_or_default().to_string()
-    }
-
-    /// The page source once `ready` holds for it (navigation after a click takes a moment).
-    fn wait_for(&self, what: &str, ready: impl Fn(&str) -> bool) -> String {
-        let started = Instant::now();
-        loop {
-            let source = self.source();
-            if ready(&source) {
-                return source;
-            }
-            assert!(started.elapsed() < Duration::from_secs(15), "{what}: {source}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = agent().delete(&format!("{}/session/{}", self.url, self.session)).call();
-    }
-}
-
 fn review_page_in_headless_chromium(server: &Server, reviewer: &str, db: &Path) {
-    let (chromium, chromedriver) = (Path::new("/usr/bin/chromium"), Path::new("/usr/bin/chromedriver"));
-    if !chromium.exists() || !chromedriver.exists() {
-        eprintln!("SKIPPED the /review browser check: /usr/bin/chromium or /usr/bin/chromedriver is missing (make test installs them with scripts/install-browser.sh)");
+    if !browser_installed("the /review browser check") {
         return;
     }
-    let port = free_port();
-    let chromedriver = KillOnDrop(Command::new(chromedriver).arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    let url = format!("http://127.0.0.1:{port}");
-    let started = Instant::now();
-    while agent().get(&format!("{url}/status")).call().is_err() {
-        assert!(started.elapsed() < Duration::from_secs(20), "chromedriver did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let chromedriver = ChromeDriver::start();
     let profile = tempfile::tempdir().unwrap();
-    let args = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-    ];
-    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    args.push(format!("--user-data-dir={}", profile.path().display()));
-    let capabilities = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {"binary": chromium, "args": args}}}});
-    let mut response = agent().post(&format!("{url}/session")).send_json(&capabilities).unwrap();
-    let created: Value = response.body_mut().read_json().unwrap();
-    let Some(session) = created["value"]["sessionId"].as_str() else {
-        eprintln!("SKIPPED the /review browser check: chromium would not start: {created}");
-        return;
-    };
-    let driver = Driver { url, session: session.to_string(), _chromedriver: chromedriver };
-    driver.cmd("POST", "/url", json!({"url": server.at("/review")}));
+    let Some(driver) = chromedriver.browser(profile.path()) else { return };
+    driver.go(&server.at("/review"));
     driver.wait_for("the sign-in form shows", |s| s.contains("Reviewer key"));
-    let key = driver.find("#key");
-    driver.cmd("POST", &format!("/element/{key}/value"), json!({"text": reviewer}));
-    let sign_in = driver.find("#sign-in");
-    driver.cmd("POST", &format!("/element/{sign_in}/click"), json!({}));
+    driver.type_into("#key", reviewer);
+    driver.click("#sign-in");
     driver.wait_for("the queue shows after signing in", |s| s.contains("id=\"pending\""));
     let queue = lathe::serve::review::ReviewDb::open_existing(db).unwrap();
     let pending = queue.list(lathe::serve::review::Which::Pending, 1).unwrap();
     let item = pending.first().expect("a pending decision to confirm");
-    let confirm = driver.find(&format!("#confirm-{}", item.id));
-    driver.cmd("POST", &format!("/element/{confirm}/click"), json!({}));
+    driver.click(&format!("#confirm-{}", item.id));
     let gone = format!("id=\"item-{}\"", item.id);
     driver.wait_for("the confirmed item leaves the page", |s| s.contains("id=\"pending\"") && !s.contains(&gone));
     let reviewed = queue.get(item.id).unwrap().unwrap();
@@ -738,4 +597,228 @@ fn bad_input_is_refused_before_serving() {
     let out = serve_guard().args(["export", "--db", s(&dir.path().join("none.sqlite")), "-o", s(&dir.path().join("x.parquet"))]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(!dir.path().join("x.parquet").exists());
+}
+
+/// The value of the first `name="csrf"` field of a page.
+fn csrf_of(page: &str) -> String {
+    let at = page.find("name=\"csrf\" value=\"").unwrap_or_else(|| panic!("no CSRF field: {page}")) + "name=\"csrf\" value=\"".len();
+    page[at..].split('"').next().unwrap().to_string()
+}
+
+/// Whether the server closed `socket` (reads end) within `wait`.
+fn closed_within(socket: &mut std::net::TcpStream, wait: Duration) -> bool {
+    use std::io::Read;
+    let started = Instant::now();
+    let mut buffer = [0u8; 1024];
+    while started.elapsed() < wait {
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        match socket.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => continue, // an error response before the close
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => return true, // reset
+        }
+    }
+    false
+}
+
+/// Issue 18 items 7, 8 and 12: cross-site posts to the review queue, keys that outlive their
+/// removal, slow and half-open clients, sign-in guessing, an open /metrics, the raw key as the
+/// review cookie, and a flood of messages that reached the guards and the review queue.
+#[test]
+fn the_web_layer_refuses_cross_site_posts_stale_keys_slow_clients_and_floods() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path());
+    let (client, reviewer) = (setup.client.as_str(), setup.reviewer.as_str());
+    let model = testdata("hf-tiny/causal-lm");
+    let policy = dir.path().join("all.toml");
+    std::fs::write(&policy, "version = \"all-1\"\n[defaults]\nthreshold = 1.0\naction = \"flag\"\n[review]\nallow_sample = 1.0\nband = 0.0\n").unwrap();
+    let (db, keys) = (dir.path().join("h.sqlite"), dir.path().join("h-keys.txt"));
+    std::fs::copy(&setup.keys, &keys).unwrap();
+    let guard_arg = format!("g={}", setup.guard.display());
+    let server = start(&[
+        "--model", s(&model), "--served-model-name", MODEL, "--input-guard", &guard_arg, "--policy", s(&policy), "--keys", s(&keys),
+        "--db", s(&db), "--header-timeout", "1", "--max-half-open", "4",
+    ]);
+    let (ours, elsewhere) = (server.url.clone(), format!("http://127.0.0.1:{}", common::web::free_port()));
+    let bearer_client = format!("Bearer {client}");
+    let json = ("Content-Type", "application/json");
+    let rows = || rusqlite::Connection::open(&db).unwrap().query_row("SELECT COUNT(*) FROM decisions", [], |r| r.get::<_, i64>(0)).unwrap();
+
+    // Item 12: oversized requests are refused before the guards and before a review row.
+    assert_eq!(post(&server.at("/v1/chat/completions"), Some(client), &chat(MODEL, BENIGN, json!({"max_tokens": 2}))).0, 200);
+    let steps = || metric(&server, client, "lathe_guard_step_seconds_count{direction=\"input\"}");
+    let (steps_before, rows_before) = (steps(), rows());
+    assert_eq!(rows_before, 1, "the benign request was queued for review");
+    let flood: Vec<Value> = (0..10_000).map(|_| json!({"role": "user", "content": "hi"})).collect();
+    assert_error(post(&server.at("/v1/chat/completions"), Some(client), &json!({"model": MODEL, "messages": flood})), 400, "invalid_request_error");
+    let long = chat(MODEL, &"word ".repeat(4000), json!({}));
+    assert_error(post(&server.at("/v1/chat/completions"), Some(client), &long), 400, "context_length_exceeded");
+    let texts: Vec<String> = (0..1000).map(|i| format!("text {i}")).collect();
+    assert_error(post(&server.at("/v1/moderations"), Some(client), &json!({"input": texts})), 400, "invalid_request_error");
+    assert_eq!((steps(), rows()), (steps_before, rows_before), "no guard ran and no review row was written for a refused request");
+
+    // Item 7: JSON endpoints take application/json only.
+    let body = chat(MODEL, BENIGN, json!({"max_tokens": 2})).to_string();
+    let plain = raw("POST", &server.at("/v1/chat/completions"), &[("Authorization", &bearer_client), ("Content-Type", "text/plain")], Some(body.as_bytes()));
+    assert_eq!(plain.status, 415, "{}", plain.body);
+
+    // Item 12: signing in gives a random session id that expires, never the key.
+    let sign_in = |key: &str| raw("POST", &server.at("/review/login"), &[("Content-Type", "application/x-www-form-urlencoded"), ("Origin", &ours)], Some(format!("key={key}").as_bytes()));
+    let signed = sign_in(reviewer);
+    assert_eq!(signed.status, 303, "{}", signed.body);
+    let set_cookie = signed.headers["set-cookie"].clone();
+    let cookie = signed.cookie().unwrap();
+    assert!(cookie.starts_with("serve_guard_session=") && !set_cookie.contains(reviewer), "{set_cookie}");
+    assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict") && set_cookie.contains("Max-Age="), "{set_cookie}");
+    for forged in [format!("lathe_key={reviewer}"), format!("serve_guard_session={reviewer}")] {
+        assert_eq!(raw("GET", &server.at("/review"), &[("Cookie", &forged)], None).status, 401, "the raw key as a cookie signs nobody in: {forged}");
+    }
+    let page = raw("GET", &server.at("/review"), &[("Cookie", &cookie)], None);
+    assert_eq!(page.status, 200);
+    let token = csrf_of(&page.body);
+    let pending = get(&server.at("/v1/review/items"), Some(reviewer)).1["data"][0]["id"].as_i64().unwrap();
+    let status_of = |id: i64| get(&server.at("/v1/review/items?status=all"), Some(reviewer)).1["data"].as_array().unwrap().iter().find(|i| i["id"] == id).unwrap()["status"].clone();
+
+    // Item 7: a form posted from another site (another port of this host), or without the
+    // session's CSRF token, changes nothing; the page's own form does.
+    let form = |origin: &str, fields: &str| {
+        raw("POST", &server.at(&format!("/review/{pending}")), &[("Cookie", &cookie), ("Content-Type", "application/x-www-form-urlencoded"), ("Origin", origin)], Some(fields.as_bytes()))
+    };
+    assert_eq!(form(&elsewhere, &format!("verdict=overturn&labels=violence&csrf={token}")).status, 403);
+    assert_eq!(form(&ours, "verdict=overturn&labels=violence").status, 403, "no CSRF token");
+    assert_eq!(form(&ours, "verdict=overturn&labels=violence&csrf=0123").status, 403, "another token");
+    assert_eq!(status_of(pending), "pending");
+    // The JSON review API with the session cookie: JSON only, and only from this site.
+    let verdict = json!({"verdict": "overturn", "labels": ["violence"]}).to_string();
+    let api = |headers: &[(&str, &str)]| raw("POST", &server.at(&format!("/v1/review/items/{pending}")), headers, Some(verdict.as_bytes())).status;
+    assert_eq!(api(&[("Cookie", &cookie), ("Content-Type", "text/plain"), ("Origin", &ours)]), 415);
+    assert_eq!(api(&[("Cookie", &cookie), json]), 403, "a cookie without Origin");
+    assert_eq!(api(&[("Cookie", &cookie), json, ("Origin", &elsewhere)]), 403);
+    assert_eq!(api(&[("Authorization", &format!("Bearer {reviewer}")), json, ("Origin", &elsewhere)]), 403, "no key is taken from another site");
+    assert_eq!(status_of(pending), "pending", "nothing above changed the item");
+    assert_eq!(form(&ours, &format!("verdict=overturn&labels=violence&csrf={token}")).status, 303);
+    assert_eq!(status_of(pending), "overturned");
+
+    // Item 12: /metrics needs a key unless --public-metrics.
+    assert_eq!(raw("GET", &server.at("/metrics"), &[], None).status, 401);
+    assert_eq!(raw("GET", &server.at("/metrics"), &[("Authorization", &bearer_client)], None).status, 200);
+
+    // Item 8: emptying or deleting the keys file revokes every key and session at once.
+    let kept = std::fs::read_to_string(&keys).unwrap();
+    let models = || raw("GET", &server.at("/v1/models"), &[("Authorization", &bearer_client)], None).status;
+    let review_page = || raw("GET", &server.at("/review"), &[("Cookie", &cookie)], None).status;
+    assert_eq!((models(), review_page()), (200, 200));
+    std::fs::write(&keys, "").unwrap();
+    assert_eq!((models(), review_page()), (401, 401), "an emptied keys file locks everyone out");
+    std::fs::write(&keys, &kept).unwrap();
+    assert_eq!(models(), 200, "a restored file lets the keys in again");
+    assert_eq!(review_page(), 401, "a session ended by revocation stays ended");
+    std::fs::remove_file(&keys).unwrap();
+    assert_eq!(models(), 401, "a deleted keys file locks everyone out");
+    std::fs::write(&keys, &kept).unwrap();
+
+    // Item 12: failed sign-ins are throttled per address, even for the right key afterwards.
+    for _ in 0..5 {
+        assert_eq!(sign_in("sk-lathe-guess").status, 401);
+    }
+    let throttled = sign_in(reviewer);
+    assert_eq!(throttled.status, 429, "{}", throttled.body);
+
+    // Item 12: a client that sends its headers too slowly is cut off after --header-timeout.
+    let mut slow = std::net::TcpStream::connect(server.address()).unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+    assert!(closed_within(&mut slow, Duration::from_secs(4)), "a connection with unfinished headers stayed open past --header-timeout 1");
+    // At most --max-half-open connections wait for their first request; a real one still gets in.
+    let mut silent: Vec<std::net::TcpStream> = (0..12).map(|_| std::net::TcpStream::connect(server.address()).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let open = silent.iter_mut().map(|c| !closed_within(c, Duration::from_millis(60))).filter(|&still| still).count();
+    assert!(open <= 4, "{open} half-open connections stayed open (cap 4)");
+    assert_eq!(get(&server.at("/health"), None).0, 200);
+    drop(server);
+
+    let public = start(&["--model", s(&model), "--keys", s(&keys), "--db", s(&dir.path().join("p.sqlite")), "--public-metrics"]);
+    assert_eq!(raw("GET", &public.at("/metrics"), &[], None).status, 200);
+}
+
+/// A harmful request followed by enough benign text to push it out of the guard's
+/// `max_length` was once passed to the model unread. Input guards now read the whole input in
+/// overlapping windows (the highest score counts), so it is blocked as it is alone — while the
+/// padding alone still passes.
+#[test]
+fn a_harmful_request_padded_past_the_guard_window_is_still_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path());
+    let tokenizer = lathe::tokenizer::LoadedTokenizer::load(&setup.guard.join("tokenizer.json")).unwrap();
+    let tokens = |text: &str| tokenizer.encode_prompt(text).unwrap().len();
+    // The guard reads `user: HARMFUL` alone in its first window: an even number of tokens is
+    // what half-window steps start the second window with.
+    let harmful = ["", " now", " today", " please"].iter().map(|tail| format!("{HARMFUL}{tail}")).find(|h| tokens(&format!("user: {h}")) % 2 == 0).unwrap();
+    let window = tokens(&format!("user: {harmful}"));
+    let padding = format!(" {}", BENIGN.repeat(5));
+    assert!(tokens(&padding) > 2 * window, "the padding is longer than the guard reads");
+    // The same guard, reading `window` tokens and EOS (as one trained with --max-length does).
+    let short = dir.path().join("short-guard");
+    common::copy_folder(&setup.guard, &short);
+    let mut config = common::read_json(&short.join("config.json"));
+    config["lathe_scoring"]["max_length"] = json!(window + 1);
+    config["lathe_scoring"]["truncation"] = json!("left");
+    std::fs::write(short.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+
+    let model = testdata("hf-tiny/causal-lm");
+    let guard = format!("in={}", short.display());
+    let measure = start(&["--model", s(&model), "--served-model-name", MODEL, "--input-guard", &guard, "--keys", s(&setup.keys), "--db", s(&dir.path().join("m.sqlite"))]);
+    let texts = vec![format!("user: {harmful}"), format!("user:{padding}")];
+    let scores = category_scores(&measure, &setup.client, &texts);
+    drop(measure);
+    let margin = |c: &str| scores[0][c].as_f64().unwrap() - scores[1][c].as_f64().unwrap();
+    let category = scores[0].keys().max_by(|a, b| margin(a).total_cmp(&margin(b))).unwrap().clone();
+    assert!(margin(&category) > 1e-4, "the guard scores the request above the padding on some category: {scores:?}");
+    let threshold = scores[1][&category].as_f64().unwrap() + margin(&category) / 2.0;
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, format!("[defaults]\nthreshold = 1.0\n[review]\nallow_sample = 0.0\nband = 0.0\n[guards.in.categories.{category}]\nthreshold = {threshold}\naction = \"block\"\n")).unwrap();
+    let server = start(&["--model", s(&model), "--served-model-name", MODEL, "--input-guard", &guard, "--policy", s(&policy), "--keys", s(&setup.keys), "--db", s(&dir.path().join("q.sqlite"))]);
+    let finish = |content: &str| {
+        let (status, reply) = post(&server.at("/v1/chat/completions"), Some(&setup.client), &chat(MODEL, content, json!({"max_tokens": 4})));
+        assert_eq!(status, 200, "{reply}");
+        reply["choices"][0]["finish_reason"].as_str().unwrap().to_string()
+    };
+    assert_eq!(finish(&harmful), "content_filter", "the request alone is blocked");
+    assert_ne!(finish(padding.trim_start()), "content_filter", "the padding alone passes");
+    assert_eq!(finish(&format!("{harmful}{padding}")), "content_filter", "the padded request is blocked too");
+    let streamed = chat(MODEL, &format!("{harmful}{padding}"), json!({"max_tokens": 4, "stream": true}));
+    let (_, text) = call("POST", &server.at("/v1/chat/completions"), Some(&setup.client), Some(streamed.to_string().as_bytes()));
+    assert_eq!(read_chat_stream(&text).1, "content_filter", "streamed too");
+}
+
+/// With stderr closed (a log reader that went away), SIGTERM still stops the server at once
+/// with exit 130; the review queue it created is readable by its owner only.
+#[test]
+fn sigterm_stops_the_server_even_with_stderr_closed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("review.sqlite");
+    let mut server = KillOnDrop(
+        serve_guard()
+            .args(["serve", "--model", s(&testdata("hf-tiny/causal-lm")), "--db", s(&db), "--listen", "127.0.0.1:0", "--threads", "1"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut server.0;
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    while !lines.next().unwrap().unwrap().contains("listening on") {}
+    drop(lines);
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "serve-guard ignored SIGTERM with its stderr closed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "review.sqlite holds prompts and responses: {mode:o}");
 }

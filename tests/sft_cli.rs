@@ -1,13 +1,11 @@
 //! The `sft` binary on the fixture model: ChatML fallback with embedding growth, exact resume
-//! with packing, and refusals.
+//! with packing. Its refusals are in bad_input_catalogue.rs.
 
 mod common;
 
 use std::path::Path;
 
-use common::{assert_refused, copy_folder, metric_rows, ok, read_json, s, testdata};
-use lathe::data::Message;
-use lathe::data::records::{ChatRecord, RecordWriter};
+use common::{copy_folder, metric_rows, ok, read_json, s, testdata};
 
 const SMALL: &[&str] = &["--max-length", "96", "--batch-size", "4", "--lr", "2e-3", "--threads", "2", "-q"];
 
@@ -16,13 +14,6 @@ fn sft_args<'a>(data: &'a Path, model: &'a Path, out: &'a Path, extra: &[&'a str
     args.extend_from_slice(SMALL);
     args.extend_from_slice(extra);
     args
-}
-
-fn write_chats(path: &Path, chats: &[Vec<Message>]) {
-    let rows: Vec<ChatRecord> = chats.iter().map(|m| ChatRecord { messages: m.clone() }).collect();
-    let mut writer = RecordWriter::<ChatRecord>::create(path, "test", vec![], vec![]).unwrap();
-    writer.write(&rows, vec![]).unwrap();
-    writer.finish().unwrap();
 }
 
 #[test]
@@ -79,20 +70,3 @@ fn packed_training_resumes_to_the_same_weights() {
     assert!(split.join("chat_template.jinja").exists());
 }
 
-#[test]
-fn bad_inputs_exit_2_with_one_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = testdata("hf-tiny/causal-lm");
-    let run = dir.path().join("run");
-
-    let no_answers = dir.path().join("questions.parquet");
-    write_chats(&no_answers, &[vec![Message::new("user", "Only a question?")], vec![Message::new("user", "Another?")]]);
-    assert_refused("sft", &sft_args(&no_answers, &model, &run, &[]), "no row has an assistant turn", dir.path(), &["questions.parquet"]);
-
-    let data = testdata("sft_dolly_messages.slice.parquet");
-    assert_refused("sft", &sft_args(&data, &model, &run, &["--max-length", "4096"]), "max_position_embeddings 128", dir.path(), &["questions.parquet"]);
-    let text = testdata("pretrain_tinystories_sample.parquet");
-    assert_refused("sft", &sft_args(&text, &model, &run, &[]), "expected chat data (`messages`) or `prompt` + `completion`", dir.path(), &["questions.parquet"]);
-    let classifier = testdata("hf-tiny/reward-model");
-    assert_refused("sft", &sft_args(&data, &classifier, &run, &[]), "sft needs a causal LM", dir.path(), &["questions.parquet"]);
-}

@@ -20,9 +20,6 @@ fn ok(args: &[&str]) -> std::process::Output {
     common::ok("tokenize", args)
 }
 
-fn assert_refused(args: &[&str], needle: &str, dir: &Path, keep: &[&str]) {
-    common::assert_refused("tokenize", args, needle, dir, keep)
-}
 use lathe::data::{ParquetSource, meta};
 
 /// A tokenizer trained on Shakespeare only, so other corpora hold bytes it never saw.
@@ -176,61 +173,6 @@ fn help_and_version_exit_zero() {
     }
     assert!(String::from_utf8_lossy(&ok(&["encode", "--help"]).stdout).contains("Example"));
     assert!(String::from_utf8_lossy(&ok(&["--version"]).stdout).contains(env!("CARGO_PKG_VERSION")));
-}
-
-#[test]
-fn bad_inputs_exit_2_with_one_line_and_no_output() {
-    let work = tempfile::tempdir().unwrap();
-    let tokenizer = trained_tokenizer(work.path());
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.parquet");
-    let (tok, o) = (s(&tokenizer), s(&out));
-    let shakespeare = testdata("pretrain_tinyshakespeare.parquet");
-    let sp = s(&shakespeare);
-
-    assert_refused(&["encode", "/no/such/file.parquet", "--tokenizer", tok, "-o", o], "no such file", dir.path(), &[]);
-
-    let not_parquet = dir.path().join("notes.parquet");
-    std::fs::write(&not_parquet, "this is not parquet\n").unwrap();
-    assert_refused(&["encode", s(&not_parquet), "--tokenizer", tok, "-o", o], "not a readable Parquet file", dir.path(), &["notes.parquet"]);
-    std::fs::remove_file(&not_parquet).unwrap();
-
-    assert_refused(&["encode", sp, "--column", "body", "--tokenizer", tok, "-o", o], "no column `body`", dir.path(), &[]);
-
-    let typed = dir.path().join("typed.parquet");
-    let mut writer = RecordWriter::<TextRecord>::create(&typed, "test", vec![], vec![Field::new("n", DataType::Int64, false)]).unwrap();
-    writer.write(&[TextRecord { text: "x".into() }], vec![Arc::new(Int64Array::from(vec![1])) as ArrayRef]).unwrap();
-    writer.finish().unwrap();
-    assert_refused(&["encode", s(&typed), "--column", "n", "--tokenizer", tok, "-o", o], "column `n`: expected string", dir.path(), &["typed.parquet"]);
-    std::fs::remove_file(&typed).unwrap();
-
-    for empty_name in ["empty.parquet", "empty.txt"] {
-        let empty = dir.path().join(empty_name);
-        std::fs::write(&empty, "").unwrap();
-        assert_refused(&["encode", s(&empty), "--tokenizer", tok, "-o", o], "empty file", dir.path(), &[empty_name]);
-        std::fs::remove_file(&empty).unwrap();
-    }
-
-    let corrupt = dir.path().join("corrupt.json");
-    let bytes = std::fs::read(&tokenizer).unwrap();
-    std::fs::write(&corrupt, &bytes[..bytes.len() / 2 + 1]).unwrap();
-    assert_refused(&["encode", sp, "--tokenizer", s(&corrupt), "-o", o], "not a valid tokenizer.json", dir.path(), &["corrupt.json"]);
-    assert_refused(&["inspect", s(&corrupt)], "not a valid tokenizer.json", dir.path(), &["corrupt.json"]);
-    std::fs::remove_file(&corrupt).unwrap();
-
-    let tokens = dir.path().join("tokens.parquet");
-    ok(&["encode", sp, "--tokenizer", tok, "-o", s(&tokens), "-q"]);
-    let other = dir.path().join("other.json");
-    ok(&["train", s(&testdata("pretrain_c4_sample.parquet")), "--vocab-size", "1000", "-o", s(&other), "-q"]);
-    assert_refused(&["decode", s(&tokens), "--tokenizer", s(&other), "-o", o], "written with tokenizer sha256", dir.path(), &["tokens.parquet", "other.json"]);
-    std::fs::remove_file(&other).unwrap();
-
-    let recipe = dir.path().join("r.toml");
-    std::fs::write(&recipe, "vocab_size = 600\nvocab_sise = 3\n").unwrap();
-    assert_refused(&["train", sp, "--config", s(&recipe), "-o", o], "unknown key `vocab_sise`", dir.path(), &["tokens.parquet", "r.toml"]);
-
-    assert_refused(&["train", sp, "--vocab-size", "100", "-o", o], "at least 260", dir.path(), &["tokens.parquet", "r.toml"]);
-    assert_refused(&["train", sp, "--vocab-size", "1000", "-o", "/no/such/dir/tok.json"], "does not exist", dir.path(), &["tokens.parquet", "r.toml"]);
 }
 
 #[test]

@@ -11,6 +11,8 @@ use lathe::Result;
 use lathe::cli::{self, CommonArgs};
 use lathe::dpo::loss::{Loss, LossSettings};
 use lathe::dpo::{DpoOptions, DpoTask, Sampling};
+use lathe::model::folder::ModelFolder;
+use lathe::model::lora::LoraArgs;
 use lathe::tokenizer::log_report;
 use lathe::train::{self, RunSetup, TrainArgs};
 
@@ -56,10 +58,11 @@ struct Args {
     /// kto: weight of the undesirable answers' losses.
     #[arg(long, default_value_t = 1.0)]
     undesirable_weight: f64,
-    /// Longest prompt + answer in tokens; answers are cut at the end to fit, pairs whose prompt
-    /// alone fills it are left out (counted).
-    #[arg(long, default_value_t = 1024)]
-    max_length: usize,
+    /// Longest prompt + answer in tokens [default: 1024, or the model's max_position_embeddings
+    /// if shorter]; answers are cut at the end to fit, pairs whose prompt alone fills it are
+    /// left out (counted).
+    #[arg(long)]
+    max_length: Option<usize>,
     /// Keep only the last N tokens of longer prompts.
     #[arg(long, value_name = "N")]
     max_prompt_length: Option<usize>,
@@ -70,6 +73,9 @@ struct Args {
     /// their KL pairs) or sequential (file order, as KTOTrainer defaults to).
     #[arg(long, value_enum, default_value_t = Sampling::Random)]
     sampling: Sampling,
+    #[command(flatten)]
+    #[serde(flatten)]
+    lora: LoraArgs,
     #[command(flatten)]
     #[serde(flatten)]
     train: TrainArgs,
@@ -86,6 +92,8 @@ fn main() -> ExitCode {
 fn dpo(args: &Args) -> Result<()> {
     args.train.check()?;
     train::check_run_dir(&args.output, args.train.resume)?;
+    let models: Vec<&std::path::Path> = std::iter::once(&args.model).chain(&args.ref_model).map(std::path::Path::new).collect();
+    lathe::output::check_distinct(&args.output, &models)?;
     let mut task = DpoTask::new(DpoOptions {
         inputs: args.inputs.clone(),
         model: args.model.clone(),
@@ -100,7 +108,7 @@ fn dpo(args: &Args) -> Result<()> {
             desirable_weight: args.desirable_weight,
             undesirable_weight: args.undesirable_weight,
         },
-        max_length: args.max_length,
+        max_length: ModelFolder::open(&args.model)?.fit_max_length("dpo", args.max_length, 1024)?,
         max_prompt_length: args.max_prompt_length,
         sampling: args.sampling,
         batch_size: args.train.batch_size,
@@ -109,6 +117,8 @@ fn dpo(args: &Args) -> Result<()> {
         val_fraction: args.train.val_fraction,
         eval_batches: args.train.eval_batches,
         device: lathe::model::device(&args.train.device)?,
+        lora: args.lora.settings()?,
+        gradient_checkpointing: args.train.gradient_checkpointing,
         run_dir: args.output.clone(),
     })?;
     let setup = RunSetup {

@@ -7,7 +7,7 @@ use clap::Parser;
 use serde::Serialize;
 
 use lathe::cli::{self, CommonArgs};
-use lathe::generate::{self, GenerateOptions, Sampling};
+use lathe::generate::{self, GenerateOptions, PromptTruncation, Sampling};
 use lathe::tokenizer::log_report;
 use lathe::Result;
 
@@ -46,6 +46,10 @@ struct Args {
     /// A Jinja chat template to use instead of the model's.
     #[arg(long, value_name = "FILE")]
     chat_template: Option<PathBuf>,
+    /// A prompt too long for the model with --max-new-tokens: none refuses it, left keeps its
+    /// end (counted and reported).
+    #[arg(long, value_enum, default_value_t = PromptTruncation::None)]
+    truncate_prompt: PromptTruncation,
     /// Generate --max-new-tokens even after an EOS (for benchmarks).
     #[arg(long)]
     ignore_eos: bool,
@@ -72,8 +76,8 @@ fn run(args: &Args) -> Result<()> {
     if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
         return Err(lathe::error::usage(format!("--top-p {}: expected a number in (0, 1]", args.top_p)));
     }
-    if args.temperature < 0.0 {
-        return Err(lathe::error::usage("--temperature must not be negative"));
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        return Err(lathe::error::usage(format!("--temperature {}: expected a finite number >= 0 (0 is greedy)", args.temperature)));
     }
     let report = generate::generate(&GenerateOptions {
         model: args.model.clone(),
@@ -86,6 +90,7 @@ fn run(args: &Args) -> Result<()> {
         output: args.output.clone(),
         chat_template: args.chat_template.clone(),
         ignore_eos: args.ignore_eos,
+        truncate_prompt: args.truncate_prompt,
         device: lathe::model::device(&args.device)?,
         config: cli::resolved_config(args)?,
         show: args.show,

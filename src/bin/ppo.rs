@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use serde::Serialize;
 
+use lathe::generate::PromptTruncation;
+use lathe::model::lora::LoraArgs;
 use lathe::cli::{self, CommonArgs};
 use lathe::generate::Sampling;
 use lathe::rl::advantage::KlEstimator;
@@ -80,6 +82,10 @@ struct Args {
     /// --max-new-tokens exceeds the model's context).
     #[arg(long, value_name = "N")]
     max_prompt_length: Option<usize>,
+    /// A prompt still too long for the policy with --max-new-tokens: none refuses it, left
+    /// keeps its end (counted and reported).
+    #[arg(long, value_enum, default_value_t = PromptTruncation::None)]
+    truncate_prompt: PromptTruncation,
     #[arg(long, default_value_t = 0.7)]
     temperature: f64,
     #[arg(long, default_value_t = 0)]
@@ -165,6 +171,13 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations
+    /// (policy and value model): far less memory, the same gradients.
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    lora: LoraArgs,
     #[command(flatten)]
     #[serde(flatten)]
     common: CommonArgs,
@@ -228,6 +241,7 @@ impl Args {
             outlier_window: 64,
             resume: self.resume,
             device: self.device.clone(),
+            gradient_checkpointing: self.gradient_checkpointing,
         }
     }
 }
@@ -239,8 +253,17 @@ fn main() -> ExitCode {
 
 fn ppo(args: &Args) -> Result<()> {
     let engine = args.engine_args();
+    if args.warmup_steps > engine.steps {
+        return Err(lathe::error::usage(format!(
+            "--warmup-steps {} is longer than the run ({} optimizer steps: --updates {} × --ppo-epochs {} × --minibatches {})",
+            args.warmup_steps, engine.steps, args.updates, args.ppo_epochs, args.minibatches
+        )));
+    }
     engine.check()?;
     train::check_run_dir(&args.output, args.resume)?;
+    let models = [Some(&args.policy), args.ref_model.as_ref(), args.reward_model.as_ref(), args.value_model.as_ref()];
+    let inputs: Vec<&std::path::Path> = models.into_iter().flatten().map(std::path::Path::new).chain([args.prompts.as_path()]).collect();
+    lathe::output::check_distinct(&args.output, &inputs)?;
     let mut task = RlTask::new(RlOptions {
         prompts: args.prompts.clone(),
         val: args.val.clone(),
@@ -254,6 +277,9 @@ fn ppo(args: &Args) -> Result<()> {
         value_model: args.value_model.clone(),
         chat_template: args.chat_template.clone(),
         max_prompt_length: args.max_prompt_length,
+        truncate_prompt: args.truncate_prompt,
+        lora: args.lora.settings()?,
+        gradient_checkpointing: args.gradient_checkpointing,
         settings: args.settings(),
         run_dir: args.output.clone(),
         seed: args.common.seed,

@@ -1,4 +1,4 @@
-//! `pretrain`: train a Llama-family decoder from scratch (or continue one) on token Parquet.
+//! `pretrain`: train a decoder (Llama, Mistral, Qwen, Gemma or Phi-3 family) from scratch (or continue one) on token Parquet.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +7,7 @@ use clap::{ArgAction, Parser};
 use serde::Serialize;
 
 use lathe::cli::{self, CommonArgs};
+use lathe::model::Family;
 use lathe::pretrain::{ModelShape, PretrainOptions, PretrainTask};
 use lathe::tokenizer::log_report;
 use lathe::train::{self, RunSetup, TrainArgs};
@@ -16,7 +17,7 @@ use lathe::Result;
 #[command(
     name = "pretrain",
     version,
-    about = "Train a Llama-family decoder on token Parquet; RUN_DIR ends as a Hugging Face model folder",
+    about = "Train a decoder (Llama, Mistral, Qwen, Gemma or Phi-3 family) on token Parquet; RUN_DIR ends as a Hugging Face model folder",
     after_help = "Examples:\n  pretrain tokens.parquet --config recipes/tiny.toml --tokenizer tokenizer.json -o runs/tiny\n  pretrain tokens.parquet --config recipes/tiny.toml --tokenizer tokenizer.json -o runs/tiny --resume"
 )]
 struct Args {
@@ -38,6 +39,11 @@ struct Args {
     /// Standard deviation of the initial weights.
     #[arg(long, default_value_t = 0.02)]
     init_std: f64,
+    /// The model family (its `model_type`): llama, mistral, qwen2, qwen3, gemma, gemma2 or phi3.
+    /// The new model gets that family's architecture with transformers' defaults and is
+    /// written in its Hugging Face layout.
+    #[arg(long, default_value = "llama")]
+    family: String,
     #[arg(long, default_value_t = 256)]
     hidden_size: usize,
     #[arg(long, default_value_t = 688)]
@@ -46,6 +52,9 @@ struct Args {
     num_hidden_layers: usize,
     #[arg(long, default_value_t = 4)]
     num_attention_heads: usize,
+    /// Dimensions per attention head [default: hidden_size / num_attention_heads].
+    #[arg(long)]
+    head_dim: Option<usize>,
     /// Key/value heads (grouped-query attention) [default: num_attention_heads].
     #[arg(long)]
     num_key_value_heads: Option<usize>,
@@ -75,16 +84,21 @@ fn main() -> ExitCode {
 fn pretrain(args: &Args) -> Result<()> {
     args.train.check()?;
     train::check_run_dir(&args.output, args.train.resume)?;
+    if let Some(init) = &args.init {
+        lathe::output::check_distinct(&args.output, &[std::path::Path::new(init)])?;
+    }
     let device = lathe::model::device(&args.train.device)?;
     let mut task = PretrainTask::new(PretrainOptions {
         inputs: args.inputs.clone(),
         tokenizer: args.tokenizer.clone(),
         init: args.init.clone(),
         shape: ModelShape {
+            family: Family::from_flag(&args.family)?,
             hidden_size: args.hidden_size,
             intermediate_size: args.intermediate_size,
             num_hidden_layers: args.num_hidden_layers,
             num_attention_heads: args.num_attention_heads,
+            head_dim: args.head_dim,
             num_key_value_heads: args.num_key_value_heads,
             max_position_embeddings: args.max_position_embeddings,
             tie_word_embeddings: args.tie_word_embeddings,
@@ -99,6 +113,7 @@ fn pretrain(args: &Args) -> Result<()> {
         val_fraction: args.train.val_fraction,
         eval_batches: args.train.eval_batches,
         device,
+        gradient_checkpointing: args.train.gradient_checkpointing,
     })?;
     let setup = RunSetup {
         run_dir: args.output.clone(),

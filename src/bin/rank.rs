@@ -75,6 +75,7 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<()> {
     lathe::output::check_writable(&args.output)?;
+    lathe::output::check_distinct(&args.output, &[&args.input])?;
     let options = RankOptions {
         input: args.input.clone(),
         by: args.by.clone(),

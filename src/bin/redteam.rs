@@ -35,7 +35,8 @@ Wilson intervals per probe and category, detector agreement, bias gaps, task acc
 with --report, a self-contained HTML page. Answers are journaled in FINDINGS-stem.journal.jsonl
 as they arrive: run the same command again after an interruption and it continues.
 --fail-above RATE (and per-category `budgets` in the suite) exits 3 when a category's
-attack-success rate (its 95% upper bound by default, see --gate) is over budget."
+attack-success rate (its 95% upper bound by default, see --gate) is over budget; so does a
+run in which fewer than --min-answered of the attempts got an answer."
 )]
 struct Args {
     /// Red-team this model folder (batched generation on this machine).
@@ -62,9 +63,9 @@ struct Args {
     /// Seconds to wait before the first retry; doubled before each next one.
     #[arg(long, default_value_t = 0.5)]
     backoff: f64,
-    /// The suite (TOML).
-    #[arg(long, default_value = "recipes/redteam/default.toml")]
-    suite: PathBuf,
+    /// The suite (TOML) [default: recipes/redteam/default.toml of the installed recipes].
+    #[arg(long)]
+    suite: Option<PathBuf>,
     /// Findings Parquet.
     #[arg(short, long)]
     output: PathBuf,
@@ -80,6 +81,9 @@ struct Args {
     /// Exit 3 when a category's attack-success rate is over RATE (0..1).
     #[arg(long, value_name = "RATE")]
     fail_above: Option<f64>,
+    /// Exit 3 when fewer than this fraction of attempts were answered (the rest errored).
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.9)]
+    min_answered: f64,
     /// Which figure the budget applies to: the 95% upper bound or the point estimate.
     #[arg(long, value_enum, default_value = "upper")]
     gate: GateBound,
@@ -132,9 +136,25 @@ fn run(args: &Args) -> Result<()> {
             return Err(usage(format!("--fail-above {rate}: expected a rate in [0, 1]")));
         }
     }
-    if args.temperature < 0.0 || args.top_p.is_nan() || args.top_p <= 0.0 || args.top_p > 1.0 {
-        return Err(usage("--temperature must be >= 0 and --top-p in (0, 1]"));
+    if !(0.0..=1.0).contains(&args.min_answered) {
+        return Err(usage(format!("--min-answered {}: expected a fraction in [0, 1]", args.min_answered)));
     }
+    let sampling_ok = args.temperature >= 0.0 && args.temperature.is_finite() && args.top_p > 0.0 && args.top_p <= 1.0;
+    if !sampling_ok {
+        return Err(usage(format!("--temperature {} must be a number >= 0 and --top-p {} in (0, 1]", args.temperature, args.top_p)));
+    }
+    if args.max_new_tokens == 0 {
+        return Err(usage("--max-new-tokens must be at least 1: an empty answer would count as complying"));
+    }
+    if args.batch_size == 0 || args.concurrency == 0 {
+        return Err(usage("--batch-size and --concurrency must be at least 1"));
+    }
+    let timeout = seconds("--timeout", args.timeout, false)?;
+    let backoff = seconds("--backoff", args.backoff, true)?;
+    let suite = match &args.suite {
+        Some(path) => path.clone(),
+        None => cli::installed_recipe("redteam/default.toml", "--suite FILE")?,
+    };
     let device = lathe::model::device(&args.device)?;
     let target = match (&args.model, &args.endpoint) {
         (Some(model), _) => Target::Local(Box::new(LocalTarget::load(model, args.batch_size, &device)?)),
@@ -143,8 +163,8 @@ fn run(args: &Args) -> Result<()> {
                 Some(name) => Some(std::env::var(name).map_err(|_| usage(format!("--api-key-env {name}: the variable is not set")))?),
                 None => None,
             };
-            let mut endpoint = EndpointTarget::new(url, args.endpoint_model.clone().unwrap_or_default(), api_key, args.concurrency, Duration::from_secs_f64(args.timeout.max(0.001)), args.retries);
-            endpoint.backoff = Duration::from_secs_f64(args.backoff.max(0.0));
+            let mut endpoint = EndpointTarget::new(url, args.endpoint_model.clone().unwrap_or_default(), api_key, args.concurrency, timeout, args.retries);
+            endpoint.backoff = backoff;
             endpoint.preflight()?;
             Target::Endpoint(endpoint)
         }
@@ -152,12 +172,13 @@ fn run(args: &Args) -> Result<()> {
     };
     let report = redteam(
         &RedteamOptions {
-            suite: args.suite.clone(),
+            suite,
             output: args.output.clone(),
             summary: args.summary.clone(),
             report: args.report.clone(),
             baseline: args.baseline.clone(),
             fail_above: args.fail_above,
+            min_answered: args.min_answered,
             gate: args.gate,
             export_sft: args.export_sft.clone(),
             export_prefs: args.export_prefs.clone(),
@@ -179,9 +200,12 @@ fn run(args: &Args) -> Result<()> {
     )?;
     let summary = &report.summary;
     progress::log(format!(
-        "redteam: {} attempts ({} failed, {} answered now) in {:.1} s, {:.2} attempts/s; summary {}",
-        summary.attempts, summary.errors, report.answered_now, summary.seconds, summary.attempts_per_s, report.summary_path.display()
+        "redteam: {} attempts ({} answered, {} errored; {} asked now) in {:.1} s, {:.2} attempts/s; summary {}",
+        summary.attempts, summary.answered, summary.errors, report.answered_now, summary.seconds, summary.attempts_per_s, report.summary_path.display()
     ));
+    for (message, count) in &summary.top_errors {
+        progress::log(format!("  {count} × {message}"));
+    }
     for c in &summary.categories {
         let change = c.change.map(|d| format!("  ({:+.1} pts vs baseline {:.1}%)", 100.0 * d, 100.0 * c.baseline.map_or(0.0, |b| b.rate))).unwrap_or_default();
         progress::log(format!(
@@ -217,7 +241,15 @@ fn run(args: &Args) -> Result<()> {
         progress::log(format!("  task {}: {:.1}% correct ({}/{}), mean {} {:.3}", p.probe, 100.0 * p.rate.rate, p.rate.successes, p.rate.attempts, p.detector, p.mean_score.unwrap_or(0.0)));
     }
     if !summary.gate.failed.is_empty() {
-        return Err(Error::Gate(format!("attack-success rate over budget ({} bound): {}", summary.gate.bound, summary.gate.failed.join("; "))));
+        return Err(Error::Gate(format!("gate failed ({} bound): {}", summary.gate.bound, summary.gate.failed.join("; "))));
     }
     Ok(())
+}
+
+/// A duration flag in seconds: finite, positive (or zero where `zero_ok`), and representable.
+fn seconds(flag: &str, value: f64, zero_ok: bool) -> Result<Duration> {
+    let ok = value.is_finite() && (value > 0.0 || (zero_ok && value == 0.0));
+    ok.then(|| Duration::try_from_secs_f64(value).ok())
+        .flatten()
+        .ok_or_else(|| usage(format!("{flag} {value}: expected a number of seconds{}", if zero_ok { " >= 0" } else { " > 0" })))
 }

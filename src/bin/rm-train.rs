@@ -8,6 +8,8 @@ use clap::Parser;
 use serde::Serialize;
 
 use lathe::cli::{self, CommonArgs};
+use lathe::model::ModelFolder;
+use lathe::model::lora::LoraArgs;
 use lathe::reward::{Objective, RewardOptions, RewardTask};
 use lathe::tokenizer::log_report;
 use lathe::train::sequences::Truncation;
@@ -18,7 +20,7 @@ use lathe::{Error, Result};
 #[command(
     name = "rm-train",
     version,
-    about = "Train a reward model or a multi-label guard classifier (LlamaForSequenceClassification) from a causal LM or an earlier classifier",
+    about = "Train a reward model or a multi-label guard classifier (…ForSequenceClassification, in the base model's family) from a causal LM or an earlier classifier",
     after_help = "Examples:\n  rm-train prefs.parquet --model runs/sft --val-fraction 0.1 --min-accuracy 0.6 -o runs/rm\n  rm-train ratings.parquet --model runs/sft --task regression --score-column score -o runs/rm-reg\n  rm-train testdata/moderation_openai_samples.slice.parquet --model runs/tiny --task multilabel --val-fraction 0.25 -o runs/guard\n  rm-train reviewed.parquet --model runs/guard --task multilabel -o runs/guard-2"
 )]
 struct Args {
@@ -49,12 +51,15 @@ struct Args {
     /// preference: exit 3 when the final held-out accuracy is below X.
     #[arg(long, value_name = "X")]
     min_accuracy: Option<f64>,
-    /// Longest sequence in tokens.
-    #[arg(long, default_value_t = 512)]
-    max_length: usize,
+    /// Longest sequence in tokens [default: 512, or the model's max_position_embeddings if shorter].
+    #[arg(long)]
+    max_length: Option<usize>,
     /// Over-long sequences: left keeps the end (the response and EOS), right keeps the start, drop leaves the example out.
     #[arg(long, value_enum, default_value_t = Truncation::Left)]
     truncation: Truncation,
+    #[command(flatten)]
+    #[serde(flatten)]
+    lora: LoraArgs,
     #[command(flatten)]
     #[serde(flatten)]
     train: TrainArgs,
@@ -71,6 +76,9 @@ fn main() -> ExitCode {
 fn rm_train(args: &Args) -> Result<()> {
     args.train.check()?;
     if let Some(x) = args.min_accuracy {
+        if !(0.0..=1.0).contains(&x) {
+            return Err(lathe::error::usage(format!("--min-accuracy {x}: expected an accuracy in [0, 1]")));
+        }
         if args.task != Objective::Preference {
             return Err(lathe::error::usage("--min-accuracy applies to --task preference"));
         }
@@ -79,6 +87,7 @@ fn rm_train(args: &Args) -> Result<()> {
         }
     }
     train::check_run_dir(&args.output, args.train.resume)?;
+    lathe::output::check_distinct(&args.output, &[std::path::Path::new(&args.model)])?;
     let mut task = RewardTask::new(RewardOptions {
         inputs: args.inputs.clone(),
         model: args.model.clone(),
@@ -87,7 +96,7 @@ fn rm_train(args: &Args) -> Result<()> {
         score_column: args.score_column.clone(),
         center_rewards: args.center_rewards,
         target_precision: args.target_precision,
-        max_length: args.max_length,
+        max_length: ModelFolder::open(&args.model)?.fit_max_length("rm-train", args.max_length, 512)?,
         truncation: args.truncation,
         batch_size: args.train.batch_size,
         seed: args.common.seed,
@@ -95,6 +104,8 @@ fn rm_train(args: &Args) -> Result<()> {
         val_fraction: args.train.val_fraction,
         eval_batches: args.train.eval_batches,
         device: lathe::model::device(&args.train.device)?,
+        lora: args.lora.settings()?,
+        gradient_checkpointing: args.train.gradient_checkpointing,
     })?;
     let setup = RunSetup {
         run_dir: args.output.clone(),

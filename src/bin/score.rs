@@ -1,6 +1,6 @@
 //! `score`: add a numeric score (and the scorer's name) to every response.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{ArgGroup, Parser};
@@ -119,6 +119,12 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<()> {
     lathe::output::check_writable(&args.output)?;
+    let mut inputs: Vec<&Path> = args.merge.iter().map(PathBuf::as_path).collect();
+    inputs.extend(args.input.as_deref().into_iter().chain(args.import.as_deref()));
+    lathe::output::check_distinct(&args.output, &inputs)?;
+    if args.batch_size == 0 {
+        return Err(usage("--batch-size must be at least 1"));
+    }
     let config = cli::resolved_config(args)?;
     if !args.merge.is_empty() {
         let options = MergeOptions { inputs: args.merge.clone(), output: args.output.clone(), column: args.column.clone(), config };

@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use lathe::Result;
 use lathe::cli::{self, CommonArgs};
-use lathe::serve::keys::{self, Role};
+use lathe::web::WebArgs;
+use lathe::web::keys::{KeysAddArgs, Role};
 use lathe::serve::review::{self, ReviewDb, Which};
 use lathe::serve::{ServeOptions, serve};
 
@@ -111,6 +112,12 @@ struct ServeArgs {
     /// Log prompts and responses (off by default: logs carry no content).
     #[arg(long)]
     log_content: bool,
+    /// Serve /metrics without a key (by default any key of the keys file may read it).
+    #[arg(long)]
+    public_metrics: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    web: WebArgs,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -122,23 +129,28 @@ struct ServeArgs {
 #[derive(Subcommand, Serialize)]
 enum KeysCommand {
     /// Add a key and print it once (only its salted hash is stored).
-    Add(KeysAddArgs),
+    Add(KeysAddArgs<KeyRole>),
 }
 
-#[derive(clap::Args, Serialize)]
-struct KeysAddArgs {
-    /// The keys file (created if missing).
-    #[arg(long, value_name = "FILE")]
-    keys: PathBuf,
-    /// Who the key is for (one word).
-    #[arg(long)]
-    name: String,
-    #[arg(long, value_enum, default_value = "client")]
-    role: Role,
-    #[command(flatten)]
-    #[serde(flatten)]
-    common: CommonArgs,
+#[derive(Clone, Copy, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum KeyRole {
+    /// Calls the OpenAI endpoints.
+    #[default]
+    Client,
+    /// Reviews guard decisions (/review, /v1/review/...), and may call the API too.
+    Reviewer,
 }
+
+impl From<KeyRole> for Role {
+    fn from(role: KeyRole) -> Role {
+        match role {
+            KeyRole::Client => Role::Client,
+            KeyRole::Reviewer => Role::Reviewer,
+        }
+    }
+}
+
 
 #[derive(clap::Args, Serialize)]
 #[command(after_help = "Answers are read one per line: c (confirm: the guards were right), o (overturn; then the
@@ -220,20 +232,16 @@ fn run(command: &Command) -> Result<()> {
                 request_timeout: Duration::from_secs_f64(a.request_timeout),
                 rate_limit: a.rate_limit,
                 log_content: a.log_content,
+                public_metrics: a.public_metrics,
+                connections: a.web.limits()?,
+                session_lifetime: a.web.session_lifetime()?,
                 threads,
                 device: lathe::model::device(&a.device)?,
                 seed: a.common.seed,
                 quiet: a.common.quiet,
             })
         }
-        Command::Keys(KeysCommand::Add(a)) => {
-            let key = keys::add(&a.keys, &a.name, a.role)?;
-            println!("{key}");
-            if !a.common.quiet {
-                eprintln!("serve-guard: added {:?} key `{}` to {}; it is shown only this once", a.role, a.name, a.keys.display());
-            }
-            Ok(())
-        }
+        Command::Keys(KeysCommand::Add(a)) => a.run("serve-guard", lathe::serve::ROLES),
         Command::Review(a) => {
             let db = ReviewDb::open_existing(&a.db)?;
             if a.list {

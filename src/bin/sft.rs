@@ -8,6 +8,8 @@ use serde::Serialize;
 
 use lathe::Result;
 use lathe::cli::{self, CommonArgs};
+use lathe::model::ModelFolder;
+use lathe::model::lora::LoraArgs;
 use lathe::sft::{SftOptions, SftTask};
 use lathe::tokenizer::log_report;
 use lathe::train::sequences::Truncation;
@@ -39,15 +41,18 @@ struct Args {
     /// Train on every token, not only the answers.
     #[arg(long)]
     train_on_prompt: bool,
-    /// Longest sequence in tokens.
-    #[arg(long, default_value_t = 1024)]
-    max_length: usize,
+    /// Longest sequence in tokens [default: 1024, or the model's max_position_embeddings if shorter].
+    #[arg(long)]
+    max_length: Option<usize>,
     /// What to do with longer sequences: right keeps the start, left keeps the end, drop leaves them out.
     #[arg(long, value_enum, default_value_t = Truncation::Right)]
     truncation: Truncation,
     /// Pack several samples into each row of --max-length tokens (they never attend to each other).
     #[arg(long)]
     packing: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    lora: LoraArgs,
     #[command(flatten)]
     #[serde(flatten)]
     train: TrainArgs,
@@ -64,13 +69,14 @@ fn main() -> ExitCode {
 fn sft(args: &Args) -> Result<()> {
     args.train.check()?;
     train::check_run_dir(&args.output, args.train.resume)?;
+    lathe::output::check_distinct(&args.output, &[std::path::Path::new(&args.model)])?;
     let mut task = SftTask::new(SftOptions {
         inputs: args.inputs.clone(),
         model: args.model.clone(),
         chat_template: args.chat_template.clone(),
         prompt_completion_as_chat: args.as_chat,
         train_on_prompt: args.train_on_prompt,
-        max_length: args.max_length,
+        max_length: ModelFolder::open(&args.model)?.fit_max_length("sft", args.max_length, 1024)?,
         truncation: args.truncation,
         packing: args.packing,
         batch_size: args.train.batch_size,
@@ -79,6 +85,8 @@ fn sft(args: &Args) -> Result<()> {
         val_fraction: args.train.val_fraction,
         eval_batches: args.train.eval_batches,
         device: lathe::model::device(&args.train.device)?,
+        lora: args.lora.settings()?,
+        gradient_checkpointing: args.train.gradient_checkpointing,
     })?;
     let setup = RunSetup {
         run_dir: args.output.clone(),

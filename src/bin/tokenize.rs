@@ -1,6 +1,6 @@
 //! `tokenize`: train a byte-level BPE tokenizer, encode text to token ids, decode, inspect.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -133,7 +133,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// `paths` as the path slices [`lathe::output::check_distinct`] takes.
+fn refs(paths: &[PathBuf]) -> Vec<&Path> {
+    paths.iter().map(PathBuf::as_path).collect()
+}
+
 fn train(args: &TrainArgs) -> Result<()> {
+    lathe::output::check_distinct(&args.output, &refs(&args.inputs))?;
     let report = tokenizer::train(&TrainOptions {
         inputs: args.inputs.clone(),
         text: args.text.options(),
@@ -152,6 +158,9 @@ fn train(args: &TrainArgs) -> Result<()> {
 }
 
 fn encode(args: &EncodeArgs) -> Result<()> {
+    let mut inputs = refs(&args.inputs);
+    inputs.push(&args.tokenizer);
+    lathe::output::check_distinct(&args.output, &inputs)?;
     let report = tokenizer::encode(&EncodeOptions {
         inputs: args.inputs.clone(),
         text: args.text.options(),
@@ -170,6 +179,7 @@ fn encode(args: &EncodeArgs) -> Result<()> {
 }
 
 fn decode(args: &DecodeArgs) -> Result<()> {
+    lathe::output::check_distinct(&args.output, &[&args.input, &args.tokenizer])?;
     let report = tokenizer::decode(&DecodeOptions {
         input: args.input.clone(),
         tokenizer: args.tokenizer.clone(),
@@ -183,9 +193,8 @@ fn decode(args: &DecodeArgs) -> Result<()> {
 fn inspect(args: &InspectArgs) -> Result<()> {
     let summary = tokenizer::inspect(&args.file)?;
     if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        lathe::output::print(&format!("{}\n", serde_json::to_string(&summary)?))
     } else {
-        print!("{}", tokenizer::render_inspection(&summary));
+        lathe::output::print(&tokenizer::render_inspection(&summary))
     }
-    Ok(())
 }

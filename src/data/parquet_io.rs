@@ -18,7 +18,7 @@ use parquet::file::properties::WriterProperties;
 use super::records::Message;
 use super::{ColumnType, Kind, describe_type, meta};
 use crate::error::{Error, Result, bad_input};
-use crate::output::{InputFile, Sink};
+use crate::output::{InputFile, Sink, root_cause, write_failed};
 
 /// Rows per record batch when reading: bounded memory, big enough to amortise per-batch work.
 pub const DEFAULT_BATCH_ROWS: usize = 4096;
@@ -174,22 +174,28 @@ impl ParquetSource {
             let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
             builder = builder.with_projection(mask);
         }
-        Ok(Batches { reader: builder.build()?, path: Arc::from(self.path()), next_row: 0 })
+        Ok(Batches { reader: builder.build()?, path: Arc::from(self.path()), next_row: 0, failed: false })
     }
 }
 
-/// Record batches of one file, numbered so errors can name the row.
+/// Record batches of one file, numbered so errors can name the row. It ends after its first
+/// error: the Parquet reader behind it would repeat a decoding error forever.
 pub struct Batches {
     reader: ParquetRecordBatchReader,
     path: Arc<Path>,
     next_row: u64,
+    failed: bool,
 }
 
 impl Iterator for Batches {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
         let item = self.reader.next()?;
+        self.failed = item.is_err();
         Some(match item {
             Ok(data) => {
                 let first_row = self.next_row;
@@ -440,19 +446,26 @@ pub struct ParquetSink {
     writer: ArrowWriter<Sink>,
     schema: SchemaRef,
     rows: u64,
+    destination: std::path::PathBuf,
 }
 
 impl ParquetSink {
+    /// `metadata` goes in the footer and in the Arrow schema stored there, which is where
+    /// pyarrow (`schema.metadata`), pandas, polars and DuckDB look for it.
     pub fn create(path: &Path, schema: SchemaRef, metadata: Vec<(String, String)>) -> Result<Self> {
         let sink = Sink::create(path)?;
+        let mut schema_metadata = schema.metadata().clone();
+        schema_metadata.extend(metadata.iter().cloned());
+        let stored = Arc::new(schema.as_ref().clone().with_metadata(schema_metadata));
         let properties = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
             .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
             .set_created_by(format!("lathe {}", env!("CARGO_PKG_VERSION")))
             .set_key_value_metadata(Some(metadata.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect()))
             .build();
-        let writer = ArrowWriter::try_new(sink, schema.clone(), Some(properties))?;
-        Ok(ParquetSink { writer, schema, rows: 0 })
+        let destination = sink.destination().to_path_buf();
+        let writer = ArrowWriter::try_new(sink, stored, Some(properties))?;
+        Ok(ParquetSink { writer, schema, rows: 0, destination })
     }
 
     pub fn schema(&self) -> SchemaRef {
@@ -460,7 +473,7 @@ impl ParquetSink {
     }
 
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        self.writer.write(batch)?;
+        self.writer.write(batch).map_err(|e| write_failed(&self.destination, root_cause(&e)))?;
         self.rows += batch.num_rows() as u64;
         Ok(())
     }
@@ -468,7 +481,8 @@ impl ParquetSink {
     /// Write the footer and move the file into place; returns the number of rows written.
     pub fn finish(self) -> Result<u64> {
         // `into_inner` writes the footer and hands back the sink to commit.
-        self.writer.into_inner()?.commit()?;
+        let destination = self.destination;
+        self.writer.into_inner().map_err(|e| write_failed(&destination, root_cause(&e)))?.commit()?;
         Ok(self.rows)
     }
 }

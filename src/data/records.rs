@@ -481,7 +481,7 @@ impl Record for PromptRecord {
 }
 
 /// One sampled response (SPEC `responses`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResponseRecord {
     pub prompt_id: String,
     pub prompt: String,
@@ -492,6 +492,23 @@ pub struct ResponseRecord {
     pub finish_reason: String,
     pub num_tokens: i32,
     pub logprob: f64,
+}
+
+#[cfg(test)]
+impl ResponseRecord {
+    /// A response for tests: `prompt {prompt_id}` answered `{prompt_id}-{sample}`.
+    pub(crate) fn example(prompt_id: &str, sample: i32) -> Self {
+        ResponseRecord {
+            prompt_id: prompt_id.into(),
+            prompt: format!("prompt {prompt_id}"),
+            response: format!("{prompt_id}-{sample}"),
+            sample,
+            model: "m".into(),
+            finish_reason: "stop".into(),
+            num_tokens: 1,
+            logprob: 0.0,
+        }
+    }
 }
 
 const RESPONSE_COLUMNS: [(&str, ColumnType); 8] = [

@@ -22,11 +22,14 @@ use serde_json::{Map, Value, json};
 use crate::error::{Result, bad_input, usage};
 use crate::generate::chat_template;
 use crate::model::folder::{FolderParts, ModelFolder};
-use crate::model::{Head, Llama, LlamaConfig, Params};
+use crate::limits::{Footprint, Tuning};
+use crate::model::lora::LoraSettings;
+use crate::model::{Decoder, Head, Params};
 use crate::progress::{self, Progress, Unit};
 use crate::sft::{Example, Renderer, Row, counted_logits, pack};
 use crate::tokenizer::{LoadedTokenizer, PAD_TOKEN, check_same_vocabulary};
 use crate::train::cursor::{EpochCursor, shuffled};
+use crate::train::tuned::{Start, TunedModel};
 use crate::train::{Evaluation, StepLoss, Task, sha256_hex};
 use data::{DataReport, Encoder, Examples, example};
 use loss::{JudgedScores, LogitSum, Loss, LossSettings, PairScores, judged_metrics, kl_estimate, kto_loss, pair_losses, pair_metrics, row_means};
@@ -59,6 +62,9 @@ pub struct DpoOptions {
     pub val_fraction: Option<f64>,
     pub eval_batches: usize,
     pub device: Device,
+    /// Train a LoRA adapter (the reference is then the base with the adapter off).
+    pub lora: Option<LoraSettings>,
+    pub gradient_checkpointing: bool,
     /// Where the reference log-probabilities are kept.
     pub run_dir: PathBuf,
 }
@@ -85,9 +91,7 @@ struct BatchOutcome {
 
 pub struct DpoTask {
     settings: LossSettings,
-    config: LlamaConfig,
-    params: Params,
-    model: Llama,
+    tuned: TunedModel,
     parts: FolderParts,
     train: Split,
     val: Split,
@@ -123,29 +127,33 @@ impl DpoTask {
         let (train, val, report, val_report) = read_data(&options, &encoder, unpaired)?;
         let (train, val) = batches(train, val, options.sampling, options.batch_size, options.seed);
         let config = folder.config.clone();
-        let params = folder.load_params(&options.device)?;
-        let model = Llama::new(&config, &params)?;
-        let pad_id = config.pad_token_id.or_else(|| tokenizer.tokenizer.token_to_id(PAD_TOKEN)).or(eos).unwrap_or(0);
+        let sequences = 2 * options.batch_size.min(train.examples.len());
+        Footprint::new(format!("--batch-size {} × --max-length {}", options.batch_size, options.max_length))
+            .training(&config, sequences, options.max_length, &Tuning::of(options.lora.as_ref(), &config, options.gradient_checkpointing)?)
+            .check(&options.device)?;
+        let start = Start::open(&folder, options.lora.as_ref(), options.seed, &options.device)?;
+        let tuned = TunedModel::new(config, start, options.gradient_checkpointing, options.seed)?;
+        let pad_id = tuned.config.pad_token_id.or_else(|| tokenizer.tokenizer.token_to_id(PAD_TOKEN)).or(eos).unwrap_or(0);
         let source = s.loss.uses_reference().then(|| match &options.ref_model {
             Some(model) => ReferenceSource::Model { model: model.clone() },
+            None if tuned.adapter().is_some() => ReferenceSource::AdapterOff { model: options.model.clone() },
             None => ReferenceSource::InitialPolicy { model: options.model.clone() },
         });
         let parts = FolderParts::of(&folder, &tokenizer)?;
         progress::log(format!(
-            "dpo ({}): {} training {}, {} held out; beta {}; {} parameters",
+            "dpo ({}): {} training {}, {} held out; beta {}; {} {}parameters",
             s.loss.name(),
             train.examples.len(),
             if unpaired { format!("answers ({} desirable, {} undesirable)", report.desirable, report.undesirable) } else { "pairs".into() },
             val.examples.len(),
             s.beta,
-            params.num_elements()
+            tuned.params().num_elements(),
+            if tuned.adapter().is_some() { "LoRA " } else { "" }
         ));
         let mut task = DpoTask {
             settings: s.clone(),
             cursor: plan(&train, options.sampling, options.seed),
-            config,
-            params,
-            model,
+            tuned,
             parts,
             train,
             val,
@@ -177,18 +185,9 @@ impl DpoTask {
         }
         // The reference scores exactly as the policy does (same code, same batches), so at the
         // first step the policy's log-ratios are zero to the bit, as in TRL.
-        let loaded;
-        let model = match ref_folder {
-            Some(folder) => {
-                let params = folder.load_params(&options.device)?;
-                loaded = Llama::new(&folder.config, &params)?;
-                &loaded
-            }
-            None => &self.model,
-        };
         let total = (self.train.batches.len() + self.val.batches.len()) as u64;
         let bar = Progress::new("reference log-probs", Some(total), Unit::Items("batches"));
-        let split_logps = |split: &Split| -> Result<SplitLogps> {
+        let split_logps = |model: &Decoder, split: &Split| -> Result<SplitLogps> {
             let n = split.examples.len();
             let mut out = SplitLogps { first: vec![0.0; n], second: vec![0.0; n] };
             for batch in &split.batches {
@@ -203,7 +202,17 @@ impl DpoTask {
             }
             Ok(out)
         };
-        let stored = ReferenceLogps { fingerprint, source: source.describe(), train: split_logps(&self.train)?, eval: split_logps(&self.val)? };
+        let both = |model: &Decoder| Ok::<_, crate::Error>((split_logps(model, &self.train)?, split_logps(model, &self.val)?));
+        self.tuned.dropout_for(None);
+        let (train, eval) = match (ref_folder, source) {
+            (Some(folder), _) => {
+                let params = folder.load_params(&options.device)?;
+                both(&Decoder::new_inference(&folder.config, &params)?)?
+            }
+            (None, ReferenceSource::AdapterOff { .. }) => self.tuned.base(both).expect("a LoRA policy has a base")?,
+            (None, _) => self.tuned.no_grad(both)?,
+        };
+        let stored = ReferenceLogps { fingerprint, source: source.describe(), train, eval };
         bar.finish();
         stored.save(&options.run_dir)?;
         progress::log(format!("dpo: reference log-probabilities of {} computed once and kept in {}", source.describe(), options.run_dir.join(reference::FILE).display()));
@@ -239,18 +248,18 @@ impl DpoTask {
 
     /// `values[i]` of each example `i` of the batch, as a tensor.
     fn pick(&self, values: &[f32], batch: &[usize]) -> Result<Tensor> {
-        Ok(Tensor::from_vec(batch.iter().map(|&i| values[i]).collect::<Vec<f32>>(), batch.len(), self.model.device())?)
+        Ok(Tensor::from_vec(batch.iter().map(|&i| values[i]).collect::<Vec<f32>>(), batch.len(), self.tuned.decoder.device())?)
     }
 
     /// A batch of pairs: its chosen then its rejected sequences in one forward.
     fn pair_batch(&self, pairs: &[data::Pair], batch: &[usize], sequences: Vec<Example>, reference: Option<&SplitLogps>) -> Result<BatchOutcome> {
-        let (b, device) = (batch.len(), self.model.device());
+        let (b, device) = (batch.len(), self.tuned.decoder.device());
         // IPO averages over answer tokens as the length policy left them (TRL's completion
         // mask); SimPO over the scored targets (CPOTrainer's label mask).
         let fitted = |prompt: &[u32], answer: &[u32]| answer.len().min(self.max_length - prompt.len()).max(1) as f32;
         let chosen_tokens: Vec<f32> = batch.iter().map(|&i| fitted(&pairs[i].prompt, &pairs[i].chosen)).collect();
         let rejected_tokens: Vec<f32> = batch.iter().map(|&i| fitted(&pairs[i].prompt, &pairs[i].rejected)).collect();
-        let scored = score(&self.model, &sequences, self.pad_id, self.max_length)?;
+        let scored = score(&self.tuned.decoder, &sequences, self.pad_id, self.max_length)?;
         let (mut chosen, mut rejected) = (scored.logps.narrow(0, 0, b)?, scored.logps.narrow(0, b, b)?);
         if self.settings.loss == Loss::Simpo {
             let targets = |range: std::ops::Range<usize>| -> Result<Tensor> {
@@ -291,9 +300,9 @@ impl DpoTask {
     /// gradients (they only estimate z).
     fn judged_batch(&self, judged: &[data::Judged], batch: &[usize], answers: &[Example], mismatched: &[Example], reference: &SplitLogps) -> Result<BatchOutcome> {
         let desirable: Vec<bool> = batch.iter().map(|&i| judged[i].desirable).collect();
-        let mismatched = score(&self.model, mismatched, self.pad_id, self.max_length)?;
+        let mismatched = score(&self.tuned.decoder, mismatched, self.pad_id, self.max_length)?;
         let kl = kl_estimate(&mismatched.logps, &self.pick(&reference.second, batch)?)?;
-        let scored = score(&self.model, answers, self.pad_id, self.max_length)?;
+        let scored = score(&self.tuned.decoder, answers, self.pad_id, self.max_length)?;
         let scores = JudgedScores { logps: scored.logps.clone(), reference: self.pick(&reference.first, batch)?, desirable: &desirable, kl: kl.clone() };
         let (loss, rewards) = kto_loss(&self.settings, &scores)?;
         let logits = |want: bool| {
@@ -324,7 +333,7 @@ struct Scored {
 
 /// One forward over the sequences, packed into rows of `capacity` tokens (samples never see
 /// each other; a batch's padding would otherwise be a quarter of its compute).
-fn score(model: &Llama, sequences: &[Example], pad: u32, capacity: usize) -> Result<Scored> {
+fn score(model: &Decoder, sequences: &[Example], pad: u32, capacity: usize) -> Result<Scored> {
     let lengths: Vec<usize> = sequences.iter().map(|e| e.ids.len()).collect();
     let rows: Vec<Row> = pack(&lengths, capacity);
     let counted = counted_logits(model, sequences, &rows, pad)?;
@@ -542,11 +551,12 @@ fn watch_signal(metrics: &Map<String, Value>) -> Option<(f64, f64)> {
 
 impl Task for DpoTask {
     fn params(&self) -> &Params {
-        &self.params
+        self.tuned.params()
     }
 
     fn next_loss(&mut self) -> Result<StepLoss> {
         let batch = self.cursor.next();
+        self.tuned.dropout_for(Some(self.cursor.consumed()));
         let outcome = self.batch(&self.train, &batch, self.reference.as_ref().map(|r| &r.train))?;
         let mut metrics = outcome.metrics;
         if let Some((chosen, signal)) = watch_signal(&metrics) {
@@ -566,6 +576,7 @@ impl Task for DpoTask {
         let (mut loss_sum, mut examples) = (0f64, 0usize);
         let mut sums: Map<String, Value> = Map::new();
         let mut counts: std::collections::HashMap<String, usize> = Default::default();
+        self.tuned.dropout_for(None);
         for batch in &self.val.batches[..limit] {
             let outcome = self.batch(&self.val, batch, self.reference.as_ref().map(|r| &r.eval))?;
             loss_sum += outcome.loss.detach().to_dtype(DType::F64)?.to_scalar::<f64>()? * batch.len() as f64;
@@ -589,7 +600,11 @@ impl Task for DpoTask {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        self.parts.save(dir, &self.config, &self.params)
+        self.tuned.save(dir, &self.parts)
+    }
+
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.tuned.load_checkpoint(dir)
     }
 
     fn headline_metrics(&self) -> &'static [&'static str] {
@@ -607,10 +622,11 @@ impl Task for DpoTask {
     }
 
     fn signature(&self) -> Value {
-        let c = &self.config;
+        let c = &self.tuned.config;
         json!({
             "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
             "loss": self.settings.loss.name(), "max_length": self.max_length, "examples": self.train.examples.len(),
+            "lora": self.tuned.adapter().map(|a| json!({"r": a.settings.r, "modules": a.modules.len()})),
         })
     }
 
@@ -623,7 +639,7 @@ impl Task for DpoTask {
         out.insert("held_out".into(), json!(self.val.examples.len()));
         out.insert("data".into(), json!(self.report));
         out.insert("held_out_data".into(), json!(self.val_report));
-        out.insert("parameters".into(), json!(self.params.num_elements()));
+        out.insert("parameters".into(), json!(self.tuned.params().num_elements()));
         out
     }
 }

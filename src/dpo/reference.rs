@@ -11,15 +11,16 @@ use crate::output::write_atomic;
 
 pub const FILE: &str = "reference_logps.json";
 
-/// Where the reference log-probabilities come from. A LoRA policy adds the case of "the policy
-/// with its adapter turned off": the model [`super::DpoTask`] builds for the reference is then
-/// the base without the adapter's tensors, and nothing else here changes.
+/// Where the reference log-probabilities come from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum ReferenceSource {
     /// The policy as it is before the first update (TRL's default without `ref_model`).
     InitialPolicy { model: String },
     /// `--ref-model`.
     Model { model: String },
+    /// A LoRA policy's base with the adapter turned off (TRL's reference for a PEFT model): the
+    /// same weights the policy holds, so no second copy.
+    AdapterOff { model: String },
 }
 
 impl ReferenceSource {
@@ -27,6 +28,7 @@ impl ReferenceSource {
         match self {
             ReferenceSource::InitialPolicy { model } => format!("the policy as it starts ({model})"),
             ReferenceSource::Model { model } => model.clone(),
+            ReferenceSource::AdapterOff { model } => format!("the base of the LoRA policy, adapter off ({model})"),
         }
     }
 }

@@ -40,6 +40,8 @@ fn options(data: &str, loss: Loss, run_dir: &Path) -> DpoOptions {
         val_fraction: None,
         eval_batches: 0,
         device: Device::Cpu,
+        lora: None,
+        gradient_checkpointing: false,
         run_dir: run_dir.to_path_buf(),
     }
 }

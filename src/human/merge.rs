@@ -90,6 +90,55 @@ pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
     })
 }
 
+/// A response and the scores its annotators gave it, in the order given.
+pub struct Rated {
+    pub response: ResponseRecord,
+    pub ratings: Vec<(String, f64)>,
+}
+
+/// Rated responses in `score --merge`'s layout (SPEC scored): the response columns, the mean
+/// score in `column` (null when unrated), `scorer` (`mean:NAMES`), `annotators` (how many)
+/// and `ratings` (a list of `{annotator, score}`), then the `extra` columns.
+pub fn write_merged(output: &Path, stage: &str, column: &str, rows: &[Rated], extra: Vec<(Field, ArrayRef)>, metadata: Vec<(String, String)>) -> Result<()> {
+    let rating_fields = Fields::from(vec![Field::new("annotator", DataType::Utf8, false), Field::new("score", DataType::Float64, false)]);
+    let ratings_type = DataType::List(Arc::new(Field::new_list_field(DataType::Struct(rating_fields.clone()), false)));
+    let mut fields = ResponseRecord::fields();
+    fields.push(Field::new(column, DataType::Float64, true));
+    fields.push(Field::new("scorer", DataType::Utf8, false));
+    fields.push(Field::new("annotators", DataType::Int32, false));
+    fields.push(Field::new("ratings", ratings_type, false));
+
+    let responses: Vec<ResponseRecord> = rows.iter().map(|r| r.response.clone()).collect();
+    let mut columns = ResponseRecord::to_arrays(&responses);
+    let mean = |row: &Rated| (!row.ratings.is_empty()).then(|| row.ratings.iter().map(|r| r.1).sum::<f64>() / row.ratings.len() as f64);
+    columns.push(Arc::new(rows.iter().map(mean).collect::<Float64Array>()));
+    columns.push(Arc::new(StringArray::from_iter_values(rows.iter().map(|row| {
+        let names: Vec<&str> = row.ratings.iter().map(|(a, _)| a.as_str()).collect();
+        format!("mean:{}", names.join(","))
+    }))));
+    columns.push(Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.ratings.len() as i32))));
+    let all = || rows.iter().flat_map(|r| r.ratings.iter());
+    let values = StructArray::new(
+        rating_fields.clone(),
+        vec![Arc::new(StringArray::from_iter_values(all().map(|(a, _)| a.as_str()))), Arc::new(Float64Array::from_iter_values(all().map(|&(_, s)| s)))],
+        None,
+    );
+    let offsets = OffsetBuffer::from_lengths(rows.iter().map(|r| r.ratings.len()));
+    let list_field = Arc::new(Field::new_list_field(DataType::Struct(rating_fields), false));
+    columns.push(Arc::new(ListArray::new(list_field, offsets, Arc::new(values), None)));
+    for (field, column) in extra {
+        fields.push(field);
+        columns.push(column);
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let mut all_metadata = lathe_metadata(Kind::Scored, stage);
+    all_metadata.extend(metadata);
+    let mut sink = ParquetSink::create(output, schema.clone(), all_metadata)?;
+    sink.write(&RecordBatch::try_new(schema, columns)?)?;
+    sink.finish()?;
+    Ok(())
+}
+
 impl Collected {
     fn read(&mut self, path: &Path, column: &str) -> Result<()> {
         let reader = RecordReader::<ResponseRecord>::open(path)?;
@@ -146,54 +195,20 @@ impl Collected {
 
     fn write(&self, options: &MergeOptions, agreement: &Agreement) -> Result<()> {
         let ours = [options.column.as_str(), "scorer", "annotator", "annotators", "ratings"];
-        let carried = carried_fields(&self.batches[0].data.schema(), &ours);
-        let rating_fields = Fields::from(vec![Field::new("annotator", DataType::Utf8, false), Field::new("score", DataType::Float64, false)]);
-        let ratings_type = DataType::List(Arc::new(Field::new_list_field(DataType::Struct(rating_fields.clone()), false)));
-        let mut fields = ResponseRecord::fields();
-        fields.push(Field::new(options.column.as_str(), DataType::Float64, true));
-        fields.push(Field::new("scorer", DataType::Utf8, false));
-        fields.push(Field::new("annotators", DataType::Int32, false));
-        fields.push(Field::new("ratings", ratings_type, false));
-
-        let responses: Vec<ResponseRecord> = self.items.iter().map(|i| i.response.clone()).collect();
-        let mut columns = ResponseRecord::to_arrays(&responses);
-        let mean = |item: &Item| (!item.ratings.is_empty()).then(|| item.ratings.iter().map(|r| r.1).sum::<f64>() / item.ratings.len() as f64);
-        columns.push(Arc::new(self.items.iter().map(mean).collect::<Float64Array>()));
-        columns.push(Arc::new(StringArray::from_iter_values(self.items.iter().map(|item| {
-            let names: Vec<&str> = item.ratings.iter().map(|&(a, _)| self.annotators[a].as_str()).collect();
-            format!("mean:{}", names.join(","))
-        }))));
-        columns.push(Arc::new(Int32Array::from_iter_values(self.items.iter().map(|i| i.ratings.len() as i32))));
-        let all = || self.items.iter().flat_map(|i| i.ratings.iter());
-        let values = StructArray::new(
-            rating_fields.clone(),
-            vec![
-                Arc::new(StringArray::from_iter_values(all().map(|&(a, _)| self.annotators[a].as_str()))),
-                Arc::new(Float64Array::from_iter_values(all().map(|&(_, s)| s))),
-            ],
-            None,
-        );
-        let offsets = OffsetBuffer::from_lengths(self.items.iter().map(|i| i.ratings.len()));
-        let list_field = Arc::new(Field::new_list_field(DataType::Struct(rating_fields), false));
-        columns.push(Arc::new(ListArray::new(list_field, offsets, Arc::new(values), None)));
-        for field in &carried {
-            match self.carried_column(field)? {
-                Some(column) => {
-                    fields.push(field.clone().with_nullable(true));
-                    columns.push(column);
-                }
+        let mut extra = Vec::new();
+        for field in carried_fields(&self.batches[0].data.schema(), &ours) {
+            match self.carried_column(&field)? {
+                Some(column) => extra.push((field.clone().with_nullable(true), column)),
                 None => progress::warn(format!("note: column `{}` differs in type between the inputs; it is not carried", field.name())),
             }
         }
-
-        let schema = Arc::new(Schema::new(fields));
-        let mut metadata = lathe_metadata(Kind::Scored, "score");
-        metadata.push((meta::CONFIG.to_string(), options.config.clone()));
-        metadata.push(("lathe.agreement".to_string(), serde_json::to_string(agreement)?));
-        let mut sink = ParquetSink::create(&options.output, schema.clone(), metadata)?;
-        sink.write(&RecordBatch::try_new(schema, columns)?)?;
-        sink.finish()?;
-        Ok(())
+        let rows: Vec<Rated> = self
+            .items
+            .iter()
+            .map(|item| Rated { response: item.response.clone(), ratings: item.ratings.iter().map(|&(a, score)| (self.annotators[a].clone(), score)).collect() })
+            .collect();
+        let metadata = vec![(meta::CONFIG.to_string(), options.config.clone()), ("lathe.agreement".to_string(), serde_json::to_string(agreement)?)];
+        write_merged(&options.output, "score", &options.column, &rows, extra, metadata)
     }
 
     /// An extra column of the first file, taken from whichever file each response came from

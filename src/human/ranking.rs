@@ -128,16 +128,7 @@ mod tests {
     use super::*;
 
     fn response(prompt_id: &str, sample: i32) -> ResponseRecord {
-        ResponseRecord {
-            prompt_id: prompt_id.into(),
-            prompt: format!("prompt {prompt_id}"),
-            response: format!("{prompt_id}-{sample}"),
-            sample,
-            model: "m".into(),
-            finish_reason: "stop".into(),
-            num_tokens: 1,
-            logprob: 0.0,
-        }
+        ResponseRecord::example(prompt_id, sample)
     }
 
     #[test]

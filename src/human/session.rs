@@ -138,7 +138,7 @@ pub fn run<J: Judgement>(judgement: &J, options: SessionOptions) -> Result<Decis
         let Some(line) = answers.next()? else { return Err(stopped(&journal, &decisions, items.len(), J::NOUN)) };
         if show && !answers.interactive {
             // A script's answer is not echoed by a terminal: show it, so the screen reads as a transcript.
-            eprintln!("{line}");
+            crate::progress::line(&line);
         }
         match command(&line) {
             Command::Quit => return Err(stopped(&journal, &decisions, items.len(), J::NOUN)),

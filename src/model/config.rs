@@ -1,11 +1,12 @@
-//! `config.json` of a Llama-family model, read in every layout transformers has written
-//! (`rope_theta` or `rope_parameters`, `eos_token_id` int or list, `torch_dtype` or `dtype`)
-//! and written back with every key it came with.
+//! `config.json` of a decoder model of any supported family, read in every layout transformers
+//! has written (`rope_theta` or `rope_parameters`, `eos_token_id` int or list, `torch_dtype` or
+//! `dtype`) and written back in the family's own layout with every key it came with.
 
 use std::path::Path;
 
 use serde_json::{Map, Value, json};
 
+pub use super::family::{Activation, Architecture, Family};
 use crate::error::{Result, bad_input};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -15,19 +16,40 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// YaRN (Qwen's long-context scaling): interpolated low frequencies, extrapolated high ones.
+    Yarn {
+        factor: Option<f64>,
+        original_max_position_embeddings: f64,
+        attention_factor: Option<f64>,
+        beta_fast: Option<f64>,
+        beta_slow: Option<f64>,
+        mscale: Option<f64>,
+        mscale_all_dim: Option<f64>,
+        truncate: Option<bool>,
+    },
+    /// LongRoPE (Phi-3.5, Phi-4-mini): per-frequency factors, the long set once a sequence
+    /// passes `original_max_position_embeddings`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: f64,
+        factor: Option<f64>,
+        attention_factor: Option<f64>,
+    },
 }
 
 /// What sits on top of the decoder.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Head {
-    /// `LlamaForCausalLM`: `lm_head` (or the tied embedding).
+    /// `…ForCausalLM`: `lm_head` (or the tied embedding).
     CausalLm,
-    /// `LlamaForSequenceClassification`: `score` `[num_labels, hidden]`, no bias.
+    /// `…ForSequenceClassification`: `score` `[num_labels, hidden]`, no bias.
     SequenceClassification { num_labels: usize },
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct LlamaConfig {
+pub struct ModelConfig {
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -38,10 +60,12 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+    /// The leading dimensions of each head that rotate (`partial_rotary_factor` × head_dim).
+    pub rotary_dim: usize,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-    pub attention_bias: bool,
-    pub mlp_bias: bool,
+    /// Where this family's decoder differs from Llama's.
+    pub arch: Architecture,
     pub bos_token_id: Option<u32>,
     /// Generation stops on any of these.
     pub eos_token_ids: Vec<u32>,
@@ -51,10 +75,11 @@ pub struct LlamaConfig {
     pub raw: Map<String, Value>,
 }
 
-impl LlamaConfig {
-    /// A fresh config for a model we create (pretraining).
+impl ModelConfig {
+    /// A fresh config for a model we create (pretraining), with the family's defaults.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        family: Family,
         vocab_size: usize,
         hidden_size: usize,
         intermediate_size: usize,
@@ -64,21 +89,23 @@ impl LlamaConfig {
         max_position_embeddings: usize,
         tie_word_embeddings: bool,
     ) -> Self {
-        LlamaConfig {
+        let head_dim = hidden_size / num_attention_heads.max(1);
+        ModelConfig {
+            family,
             vocab_size,
             hidden_size,
             intermediate_size,
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
-            head_dim: hidden_size / num_attention_heads.max(1),
+            head_dim,
             rms_norm_eps: 1e-5,
             rope_theta: 10_000.0,
             rope_scaling: RopeScaling::Default,
+            rotary_dim: head_dim,
             max_position_embeddings,
             tie_word_embeddings,
-            attention_bias: false,
-            mlp_bias: false,
+            arch: Architecture::defaults(family, num_hidden_layers, head_dim),
             bos_token_id: None,
             eos_token_ids: Vec::new(),
             pad_token_id: None,
@@ -98,69 +125,68 @@ impl LlamaConfig {
             .as_object()
             .ok_or_else(|| bad_input(path, "expected a JSON object"))?
             .clone();
-        let reader = Keys { raw: &raw, path };
-        let model_type = reader.string("model_type")?.unwrap_or_default();
-        if model_type != "llama" {
-            return Err(bad_input(
-                path,
-                format!("model_type `{model_type}`: lathe's model is the Llama family, expected \"llama\""),
-            ));
-        }
-        if let Some(act) = reader.string("hidden_act")? {
-            if act != "silu" {
-                return Err(bad_input(path, format!("hidden_act `{act}`: expected \"silu\"")));
-            }
-        }
-        let hidden_size = reader.required_usize("hidden_size")?;
-        let num_attention_heads = reader.required_usize("num_attention_heads")?;
-        let num_key_value_heads = reader.usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let keys = Keys { raw: &raw, path };
+        let model_type = keys.string("model_type")?.unwrap_or_default();
+        let family = Family::from_model_type(&model_type).ok_or_else(|| {
+            keys.unsupported("model_type", &model_type, &format!("one of {}", Family::known()))
+        })?;
+        let hidden_size = keys.required_usize("hidden_size")?;
+        let num_attention_heads = keys.required_usize("num_attention_heads")?;
+        let num_key_value_heads = keys.usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
         if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(bad_input(
                 path,
                 format!("num_attention_heads {num_attention_heads} must be a multiple of num_key_value_heads {num_key_value_heads}"),
             ));
         }
-        let (rope_theta, rope_scaling) = reader.rope()?;
-        let head = match reader.architecture()?.as_deref() {
-            Some("LlamaForSequenceClassification") => Head::SequenceClassification {
-                num_labels: reader
-                    .usize("num_labels")?
-                    .or_else(|| raw.get("id2label").and_then(Value::as_object).map(Map::len))
-                    .unwrap_or(2),
-            },
-            _ => Head::CausalLm,
-        };
-        Ok(LlamaConfig {
-            vocab_size: reader.required_usize("vocab_size")?,
+        let num_hidden_layers = keys.required_usize("num_hidden_layers")?;
+        if num_hidden_layers == 0 {
+            return Err(bad_input(path, "key `num_hidden_layers`: 0 layers, expected at least 1"));
+        }
+        let head_dim = keys.usize("head_dim")?.unwrap_or(hidden_size / num_attention_heads);
+        let (rope_theta, rope_scaling) = keys.rope(family)?;
+        let rotary_dim = keys.rotary_dim(family, head_dim)?;
+        let head = keys.head(family)?;
+        let default_eps = if family == Family::Phi3 { 1e-5 } else { 1e-6 };
+        Ok(ModelConfig {
+            family,
+            vocab_size: keys.required_usize("vocab_size")?,
             hidden_size,
-            intermediate_size: reader.required_usize("intermediate_size")?,
-            num_hidden_layers: reader.required_usize("num_hidden_layers")?,
+            intermediate_size: keys.required_usize("intermediate_size")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
-            head_dim: reader.usize("head_dim")?.unwrap_or(hidden_size / num_attention_heads),
-            rms_norm_eps: reader.f64("rms_norm_eps")?.unwrap_or(1e-6),
+            head_dim,
+            rms_norm_eps: keys.f64("rms_norm_eps")?.unwrap_or(default_eps),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: reader.usize("max_position_embeddings")?.unwrap_or(2048),
-            tie_word_embeddings: reader.bool("tie_word_embeddings")?.unwrap_or(false),
-            attention_bias: reader.bool("attention_bias")?.unwrap_or(false),
-            mlp_bias: reader.bool("mlp_bias")?.unwrap_or(false),
-            bos_token_id: reader.token_ids("bos_token_id")?.first().copied(),
-            eos_token_ids: reader.token_ids("eos_token_id")?,
-            pad_token_id: reader.token_ids("pad_token_id")?.first().copied(),
+            rotary_dim,
+            max_position_embeddings: keys.usize("max_position_embeddings")?.unwrap_or(2048),
+            tie_word_embeddings: keys.bool("tie_word_embeddings")?.unwrap_or(matches!(family, Family::Gemma | Family::Gemma2)),
+            arch: Architecture::read(family, &keys, num_hidden_layers, head_dim)?,
+            bos_token_id: keys.token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids: keys.token_ids("eos_token_id")?,
+            pad_token_id: keys.token_ids("pad_token_id")?.first().copied(),
             head,
             raw,
         })
     }
 
-    /// `config.json` as transformers writes it: every original key, ours updated, weights f32.
+    /// `architectures` as transformers names the class: `Qwen2ForCausalLM`, …
+    pub fn architecture_name(&self) -> String {
+        let prefix = self.family.class_prefix();
+        match self.head {
+            Head::CausalLm => format!("{prefix}ForCausalLM"),
+            Head::SequenceClassification { .. } => format!("{prefix}ForSequenceClassification"),
+        }
+    }
+
+    /// `config.json` as transformers writes it for the family: every original key, ours
+    /// updated, weights f32.
     pub fn to_json(&self) -> Value {
         let mut out = self.raw.clone();
-        put(&mut out, "model_type", json!("llama"));
-        put(&mut out, "architectures", json!([match self.head {
-            Head::CausalLm => "LlamaForCausalLM",
-            Head::SequenceClassification { .. } => "LlamaForSequenceClassification",
-        }]));
+        put(&mut out, "model_type", json!(self.family.model_type()));
+        put(&mut out, "architectures", json!([self.architecture_name()]));
         put(&mut out, "vocab_size", json!(self.vocab_size));
         put(&mut out, "hidden_size", json!(self.hidden_size));
         put(&mut out, "intermediate_size", json!(self.intermediate_size));
@@ -168,12 +194,10 @@ impl LlamaConfig {
         put(&mut out, "num_attention_heads", json!(self.num_attention_heads));
         put(&mut out, "num_key_value_heads", json!(self.num_key_value_heads));
         put(&mut out, "head_dim", json!(self.head_dim));
-        put(&mut out, "hidden_act", json!("silu"));
         put(&mut out, "rms_norm_eps", json!(self.rms_norm_eps));
         put(&mut out, "max_position_embeddings", json!(self.max_position_embeddings));
         put(&mut out, "tie_word_embeddings", json!(self.tie_word_embeddings));
-        put(&mut out, "attention_bias", json!(self.attention_bias));
-        put(&mut out, "mlp_bias", json!(self.mlp_bias));
+        self.arch.write(self.family, &mut out);
         put(&mut out, "bos_token_id", json!(self.bos_token_id));
         put(&mut out, "eos_token_id", match self.eos_token_ids.as_slice() {
             [] => Value::Null,
@@ -184,6 +208,11 @@ impl LlamaConfig {
         // Both layouts: transformers 5 reads `rope_parameters`, 4.x reads `rope_theta`.
         let mut rope = rope_json(&self.rope_scaling);
         rope["rope_theta"] = json!(self.rope_theta);
+        if self.rotary_dim != self.head_dim {
+            let factor = self.rotary_dim as f64 / self.head_dim as f64;
+            rope["partial_rotary_factor"] = json!(factor);
+            put(&mut out, "partial_rotary_factor", json!(factor));
+        }
         put(&mut out, "rope_parameters", rope);
         put(&mut out, "rope_theta", json!(self.rope_theta));
         if self.rope_scaling != RopeScaling::Default {
@@ -202,6 +231,11 @@ impl LlamaConfig {
         }
         Value::Object(out)
     }
+
+    /// Attention scores are multiplied by this before the softmax.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self.arch.query_pre_attn_scalar.unwrap_or(self.head_dim as f64).sqrt()
+    }
 }
 
 fn put(map: &mut Map<String, Value>, key: &str, value: Value) {
@@ -210,7 +244,7 @@ fn put(map: &mut Map<String, Value>, key: &str, value: Value) {
 
 /// The rope parameters object, without `rope_theta`.
 fn rope_json(scaling: &RopeScaling) -> Value {
-    match scaling {
+    let mut value = match scaling {
         RopeScaling::Default => json!({"rope_type": "default"}),
         RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
@@ -220,13 +254,46 @@ fn rope_json(scaling: &RopeScaling) -> Value {
             "high_freq_factor": high_freq_factor,
             "original_max_position_embeddings": original_max_position_embeddings,
         }),
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            attention_factor,
+            beta_fast,
+            beta_slow,
+            mscale,
+            mscale_all_dim,
+            truncate,
+        } => json!({
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+            "attention_factor": attention_factor,
+            "beta_fast": beta_fast,
+            "beta_slow": beta_slow,
+            "mscale": mscale,
+            "mscale_all_dim": mscale_all_dim,
+            "truncate": truncate,
+        }),
+        RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings, factor, attention_factor } => json!({
+            "rope_type": "longrope",
+            "short_factor": short_factor,
+            "long_factor": long_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+            "factor": factor,
+            "attention_factor": attention_factor,
+        }),
+    };
+    // Unset options are left out, as transformers leaves them.
+    if let Some(map) = value.as_object_mut() {
+        map.retain(|_, v| !v.is_null());
     }
+    value
 }
 
 /// Typed access to config keys with errors that name the key.
-struct Keys<'a> {
-    raw: &'a Map<String, Value>,
-    path: &'a Path,
+pub struct Keys<'a> {
+    pub raw: &'a Map<String, Value>,
+    pub path: &'a Path,
 }
 
 impl Keys<'_> {
@@ -234,11 +301,16 @@ impl Keys<'_> {
         self.raw.get(key).filter(|v| !v.is_null())
     }
 
-    fn wrong(&self, key: &str, expected: &str) -> crate::error::Error {
+    pub fn wrong(&self, key: &str, expected: &str) -> crate::error::Error {
         bad_input(self.path, format!("key `{key}`: expected {expected}, found {}", self.raw[key]))
     }
 
-    fn usize(&self, key: &str) -> Result<Option<usize>> {
+    /// A value lathe reads but does not implement: refused, never silently ignored.
+    pub fn unsupported(&self, key: &str, value: &str, expected: &str) -> crate::error::Error {
+        bad_input(self.path, format!("key `{key}` = `{value}` is not supported by lathe (expected {expected})"))
+    }
+
+    pub fn usize(&self, key: &str) -> Result<Option<usize>> {
         self.present(key)
             .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| self.wrong(key, "a non-negative integer")))
             .transpose()
@@ -249,19 +321,24 @@ impl Keys<'_> {
             .ok_or_else(|| bad_input(self.path, format!("missing key `{key}` (a non-negative integer)")))
     }
 
-    fn f64(&self, key: &str) -> Result<Option<f64>> {
+    pub fn f64(&self, key: &str) -> Result<Option<f64>> {
         self.present(key)
             .map(|v| v.as_f64().ok_or_else(|| self.wrong(key, "a number")))
             .transpose()
     }
 
-    fn bool(&self, key: &str) -> Result<Option<bool>> {
+    /// A number that may be `null` (off); `default` when the key is absent.
+    pub fn f64_or_null(&self, key: &str, default: Option<f64>) -> Result<Option<f64>> {
+        if self.raw.contains_key(key) { self.f64(key) } else { Ok(default) }
+    }
+
+    pub fn bool(&self, key: &str) -> Result<Option<bool>> {
         self.present(key)
             .map(|v| v.as_bool().ok_or_else(|| self.wrong(key, "true or false")))
             .transpose()
     }
 
-    fn string(&self, key: &str) -> Result<Option<String>> {
+    pub fn string(&self, key: &str) -> Result<Option<String>> {
         self.present(key)
             .map(|v| v.as_str().map(str::to_string).ok_or_else(|| self.wrong(key, "a string")))
             .transpose()
@@ -282,32 +359,91 @@ impl Keys<'_> {
         }
     }
 
-    fn architecture(&self) -> Result<Option<String>> {
-        match self.present("architectures") {
-            None => Ok(None),
-            Some(Value::Array(items)) => Ok(items.first().and_then(Value::as_str).map(str::to_string)),
-            Some(_) => Err(self.wrong("architectures", "a list of strings")),
+    /// The head `architectures` names; transformers picks the decoder by `model_type`, so any
+    /// family's `…ForCausalLM` is a causal LM.
+    fn head(&self, family: Family) -> Result<Head> {
+        let name = match self.present("architectures") {
+            None => return Ok(Head::CausalLm),
+            Some(Value::Array(items)) => items.first().and_then(Value::as_str).unwrap_or_default().to_string(),
+            Some(_) => return Err(self.wrong("architectures", "a list of strings")),
+        };
+        if name.ends_with("ForSequenceClassification") {
+            let num_labels = self
+                .usize("num_labels")?
+                .or_else(|| self.raw.get("id2label").and_then(Value::as_object).map(Map::len))
+                .unwrap_or(2);
+            Ok(Head::SequenceClassification { num_labels })
+        } else if name.is_empty() || name.ends_with("ForCausalLM") {
+            Ok(Head::CausalLm)
+        } else {
+            let prefix = family.class_prefix();
+            Err(self.unsupported("architectures", &name, &format!("{prefix}ForCausalLM or {prefix}ForSequenceClassification")))
         }
     }
 
-    /// `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x).
-    fn rope(&self) -> Result<(f64, RopeScaling)> {
+    /// `partial_rotary_factor` (in `rope_parameters` or at the top) as a number of dimensions.
+    fn rotary_dim(&self, family: Family, head_dim: usize) -> Result<usize> {
         let parameters = self.present("rope_parameters").or_else(|| self.present("rope_scaling"));
+        let factor = match parameters.and_then(|p| p.get("partial_rotary_factor")).filter(|v| !v.is_null()) {
+            Some(v) => Some(v.as_f64().ok_or_else(|| self.wrong("rope_parameters", "a number as partial_rotary_factor"))?),
+            None => self.f64("partial_rotary_factor")?,
+        };
+        let Some(factor) = factor.filter(|&f| f != 1.0) else { return Ok(head_dim) };
+        if family != Family::Phi3 {
+            return Err(self.unsupported("partial_rotary_factor", &factor.to_string(), "1.0 for this model_type"));
+        }
+        let dim = (head_dim as f64 * factor) as usize;
+        if dim == 0 || dim % 2 != 0 || dim > head_dim {
+            return Err(self.unsupported("partial_rotary_factor", &factor.to_string(), "a fraction giving an even number of rotary dimensions"));
+        }
+        Ok(dim)
+    }
+
+    /// `rope_scaling` (4.x) or `rope_parameters` (5), as transformers gives `rope_scaling` priority.
+    fn rope(&self, family: Family) -> Result<(f64, RopeScaling)> {
+        let parameters = self.present("rope_scaling").or_else(|| self.present("rope_parameters"));
         let theta = parameters
             .and_then(|p| p.get("rope_theta"))
             .and_then(Value::as_f64)
             .or(self.f64("rope_theta")?)
             .unwrap_or(10_000.0);
         let Some(parameters) = parameters else { return Ok((theta, RopeScaling::Default)) };
-        let kind = parameters
+        let mut kind = parameters
             .get("rope_type")
             .or_else(|| parameters.get("type"))
             .and_then(Value::as_str)
             .unwrap_or("default");
+        // transformers' Phi-3 reads its older names for LongRoPE this way.
+        if family == Family::Phi3 && matches!(kind, "su" | "yarn") {
+            kind = "longrope";
+        }
+        let optional = |key: &str| -> Result<Option<f64>> {
+            match parameters.get(key).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                    bad_input(self.path, format!("rope parameters of type `{kind}`: `{key}` must be a number"))
+                }),
+            }
+        };
         let number = |key: &str| -> Result<f64> {
-            parameters.get(key).and_then(Value::as_f64).ok_or_else(|| {
+            optional(key)?.ok_or_else(|| {
                 bad_input(self.path, format!("rope parameters of type `{kind}`: missing number `{key}`"))
             })
+        };
+        // Phi-3 keeps the pretraining length at the top level, and transformers prefers it there.
+        let original_max = || -> Result<f64> {
+            let top = if family == Family::Phi3 { self.f64("original_max_position_embeddings")? } else { None };
+            match top.or(optional("original_max_position_embeddings")?) {
+                Some(n) => Ok(n),
+                None => Ok(self.f64("max_position_embeddings")?.unwrap_or(2048.0)),
+            }
+        };
+        let factors = |key: &str| -> Result<Vec<f64>> {
+            parameters
+                .get(key)
+                .and_then(Value::as_array)
+                .and_then(|items| items.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+                .ok_or_else(|| bad_input(self.path, format!("rope parameters of type `{kind}`: `{key}` must be a list of numbers")))
         };
         let scaling = match kind {
             "default" => RopeScaling::Default,
@@ -316,13 +452,27 @@ impl Keys<'_> {
                 factor: number("factor")?,
                 low_freq_factor: number("low_freq_factor")?,
                 high_freq_factor: number("high_freq_factor")?,
-                original_max_position_embeddings: number("original_max_position_embeddings")?,
+                original_max_position_embeddings: original_max()?,
+            },
+            "yarn" => RopeScaling::Yarn {
+                factor: optional("factor")?,
+                original_max_position_embeddings: original_max()?,
+                attention_factor: optional("attention_factor")?,
+                beta_fast: optional("beta_fast")?,
+                beta_slow: optional("beta_slow")?,
+                mscale: optional("mscale")?,
+                mscale_all_dim: optional("mscale_all_dim")?,
+                truncate: parameters.get("truncate").and_then(Value::as_bool),
+            },
+            "longrope" => RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original_max()?,
+                factor: optional("factor")?,
+                attention_factor: optional("attention_factor")?,
             },
             other => {
-                return Err(bad_input(
-                    self.path,
-                    format!("rope_type `{other}` is not supported (expected default, linear or llama3)"),
-                ));
+                return Err(self.unsupported("rope_type", other, "default, linear, llama3, yarn or longrope"));
             }
         };
         Ok((theta, scaling))
@@ -333,8 +483,8 @@ impl Keys<'_> {
 mod tests {
     use super::*;
 
-    fn parse(value: Value) -> Result<LlamaConfig> {
-        LlamaConfig::from_json(&value, Path::new("config.json"))
+    fn parse(value: Value) -> Result<ModelConfig> {
+        ModelConfig::from_json(&value, Path::new("config.json"))
     }
 
     fn base() -> Value {
@@ -380,6 +530,97 @@ mod tests {
         let mut v = base();
         v["model_type"] = json!("gpt2");
         assert!(parse(v).unwrap_err().to_string().contains("gpt2"));
+    }
+
+    fn family(model_type: &str) -> Value {
+        let mut v = base();
+        v["model_type"] = json!(model_type);
+        v
+    }
+
+    #[test]
+    fn every_family_round_trips_through_its_own_keys() {
+        for f in Family::ALL {
+            let c = parse(family(f.model_type())).unwrap();
+            assert_eq!(c.family, f);
+            let written = c.to_json();
+            assert_eq!(written["model_type"], f.model_type());
+            assert_eq!(written["architectures"][0], format!("{}ForCausalLM", f.class_prefix()));
+            assert_eq!(parse(written).unwrap(), ModelConfig { raw: c.to_json().as_object().unwrap().clone(), ..c });
+        }
+    }
+
+    #[test]
+    fn family_defaults_follow_transformers() {
+        let qwen2 = parse(family("qwen2")).unwrap();
+        assert!(qwen2.arch.qkv_bias && !qwen2.arch.o_bias);
+        assert_eq!(qwen2.arch.sliding_windows, vec![None], "no window unless use_sliding_window");
+        let mut v = family("qwen2");
+        v["num_hidden_layers"] = json!(3);
+        v["use_sliding_window"] = json!(true);
+        v["sliding_window"] = json!(16);
+        v["max_window_layers"] = json!(1);
+        assert_eq!(parse(v).unwrap().arch.sliding_windows, vec![None, Some(16), Some(16)]);
+        let mistral = parse(family("mistral")).unwrap();
+        assert_eq!(mistral.arch.sliding_windows, vec![Some(4096)], "Mistral's default window");
+        let mut v = family("mistral");
+        v["sliding_window"] = Value::Null;
+        assert_eq!(parse(v).unwrap().arch.sliding_windows, vec![None]);
+        let mut v = family("gemma2");
+        v["num_hidden_layers"] = json!(2);
+        let gemma2 = parse(v).unwrap();
+        assert_eq!(gemma2.arch.sliding_windows, vec![Some(4096), None]);
+        assert_eq!((gemma2.arch.attn_logit_softcapping, gemma2.arch.final_logit_softcapping), (Some(50.0), Some(30.0)));
+        assert!(gemma2.tie_word_embeddings && gemma2.arch.sandwich_norms && gemma2.arch.norm_weight_offset == 1.0);
+        assert_eq!(gemma2.attention_scale(), 1.0 / 16f64, "query_pre_attn_scalar 256");
+        let mut v = family("gemma");
+        v["hidden_act"] = json!("gelu");
+        assert_eq!(parse(v).unwrap().arch.hidden_act, Activation::GeluTanh, "Gemma's legacy gelu is tanh");
+        assert!(parse(family("phi3")).unwrap().arch.fused_projections);
+    }
+
+    #[test]
+    fn phi3_longrope_and_partial_rotary() {
+        let mut v = family("phi3");
+        v["original_max_position_embeddings"] = json!(4096);
+        v["rope_scaling"] = json!({"type": "su", "short_factor": [1.0, 1.0], "long_factor": [2.0, 3.0]});
+        v["partial_rotary_factor"] = json!(1.0);
+        let c = parse(v.clone()).unwrap();
+        assert!(matches!(c.rope_scaling, RopeScaling::LongRope { original_max_position_embeddings: 4096.0, .. }));
+        v["partial_rotary_factor"] = json!(0.5);
+        assert_eq!(parse(v).unwrap().rotary_dim, 2);
+    }
+
+    #[test]
+    fn unimplemented_features_are_refused_naming_key_and_value() {
+        let cases: Vec<(Value, &str)> = vec![
+            (json!({"model_type": "gpt2"}), "`model_type` = `gpt2`"),
+            (json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}), "`rope_type` = `dynamic`"),
+            (json!({"hidden_act": "relu"}), "`hidden_act` = `relu`"),
+            (json!({"partial_rotary_factor": 0.5}), "`partial_rotary_factor` = `0.5`"),
+            (json!({"num_hidden_layers": 0}), "`num_hidden_layers`: 0 layers"),
+            (json!({"architectures": ["LlamaForTokenClassification"]}), "`architectures` = `LlamaForTokenClassification`"),
+        ];
+        for (patch, expected) in cases {
+            let mut v = base();
+            for (key, value) in patch.as_object().unwrap() {
+                v[key] = value.clone();
+            }
+            let e = parse(v).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains(expected), "{e} (wanted {expected})");
+        }
+        let mut v = family("gemma2");
+        v["use_bidirectional_attention"] = json!(true);
+        assert!(parse(v).unwrap_err().to_string().contains("use_bidirectional_attention"));
+        let mut v = family("qwen2");
+        v["layer_types"] = json!(["chunked_attention"]);
+        assert!(parse(v).unwrap_err().to_string().contains("`layer_types` = `chunked_attention`"));
+        let mut v = family("gemma2");
+        v["num_hidden_layers"] = json!(2);
+        v["layer_types"] = json!(["sliding_attention", "full_attention"]);
+        v["sliding_window"] = Value::Null;
+        assert!(parse(v).unwrap_err().to_string().contains("no sliding_window"));
     }
 
     #[test]

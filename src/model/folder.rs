@@ -4,18 +4,22 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value, json};
 
 use super::chat::ChatTemplate;
-use super::config::LlamaConfig;
-use super::llama::Llama;
+use super::config::{Head, ModelConfig};
+use super::decoder::Decoder;
+use super::lora::{self, Adapter};
 use super::weights::Params;
 use crate::error::{Result, bad_input, usage};
 use crate::output::write_atomic;
 use crate::tokenizer::LoadedTokenizer;
 
 pub const CONFIG: &str = "config.json";
+/// Beside a LoRA adapter: the config.json of the tuned model (what `adapter merge` writes).
+/// Not `config.json`, which would make transformers read the adapter folder as a full model.
+pub const TUNED_CONFIG: &str = "tuned_config.json";
 pub const GENERATION_CONFIG: &str = "generation_config.json";
 pub const WEIGHTS: &str = "model.safetensors";
 pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
@@ -61,36 +65,108 @@ fn hub_cache() -> hf_hub::Cache {
     }
 }
 
-/// A model folder's files, read and checked.
+/// The base model an adapter folder's `--base` names instead of its `base_model_name_or_path`.
+static ADAPTER_BASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `--base MODEL`: the base of every adapter given as a model in this process.
+pub fn set_adapter_base(base: String) {
+    let _ = ADAPTER_BASE.set(base);
+}
+
+/// A model folder's files, read and checked. A LoRA adapter folder (`adapter_config.json`) is
+/// a model too: its base supplies the weights, and whatever files the adapter folder holds
+/// (tokenizer, chat template, a tuned config) take precedence over the base's.
 pub struct ModelFolder {
     pub dir: PathBuf,
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     pub generation_config: Option<Value>,
     pub tokenizer_config: Map<String, Value>,
     pub chat_template: Option<String>,
+    /// For an adapter folder: the base model folder.
+    pub base: Option<Box<ModelFolder>>,
 }
 
 impl ModelFolder {
-    /// Open a model argument (folder or hub id) and read its configuration files.
+    /// Open a model argument (folder, adapter folder or hub id) and read its configuration files.
     pub fn open(model: &str) -> Result<Self> {
         let dir = resolve(model)?;
+        if lora::is_adapter(&dir) {
+            return Self::open_adapter(dir);
+        }
         let config_path = dir.join(CONFIG);
         if !config_path.exists() {
             return Err(bad_input(&dir, "no config.json: not a Hugging Face model folder"));
         }
-        let config = LlamaConfig::from_file(&config_path)?;
+        let config = ModelConfig::from_file(&config_path)?;
         let generation_config = read_json_if_present(&dir.join(GENERATION_CONFIG))?;
         let tokenizer_config = read_tokenizer_config(&dir)?;
         let chat_template = read_chat_template(&dir, &tokenizer_config)?;
-        Ok(ModelFolder { dir, config, generation_config, tokenizer_config, chat_template })
+        Ok(ModelFolder { dir, config, generation_config, tokenizer_config, chat_template, base: None })
+    }
+
+    /// An adapter folder on its base: `--base`, else `base_model_name_or_path` (relative to the
+    /// adapter folder, absolute, or a hub id in the local cache).
+    fn open_adapter(dir: PathBuf) -> Result<Self> {
+        let (_, _, named) = lora::read_adapter_config(&dir)?;
+        let base_arg = ADAPTER_BASE.get().cloned().unwrap_or(named);
+        if base_arg.is_empty() {
+            return Err(usage(format!("adapter {}: no base_model_name_or_path; pass --base MODEL", dir.display())));
+        }
+        let beside = dir.join(&base_arg);
+        let base_arg = if Path::new(&base_arg).is_relative() && beside.is_dir() { beside.display().to_string() } else { base_arg };
+        let base = ModelFolder::open(&base_arg).map_err(|e| {
+            usage(format!("adapter {}: its base `{base_arg}` cannot be opened ({}); pass --base MODEL", dir.display(), e.one_line()))
+        })?;
+        if base.base.is_some() {
+            return Err(bad_input(&dir, format!("its base {} is itself an adapter; merge that one first (adapter merge)", base.dir.display())));
+        }
+        // A tuned config lathe wrote beside the adapter (new stop tokens, a classifier head);
+        // else the base's, with PEFT's classifier head when the adapter is one.
+        let config = match dir.join(TUNED_CONFIG).exists() {
+            true => {
+                let tuned = ModelConfig::from_file(&dir.join(TUNED_CONFIG))?;
+                check_same_architecture(&tuned, &base.config, &dir)?;
+                tuned
+            }
+            false => adapter_head_config(&dir, &base.config)?,
+        };
+        let generation_config = read_json_if_present(&dir.join(GENERATION_CONFIG))?.or_else(|| base.generation_config.clone());
+        let own = read_tokenizer_config(&dir)?;
+        let tokenizer_config = if own.is_empty() { base.tokenizer_config.clone() } else { own };
+        let chat_template = read_chat_template(&dir, &tokenizer_config)?.or_else(|| base.chat_template.clone());
+        Ok(ModelFolder { dir, config, generation_config, tokenizer_config, chat_template, base: Some(Box::new(base)) })
+    }
+
+    /// Where `tokenizer.json` is: the folder's own, else (an adapter without one) the base's.
+    fn tokenizer_dir(&self) -> &Path {
+        match &self.base {
+            Some(base) if !self.dir.join(TOKENIZER).exists() => &base.dir,
+            _ => &self.dir,
+        }
     }
 
     pub fn tokenizer_path(&self) -> PathBuf {
-        self.dir.join(TOKENIZER)
+        self.tokenizer_dir().join(TOKENIZER)
     }
 
     pub fn load_tokenizer(&self) -> Result<LoadedTokenizer> {
-        LoadedTokenizer::load(&self.dir)
+        LoadedTokenizer::load(self.tokenizer_dir())
+    }
+
+    /// The adapter of an adapter folder (its A/B pairs on `device`).
+    pub fn load_adapter(&self, device: &Device) -> Result<Option<Adapter>> {
+        self.base.as_ref().map(|_| Adapter::load(&self.dir, &self.config, device)).transpose()
+    }
+
+    /// The base model's parameters, with the head this folder's config wants (a classifier
+    /// adapter's base loses its LM head): what a LoRA trainer freezes.
+    pub fn load_base_params(&self, device: &Device) -> Result<Params> {
+        let Some(base) = &self.base else { return self.load_params(device) };
+        let mut params = base.load_params(device)?;
+        if matches!(self.config.head, Head::SequenceClassification { .. }) {
+            params.remove("lm_head.weight");
+        }
+        Ok(params)
     }
 
     /// The folder's tokenizer, refused when it has more tokens than the model has embedding rows.
@@ -120,8 +196,44 @@ impl ModelFolder {
         Ok(())
     }
 
-    /// The weight files: `model.safetensors`, or the shards its index names.
+    /// The `--max-length` a stage uses with this model: an explicit value must fit (see
+    /// [`Self::check_max_length`]); the stage's default is lowered to the model's
+    /// `max_position_embeddings`, with a note, when the model is shorter.
+    pub fn fit_max_length(&self, stage: &str, explicit: Option<usize>, default: usize) -> Result<usize> {
+        let chosen = match explicit {
+            Some(n) => n,
+            None if default > self.config.max_position_embeddings => {
+                let positions = self.config.max_position_embeddings;
+                crate::progress::warn(format!(
+                    "note: {stage}: --max-length {positions} (the default {default} is longer than {}'s max_position_embeddings)",
+                    self.dir.display()
+                ));
+                positions
+            }
+            None => default,
+        };
+        self.check_max_length(chosen)?;
+        Ok(chosen)
+    }
+
+    /// The float dtype the weights are stored in (loaded as f32 whatever it is).
+    pub fn stored_dtype(&self) -> Result<DType> {
+        let first = self.weight_files()?.into_iter().next().ok_or_else(|| bad_input(&self.dir, "no weight files"))?;
+        let header = safetensors_header(&first)?;
+        let stored = header.iter().filter(|(name, _)| *name != "__metadata__").find_map(|(_, info)| info["dtype"].as_str());
+        Ok(match stored {
+            Some("BF16") => DType::BF16,
+            Some("F16") => DType::F16,
+            Some("F64") => DType::F64,
+            _ => DType::F32,
+        })
+    }
+
+    /// The weight files: `model.safetensors`, or the shards its index names (an adapter's base's).
     pub fn weight_files(&self) -> Result<Vec<PathBuf>> {
+        if let Some(base) = &self.base {
+            return base.weight_files();
+        }
         let single = self.dir.join(WEIGHTS);
         if single.exists() {
             return Ok(vec![single]);
@@ -141,7 +253,15 @@ impl ModelFolder {
         Ok(shards.into_iter().map(|s| self.dir.join(s)).collect())
     }
 
+    /// The model's parameters; an adapter folder's are its base's with the adapter merged in.
     pub fn load_params(&self, device: &Device) -> Result<Params> {
+        if self.base.is_some() {
+            let mut params = self.load_base_params(device)?;
+            let adapter = self.load_adapter(device)?.expect("an adapter folder has an adapter");
+            adapter.merge_into(&mut params)?;
+            params.check(&self.config, &self.dir.join(lora::ADAPTER_WEIGHTS))?;
+            return Ok(params);
+        }
         let files = self.weight_files()?;
         let mut params = Params::load(&files, device)?;
         // Older checkpoints carry rotary tables as buffers; we compute our own.
@@ -154,9 +274,9 @@ impl ModelFolder {
     }
 
     /// Load weights and build the model.
-    pub fn load_model(&self, device: &Device) -> Result<(Llama, Params)> {
+    pub fn load_model(&self, device: &Device) -> Result<(Decoder, Params)> {
         let params = self.load_params(device)?;
-        let model = Llama::new(&self.config, &params)?;
+        let model = Decoder::new(&self.config, &params)?;
         Ok((model, params))
     }
 
@@ -180,6 +300,70 @@ impl ModelFolder {
             })
             .unwrap_or_default();
         if from_generation.is_empty() { self.config.eos_token_ids.clone() } else { from_generation }
+    }
+}
+
+/// A tuned config beside an adapter must describe its base's architecture.
+fn check_same_architecture(tuned: &ModelConfig, base: &ModelConfig, dir: &Path) -> Result<()> {
+    let shape = |c: &ModelConfig| {
+        (c.family, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size)
+    };
+    if shape(tuned) != shape(base) || tuned.arch != base.arch {
+        return Err(bad_input(
+            dir.join(TUNED_CONFIG),
+            "describes another model than the adapter's base (family, shape or vocabulary differ); pass the right --base",
+        ));
+    }
+    Ok(())
+}
+
+/// A PEFT-written adapter's config: the base's, as a classifier when the adapter is one
+/// (`task_type: SEQ_CLS`, its `score` head saved in full).
+fn adapter_head_config(dir: &Path, base: &ModelConfig) -> Result<ModelConfig> {
+    let (raw, _, _) = lora::read_adapter_config(dir)?;
+    let mut config = base.clone();
+    if raw.get("task_type").and_then(Value::as_str) == Some("SEQ_CLS") {
+        let file = dir.join(lora::ADAPTER_WEIGHTS);
+        let tensors = safetensors_shapes(&file)?;
+        let rows = tensors
+            .get(lora::SCORE)
+            .and_then(|shape| shape.first().copied())
+            .ok_or_else(|| bad_input(&file, format!("a SEQ_CLS adapter without `{}` (PEFT saves the head it trained)", lora::SCORE)))?;
+        config.head = Head::SequenceClassification { num_labels: rows };
+    }
+    Ok(config)
+}
+
+/// A safetensors file's JSON header (name → dtype, shape, offsets), read without the tensors:
+/// an 8-byte little-endian length, then that many bytes of JSON.
+fn safetensors_header(file: &Path) -> Result<Map<String, Value>> {
+    use std::io::Read;
+    let unreadable = |why: String| bad_input(file, format!("not a readable safetensors file ({why})"));
+    let mut reader = std::fs::File::open(file).map_err(|e| bad_input(file, format!("cannot read: {e}")))?;
+    let mut length = [0u8; 8];
+    reader.read_exact(&mut length).map_err(|e| unreadable(e.to_string()))?;
+    let length = u64::from_le_bytes(length);
+    if length > 100_000_000 {
+        return Err(unreadable(format!("a header of {length} bytes")));
+    }
+    let mut header = vec![0u8; length as usize];
+    reader.read_exact(&mut header).map_err(|e| unreadable(e.to_string()))?;
+    serde_json::from_slice(&header).map_err(|e| unreadable(e.to_string()))
+}
+
+/// Tensor names and shapes of a safetensors file, without reading the tensors.
+fn safetensors_shapes(file: &Path) -> Result<std::collections::HashMap<String, Vec<usize>>> {
+    let shape = |info: &Value| info["shape"].as_array().map(|dims| dims.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect());
+    Ok(safetensors_header(file)?.iter().filter_map(|(name, info)| Some((name.clone(), shape(info)?))).collect())
+}
+
+/// transformers' name of a dtype (`config.json`'s `dtype`).
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
     }
 }
 
@@ -247,7 +431,7 @@ fn token_string(value: &Value) -> Option<String> {
 
 /// Everything a model folder holds, for writing.
 pub struct ModelFiles<'a> {
-    pub config: &'a LlamaConfig,
+    pub config: &'a ModelConfig,
     pub params: &'a Params,
     /// `tokenizer.json` content, written as given.
     pub tokenizer_json: &'a str,
@@ -277,28 +461,59 @@ impl FolderParts {
         })
     }
 
-    pub fn save(&self, dir: &Path, config: &LlamaConfig, params: &Params) -> Result<()> {
-        save(
-            dir,
-            &ModelFiles {
-                config,
-                params,
-                tokenizer_json: &self.tokenizer_json,
-                tokenizer_config: &self.tokenizer_config,
-                chat_template: self.chat_template.as_deref(),
-                generation_config: self.generation_config.as_ref(),
-            },
-        )
+    pub fn save(&self, dir: &Path, config: &ModelConfig, params: &Params) -> Result<()> {
+        save(dir, &self.files(config, params))
+    }
+
+    /// Every file of the folder but the weights, beside a LoRA adapter: its tokenizer and the
+    /// tuned config (new stop tokens, a classifier head) as `tuned_config.json`, which PEFT
+    /// and transformers ignore and lathe reads.
+    pub fn save_beside_adapter(&self, dir: &Path, config: &ModelConfig) -> Result<()> {
+        save_files(dir, &self.files(config, &Params::default()), None)
+    }
+
+    fn files<'a>(&'a self, config: &'a ModelConfig, params: &'a Params) -> ModelFiles<'a> {
+        ModelFiles {
+            config,
+            params,
+            tokenizer_json: &self.tokenizer_json,
+            tokenizer_config: &self.tokenizer_config,
+            chat_template: self.chat_template.as_deref(),
+            generation_config: self.generation_config.as_ref(),
+        }
     }
 }
 
 /// Write a model folder in transformers' layout. Each file lands atomically.
 pub fn save(dir: &Path, files: &ModelFiles) -> Result<()> {
+    save_files(dir, files, Some(DType::F32))
+}
+
+/// [`save`] with the weights stored as `dtype` (a merged adapter keeps its base's bf16).
+pub fn save_as(dir: &Path, files: &ModelFiles, dtype: DType) -> Result<()> {
+    save_files(dir, files, Some(dtype))
+}
+
+/// `weights: None` writes everything but the weights, the config as `tuned_config.json`.
+fn save_files(dir: &Path, files: &ModelFiles, weights: Option<DType>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| bad_input(dir, format!("cannot create folder: {e}")))?;
-    write_atomic(&dir.join(CONFIG), pretty_json(&files.config.to_json())?.as_bytes())?;
+    let config_name = if weights.is_some() { CONFIG } else { TUNED_CONFIG };
+    let mut config = files.config.to_json();
+    if let Some(dtype) = weights {
+        config["dtype"] = json!(dtype_name(dtype));
+    }
+    write_atomic(&dir.join(config_name), pretty_json(&config)?.as_bytes())?;
     let generation = files.generation_config.cloned().unwrap_or_else(|| default_generation_config(files.config));
     write_atomic(&dir.join(GENERATION_CONFIG), pretty_json(&generation)?.as_bytes())?;
-    files.params.save(&dir.join(WEIGHTS))?;
+    match weights {
+        Some(DType::F32) => files.params.save(&dir.join(WEIGHTS))?,
+        Some(dtype) => {
+            let converted: Vec<(&str, Tensor)> =
+                files.params.iter().map(|(name, var)| Ok((name, var.as_tensor().to_dtype(dtype)?))).collect::<Result<_>>()?;
+            super::weights::save_tensors(&dir.join(WEIGHTS), converted.iter().map(|(n, t)| (*n, t)))?;
+        }
+        None => {}
+    }
     write_atomic(&dir.join(TOKENIZER), files.tokenizer_json.as_bytes())?;
     let mut tokenizer_config = files.tokenizer_config.clone();
     match files.chat_template {
@@ -315,7 +530,7 @@ pub fn save(dir: &Path, files: &ModelFiles) -> Result<()> {
     Ok(())
 }
 
-fn default_generation_config(config: &LlamaConfig) -> Value {
+fn default_generation_config(config: &ModelConfig) -> Value {
     let eos = match config.eos_token_ids.as_slice() {
         [] => Value::Null,
         [one] => json!(one),

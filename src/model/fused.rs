@@ -8,6 +8,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
+use super::family::Activation;
+
 /// Fused kernels run on CPU f32 tensors; other devices use the composite ops.
 pub fn supported(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
@@ -336,8 +338,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- RoPE (rotate-half), heads first
 
-/// `x` `[B, T, H, D]` → `[B, H, T, D]` with `y = x·cos + rotate_half(x)·sin`; `cos`, `sin`
-/// are `[1 or B, T, D]`. Writing heads-first saves the transpose copy attention needs anyway.
+/// `x` `[B, T, H, D]` → `[B, H, T, D]` with `y = x·cos + rotate_half(x)·sin` on the first `R`
+/// dimensions of each head and `y = x` on the rest; `cos`, `sin` are `[1 or B, T, R]`. Writing
+/// heads-first saves the transpose copy attention needs anyway.
 struct Rope;
 
 struct RopeShape {
@@ -345,40 +348,45 @@ struct RopeShape {
     t: usize,
     h: usize,
     d: usize,
+    /// Rotary dimensions per head (`R`).
+    r: usize,
     table_batches: usize,
 }
 
 impl RopeShape {
     fn new(x: &[usize], table: &[usize]) -> Result<Self> {
-        let (&[b, t, h, d], &[tb, tt, td]) = (x, table) else { bail!("rope: expected x [B,T,H,D] and tables [B,T,D]") };
-        if tt != t || td != d || (tb != 1 && tb != b) || d % 2 != 0 {
+        let (&[b, t, h, d], &[tb, tt, r]) = (x, table) else { bail!("rope: expected x [B,T,H,D] and tables [B,T,R]") };
+        if tt != t || r > d || (tb != 1 && tb != b) || r % 2 != 0 {
             bail!("rope: tables {table:?} do not fit x {x:?}")
         }
-        Ok(RopeShape { b, t, h, d, table_batches: tb })
+        Ok(RopeShape { b, t, h, d, r, table_batches: tb })
     }
 
     /// Offset of row (b, t) in the tables.
     fn table_row(&self, b: usize, t: usize) -> usize {
-        (if self.table_batches == 1 { t } else { b * self.t + t }) * self.d
+        (if self.table_batches == 1 { t } else { b * self.t + t }) * self.r
     }
 }
 
-/// y1 = x1·c1 − x2·s1, y2 = x2·c2 + x1·s2 (halves of one head vector).
+/// y1 = x1·c1 − x2·s1, y2 = x2·c2 + x1·s2 (halves of the rotary part of one head vector);
+/// the dimensions past the tables pass through.
 fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
-    let half = x.len() / 2;
+    let half = cos.len() / 2;
     for j in 0..half {
         y[j] = x[j] * cos[j] - x[j + half] * sin[j];
         y[j + half] = x[j + half] * cos[j + half] + x[j] * sin[j + half];
     }
+    y[2 * half..].copy_from_slice(&x[2 * half..]);
 }
 
 /// The transpose of [`rope_row`]: dx1 = dy1·c1 + dy2·s2, dx2 = dy2·c2 − dy1·s1.
 fn rope_row_backward(dy: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
-    let half = dy.len() / 2;
+    let half = cos.len() / 2;
     for j in 0..half {
         dx[j] = dy[j] * cos[j] + dy[j + half] * sin[j + half];
         dx[j + half] = dy[j + half] * cos[j + half] - dy[j] * sin[j];
     }
+    dx[2 * half..].copy_from_slice(&dy[2 * half..]);
 }
 
 impl CustomOp3 for Rope {
@@ -404,7 +412,7 @@ impl CustomOp3 for Rope {
             for (t, out) in block.chunks_mut(s.d).enumerate() {
                 let at = ((b * s.t + t) * s.h + h) * s.d;
                 let table = s.table_row(b, t);
-                rope_row(&x[at..at + s.d], &cos[table..table + s.d], &sin[table..table + s.d], out);
+                rope_row(&x[at..at + s.d], &cos[table..table + s.r], &sin[table..table + s.r], out);
             }
         });
         Ok((CpuStorage::F32(y), Shape::from((s.b, s.h, s.t, s.d))))
@@ -429,7 +437,7 @@ impl CustomOp3 for Rope {
                         let table = s.table_row(b, t);
                         for (h, out) in row.chunks_mut(s.d).enumerate() {
                             let at = ((b * s.h + h) * s.t + t) * s.d;
-                            rope_row_backward(&dy[at..at + s.d], &cos[table..table + s.d], &sin[table..table + s.d], out);
+                            rope_row_backward(&dy[at..at + s.d], &cos[table..table + s.r], &sin[table..table + s.r], out);
                         }
                     });
                     tensor(dx, x.shape(), x)
@@ -445,39 +453,71 @@ pub fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
 }
 
-// ---------------------------------------------------------------- SwiGLU
+// ---------------------------------------------------------------- gated activations
 
-/// `silu(gate) ⊙ up`.
-struct SwiGlu;
+/// `act(gate) ⊙ up` for SwiGLU (`silu`) and GeGLU (tanh-approximated GELU).
+struct Gated(Activation);
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-impl CustomOp2 for SwiGlu {
+const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+
+impl Gated {
+    /// `act(g)`.
+    fn value(&self, g: f32) -> f32 {
+        match self.0 {
+            Activation::Silu => g * sigmoid(g),
+            // 0.5·g·(1 + tanh(u)), u = c·(g + 0.044715·g³)
+            Activation::GeluTanh | Activation::Gelu => {
+                0.5 * g * (1.0 + (SQRT_TWO_OVER_PI * (g + GELU_CUBIC * g * g * g)).tanh())
+            }
+        }
+    }
+
+    /// `(dgate, dup) = (dy·up·act'(g), dy·act(g))`.
+    fn backward(&self, g: f32, u: f32, dy: f32) -> (f32, f32) {
+        match self.0 {
+            Activation::Silu => {
+                let s = sigmoid(g);
+                (dy * u * s * (1.0 + g * (1.0 - s)), dy * g * s)
+            }
+            Activation::GeluTanh | Activation::Gelu => {
+                let tanh = (SQRT_TWO_OVER_PI * (g + GELU_CUBIC * g * g * g)).tanh();
+                let du = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * g * g);
+                let slope = 0.5 * (1.0 + tanh) + 0.5 * g * (1.0 - tanh * tanh) * du;
+                (dy * u * slope, dy * 0.5 * g * (1.0 + tanh))
+            }
+        }
+    }
+}
+
+impl CustomOp2 for Gated {
     fn name(&self) -> &'static str {
-        "swiglu"
+        "gated-activation"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (gate, up) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
         if gate.len() != up.len() {
-            bail!("swiglu: gate and up differ in size")
+            bail!("gated activation: gate and up differ in size")
         }
         let mut y = vec![0f32; gate.len()];
         y.par_chunks_mut(16_384).zip(gate.par_chunks(16_384).zip(up.par_chunks(16_384))).for_each(|(y, (g, u))| {
             for ((yj, &gj), &uj) in y.iter_mut().zip(g).zip(u) {
-                *yj = gj * sigmoid(gj) * uj;
+                *yj = self.value(gj) * uj;
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    /// `dgate = dy·up·σ(g)(1 + g(1 − σ(g)))`, `dup = dy·silu(g)`.
+    /// `dgate = dy·up·act'(g)`, `dup = dy·act(g)`.
     fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dgate, dup) = with_data(gate, "swiglu backward", |g| {
-            with_data(up, "swiglu backward", |u| {
-                with_data(grad, "swiglu backward", |dy| {
+        let (dgate, dup) = with_data(gate, "gated activation backward", |g| {
+            with_data(up, "gated activation backward", |u| {
+                with_data(grad, "gated activation backward", |dy| {
                     let mut dgate = vec![0f32; g.len()];
                     let mut dup = vec![0f32; g.len()];
                     dgate
@@ -486,9 +526,7 @@ impl CustomOp2 for SwiGlu {
                         .zip(g.par_chunks(16_384).zip(u.par_chunks(16_384)).zip(dy.par_chunks(16_384)))
                         .for_each(|((dg, du), ((g, u), dy))| {
                             for j in 0..g.len() {
-                                let s = sigmoid(g[j]);
-                                du[j] = dy[j] * g[j] * s;
-                                dg[j] = dy[j] * u[j] * s * (1.0 + g[j] * (1.0 - s));
+                                (dg[j], du[j]) = self.backward(g[j], u[j], dy[j]);
                             }
                         });
                     Ok((dgate, dup))
@@ -499,8 +537,57 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+/// `act(gate) ⊙ up`; `activation` is `Silu` or `GeluTanh` (the exact GELU has no fused kernel).
+pub fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Gated(activation))
+}
+
+// ---------------------------------------------------------------- matmul by a frozen weight
+
+/// `x Wᵀ` for rows `x` `[M, K]` and a frozen `Wᵀ` `[K, N]` (any strides, e.g. a view of `W`).
+/// candle's own matmul computes (and stores) the gradient of both sides whether or not one
+/// needs it: for a frozen LoRA base that is a full-size gradient per weight, and a third of
+/// the backward's arithmetic. This one gives `x` its gradient, `dx = dy W`, and `Wᵀ` none.
+struct FrozenMatmul;
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let CpuStorage::F32(w) = s2 else { bail!("frozen-matmul: expected an f32 weight") };
+        let (&[m, k], &[k2, n]) = (l1.dims(), l2.dims()) else { bail!("frozen-matmul: expected x [M, K] and Wᵀ [K, N]") };
+        if k != k2 {
+            bail!("frozen-matmul: x {:?} and Wᵀ {:?} do not fit", l1.dims(), l2.dims())
+        }
+        let w = &w[l2.start_offset()..];
+        let (w_rs, w_cs) = (l2.stride()[0] as isize, l2.stride()[1] as isize);
+        let mut y = vec![0f32; m * n];
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: the slices hold M×K, K×N (by the layout's strides) and M×N elements.
+        unsafe {
+            gemm::gemm(
+                m, n, k,
+                y.as_mut_ptr(), 1, n as isize, false,
+                x.as_ptr(), 1, k as isize,
+                w.as_ptr(), w_cs, w_rs,
+                0f32, 1f32, false, false, false, parallelism,
+            );
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _x: &Tensor, w_t: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&w_t.t()?)?), None))
+    }
+}
+
+/// `x Wᵀ` for rows `x` `[M, K]` and a frozen `Wᵀ` `[K, N]`: the gradient reaches `x` only.
+pub fn frozen_matmul(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(w_t, FrozenMatmul)
 }
 
 #[cfg(test)]
@@ -590,10 +677,10 @@ mod tests {
     }
 
     #[test]
-    fn rope_matches_composite_for_shared_and_per_row_tables() {
-        for table_batches in [1, 2] {
+    fn rope_matches_composite_for_shared_and_per_row_and_partial_tables() {
+        for (table_batches, rotary) in [(1, 8), (2, 8), (1, 4), (2, 6)] {
             let x = random(&[2, 5, 3, 8], 5);
-            let angles = random(&[table_batches, 5, 4], 6);
+            let angles = random(&[table_batches, 5, rotary / 2], 6);
             let angles = Tensor::cat(&[&angles, &angles], 2).unwrap();
             let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
             same_value_and_gradients(
@@ -601,7 +688,9 @@ mod tests {
                 |t| rope_heads_first(&t[0], &cos, &sin).unwrap(),
                 |t| {
                     let heads_first = t[0].transpose(1, 2).unwrap();
-                    composite::apply_rope(&heads_first, &cos.unsqueeze(1).unwrap(), &sin.unsqueeze(1).unwrap()).unwrap()
+                    let (rotating, passing) = (heads_first.narrow(3, 0, rotary).unwrap(), heads_first.narrow(3, rotary, 8 - rotary).unwrap());
+                    let rotated = composite::apply_rope(&rotating, &cos.unsqueeze(1).unwrap(), &sin.unsqueeze(1).unwrap()).unwrap();
+                    Tensor::cat(&[&rotated, &passing], 3).unwrap()
                 },
                 1e-5,
             );
@@ -609,9 +698,33 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_matches_composite() {
-        let (gate, up) = (random(&[4, 33], 7), random(&[4, 33], 8));
-        same_value_and_gradients(&[gate, up], |t| swiglu(&t[0], &t[1]).unwrap(), |t| composite::swiglu(&t[0], &t[1]).unwrap(), 1e-5);
+    fn gated_activations_match_composite() {
+        for activation in [Activation::Silu, Activation::GeluTanh] {
+            let (gate, up) = (random(&[4, 33], 7), random(&[4, 33], 8));
+            same_value_and_gradients(
+                &[gate, up],
+                |t| gated(&t[0], &t[1], activation).unwrap(),
+                |t| composite::gated(&t[0], &t[1], activation).unwrap(),
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn frozen_matmul_matches_matmul_and_gives_the_weight_no_gradient() {
+        let (x, w) = (random(&[7, 5], 11), random(&[3, 5], 12));
+        for w_t in [w.t().unwrap(), w.t().unwrap().contiguous().unwrap()] {
+            let xv = Var::from_tensor(&x).unwrap();
+            let ours = frozen_matmul(xv.as_tensor(), &w_t).unwrap();
+            let theirs = xv.as_tensor().matmul(&w_t).unwrap();
+            assert!(max_diff(&ours, &theirs) <= 1e-6);
+            let probe = random(&[7, 3], 13);
+            let g_ours = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_theirs = (&theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(max_diff(g_ours.get(xv.as_tensor()).unwrap(), g_theirs.get(xv.as_tensor()).unwrap()) <= 1e-6);
+            assert!(g_ours.get(&w_t).is_none(), "no gradient stored for the frozen weight");
+            assert!(g_theirs.get(&w_t).is_some(), "candle's matmul stores one");
+        }
     }
 
     #[test]

@@ -1,18 +1,23 @@
-//! The model core: a Llama-family decoder on differentiable candle ops with Hugging Face tensor
+//! The model core: one decoder for every model family on differentiable candle ops with Hugging Face tensor
 //! names, its config, weights, model folders and chat templates.
 
 pub mod chat;
 pub mod config;
 pub mod folder;
+pub mod lora;
 pub mod fused;
-pub mod llama;
+pub mod decoder;
+pub mod family;
 pub mod ops;
+pub mod recompute;
+pub mod rope;
 pub mod weights;
 
 pub use chat::ChatTemplate;
-pub use config::{Head, LlamaConfig};
+pub use config::{Head, ModelConfig};
+pub use family::{Activation, Architecture, Family};
 pub use folder::ModelFolder;
-pub use llama::{ForwardOptions, KvCache, Llama};
+pub use decoder::{AdapterSwitch, Decoder, ForwardOptions, KvCache};
 pub use weights::Params;
 
 use candle_core::Device;

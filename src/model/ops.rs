@@ -5,8 +5,9 @@
 //! candle's own `softmax_last_dim`, `rms_norm` and `rope` kernels have no backward and silently
 //! cut the graph, so nothing here uses them.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{D, DType, Result, Tensor};
 
+use super::family::Activation;
 use super::fused::{self, IGNORE_INDEX};
 
 /// RMSNorm over the last dimension.
@@ -31,18 +32,53 @@ pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> 
     composite::softmax_last_dim(&masked)?.reshape(dims)
 }
 
-/// Rotary embedding of `x` `[B, T, H, D]` with tables `[1 or B, T, D]`, returned heads-first
-/// `[B, H, T, D]`.
+/// Rotary embedding of `x` `[B, T, H, D]` with tables `[1 or B, T, R]`, returned heads-first
+/// `[B, H, T, D]`. The first `R ≤ D` dimensions of each head rotate; the rest pass through
+/// (Phi-3's partial rotary).
 pub fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused::supported(x) {
         return fused::rope_heads_first(x, cos, sin);
     }
-    composite::apply_rope(&x.transpose(1, 2)?, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)?.contiguous()
+    let heads_first = x.transpose(1, 2)?;
+    let (d, r) = (x.dim(D::Minus1)?, cos.dim(D::Minus1)?);
+    let rotate = |part: &Tensor| composite::apply_rope(part, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?);
+    if r == d {
+        return rotate(&heads_first)?.contiguous();
+    }
+    let rotated = rotate(&heads_first.narrow(D::Minus1, 0, r)?)?;
+    Tensor::cat(&[&rotated, &heads_first.narrow(D::Minus1, r, d - r)?], D::Minus1)?.contiguous()
 }
 
-/// SwiGLU's gate: `silu(gate) ⊙ up`.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if fused::supported(gate) { fused::swiglu(gate, up) } else { composite::swiglu(gate, up) }
+/// A gated MLP's activation: `act(gate) ⊙ up` (SwiGLU, GeGLU).
+pub fn gated_activation(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
+    if fused::supported(gate) && activation != Activation::Gelu {
+        return fused::gated(gate, up, activation);
+    }
+    composite::gated(gate, up, activation)
+}
+
+/// Inverted dropout with probability `p`: each element kept (and scaled by `1 / (1 - p)`) or
+/// zeroed by a counter-based hash of `seed` and its index, so the same seed gives the same mask
+/// on any device, in any order (a recomputed forward draws what the first one drew).
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let n = x.elem_count();
+    let threshold = (p * u64::MAX as f64) as u64;
+    let keep = 1.0 / (1.0 - p) as f32;
+    let mask: Vec<f32> = (0..n as u64).map(|i| if splitmix64(seed ^ splitmix64(i)) >= threshold { keep } else { 0.0 }).collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
+}
+
+/// SplitMix64's output function: a fast, well-mixed hash of a counter.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `cap · tanh(x / cap)`: Gemma 2's soft-capping of attention scores and logits.
+pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    (x / cap)?.tanh()? * cap
 }
 
 /// Cross-entropy per row of `logits` `[N, V]` against `targets` `[N]`; rows whose target is
@@ -75,6 +111,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// implementation on devices without them.
 pub mod composite {
     use candle_core::{D, Result, Tensor};
+
+    use crate::model::family::Activation;
 
     /// `x / sqrt(mean(x²) + eps) * weight` over the last dimension, as transformers computes it.
     pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -112,9 +150,15 @@ pub mod composite {
         x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
     }
 
-    /// SwiGLU's gate: `silu(gate) * up`.
-    pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        gate.silu()? * up
+    /// A gated MLP's activation: `act(gate) * up`.
+    pub fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
+        let activated = match activation {
+            Activation::Silu => gate.silu()?,
+            // candle's `gelu` is the tanh approximation, `gelu_erf` the exact one.
+            Activation::GeluTanh => gate.gelu()?,
+            Activation::Gelu => gate.gelu_erf()?,
+        };
+        activated * up
     }
 }
 

@@ -8,9 +8,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
-use super::config::{Head, LlamaConfig};
+use super::config::{Head, ModelConfig};
 use crate::error::{Result, bad_input};
-use crate::output::AtomicFile;
 
 /// Parameters by Hugging Face tensor name.
 #[derive(Clone, Default)]
@@ -19,31 +18,28 @@ pub struct Params {
 }
 
 impl Params {
-    /// Load every tensor of the given safetensors files onto `device` as f32.
+    /// Load every tensor of the given safetensors files onto `device` as f32, one tensor at a
+    /// time: the peak is the model plus its largest tensor, not two or three whole copies.
     pub fn load(files: &[PathBuf], device: &Device) -> Result<Self> {
         let mut vars = BTreeMap::new();
         for file in files {
-            let tensors = candle_core::safetensors::load(file, device)
-                .map_err(|e| bad_input(file, format!("not a readable safetensors file ({e})")))?;
-            for (name, tensor) in tensors {
-                if !tensor.dtype().is_float() {
-                    return Err(bad_input(file, format!("tensor `{name}` has dtype {:?}, expected a float dtype", tensor.dtype())));
-                }
-                let tensor = if tensor.dtype() == DType::F32 { tensor } else { tensor.to_dtype(DType::F32)? };
-                vars.insert(name, Var::from_tensor(&tensor)?);
-            }
+            read_safetensors(file, device, |name, var| {
+                vars.insert(name, var);
+            })?;
         }
         Ok(Params { vars })
     }
 
-    /// Random weights for a new model: normal(0, std) for matrices, ones for norms.
-    pub fn init(config: &LlamaConfig, std: f64, seed: u64, device: &Device) -> Result<Self> {
+    /// Random weights for a new model: normal(0, std) for matrices; norms start as the
+    /// identity (weight 1, or 0 where the family scales by `1 + weight`).
+    pub fn init(config: &ModelConfig, std: f64, seed: u64, device: &Device) -> Result<Self> {
+        let identity_norm = 1.0 - config.arch.norm_weight_offset;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let normal = Normal::new(0f32, std as f32).map_err(|e| crate::error::failed(e))?;
+        let normal = Normal::new(0f32, std as f32).map_err(crate::error::failed)?;
         let mut params = Params::default();
         for (name, shape) in expected_shapes(config) {
             let tensor = if name.ends_with("norm.weight") {
-                Tensor::ones(shape.as_slice(), DType::F32, device)?
+                (Tensor::ones(shape.as_slice(), DType::F32, device)? * identity_norm)?
             } else if name.ends_with(".bias") {
                 Tensor::zeros(shape.as_slice(), DType::F32, device)?
             } else {
@@ -119,7 +115,7 @@ impl Params {
     }
 
     /// Check names and shapes against a config before building a model from them.
-    pub fn check(&self, config: &LlamaConfig, source: &Path) -> Result<()> {
+    pub fn check(&self, config: &ModelConfig, source: &Path) -> Result<()> {
         for (name, shape) in expected_shapes(config) {
             let Some(var) = self.vars.get(&name) else {
                 return Err(bad_input(source, format!("missing tensor `{name}` (shape {shape:?})")));
@@ -155,43 +151,128 @@ impl Params {
     }
 }
 
+/// Each tensor of a safetensors file as an f32 `Var`, read from its place in the file (the
+/// header, parsed by the safetensors crate, gives names, dtypes, shapes and offsets).
+fn read_safetensors(file: &Path, device: &Device, mut each: impl FnMut(String, Var)) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let unreadable = |why: String| bad_input(file, format!("not a readable safetensors file ({why})"));
+    let mut reader = std::fs::File::open(file).map_err(|e| bad_input(file, format!("cannot read: {e}")))?;
+    let size = reader.metadata().map_err(|e| unreadable(e.to_string()))?.len();
+    let mut length = [0u8; 8];
+    reader.read_exact(&mut length).map_err(|e| unreadable(e.to_string()))?;
+    let header_len = u64::from_le_bytes(length);
+    if header_len > 100_000_000 || 8 + header_len > size {
+        return Err(unreadable(format!("a header of {header_len} bytes in a file of {size}")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    reader.read_exact(&mut header).map_err(|e| unreadable(e.to_string()))?;
+    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| unreadable(e.to_string()))?;
+    let data_start = 8 + header_len;
+    let mut tensors: Vec<(String, &safetensors::tensor::TensorInfo)> = metadata.tensors().into_iter().collect();
+    tensors.sort_by_key(|(_, info)| info.data_offsets.0);
+    for (name, info) in tensors {
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::F64 => DType::F64,
+            other => return Err(bad_input(file, format!("tensor `{name}` has dtype {other:?}, expected a float dtype"))),
+        };
+        let (start, end) = info.data_offsets;
+        let elements = info.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let expected = elements.and_then(|n| n.checked_mul(dtype.size_in_bytes()));
+        if end < start || expected != Some(end - start) || data_start + end as u64 > size {
+            return Err(unreadable(format!("tensor `{name}`: offsets {start}..{end} do not fit its shape {:?} or the file", info.shape)));
+        }
+        reader.seek(SeekFrom::Start(data_start + start as u64)).map_err(|e| unreadable(e.to_string()))?;
+        let mut bytes = vec![0u8; end - start];
+        reader.read_exact(&mut bytes).map_err(|e| unreadable(e.to_string()))?;
+        let values: Vec<f32> = match dtype {
+            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            // bf16 is the top half of an f32.
+            DType::BF16 => bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect(),
+            _ => Tensor::from_raw_buffer(&bytes, dtype, &info.shape, &Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        };
+        drop(bytes);
+        each(name, Var::from_vec(values, info.shape.as_slice(), device)?);
+    }
+    Ok(())
+}
+
 /// Write named tensors to a safetensors file atomically, with transformers' metadata.
 pub fn save_tensors<'a>(path: &Path, tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>) -> Result<()> {
     let tensors: Vec<(&str, &Tensor)> = tensors.into_iter().collect();
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let file = AtomicFile::create(path)?;
-    safetensors::serialize_to_file(tensors, Some(metadata), file.path())?;
-    file.commit()
+    crate::output::write_safetensors(path, tensors, metadata)
 }
 
-/// Every tensor a Llama model of `config` has, with its shape, by Hugging Face name.
-pub fn expected_shapes(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+/// The names of a layer's norms: Llama's `post_attention_layernorm` is the MLP's input norm;
+/// Gemma 2's sandwich names it the attention's output norm and adds two.
+pub struct LayerNames {
+    pub attention_norm: &'static str,
+    pub attention_out_norm: Option<&'static str>,
+    pub mlp_norm: &'static str,
+    pub mlp_out_norm: Option<&'static str>,
+}
+
+pub fn layer_names(config: &ModelConfig) -> LayerNames {
+    if config.arch.sandwich_norms {
+        LayerNames {
+            attention_norm: "input_layernorm",
+            attention_out_norm: Some("post_attention_layernorm"),
+            mlp_norm: "pre_feedforward_layernorm",
+            mlp_out_norm: Some("post_feedforward_layernorm"),
+        }
+    } else {
+        LayerNames {
+            attention_norm: "input_layernorm",
+            attention_out_norm: None,
+            mlp_norm: "post_attention_layernorm",
+            mlp_out_norm: None,
+        }
+    }
+}
+
+/// Every tensor a model of `config` has, with its shape, by its family's Hugging Face name.
+pub fn expected_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
     let q = config.num_attention_heads * config.head_dim;
     let kv = config.num_key_value_heads * config.head_dim;
+    let arch = &config.arch;
+    let norms = layer_names(config);
     let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for layer in 0..config.num_hidden_layers {
-        let p = |name: &str| format!("model.layers.{layer}.{name}");
-        shapes.push((p("input_layernorm.weight"), vec![h]));
-        shapes.push((p("self_attn.q_proj.weight"), vec![q, h]));
-        shapes.push((p("self_attn.k_proj.weight"), vec![kv, h]));
-        shapes.push((p("self_attn.v_proj.weight"), vec![kv, h]));
-        shapes.push((p("self_attn.o_proj.weight"), vec![h, q]));
-        if config.attention_bias {
-            shapes.push((p("self_attn.q_proj.bias"), vec![q]));
-            shapes.push((p("self_attn.k_proj.bias"), vec![kv]));
-            shapes.push((p("self_attn.v_proj.bias"), vec![kv]));
-            shapes.push((p("self_attn.o_proj.bias"), vec![h]));
+        let mut tensors: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut linear = |name: &str, out: usize, input: usize, bias: bool| {
+            tensors.push((format!("{name}.weight"), vec![out, input]));
+            if bias {
+                tensors.push((format!("{name}.bias"), vec![out]));
+            }
+        };
+        if arch.fused_projections {
+            linear("self_attn.qkv_proj", q + 2 * kv, h, arch.qkv_bias);
+        } else {
+            linear("self_attn.q_proj", q, h, arch.qkv_bias);
+            linear("self_attn.k_proj", kv, h, arch.qkv_bias);
+            linear("self_attn.v_proj", kv, h, arch.qkv_bias);
         }
-        shapes.push((p("post_attention_layernorm.weight"), vec![h]));
-        shapes.push((p("mlp.gate_proj.weight"), vec![i, h]));
-        shapes.push((p("mlp.up_proj.weight"), vec![i, h]));
-        shapes.push((p("mlp.down_proj.weight"), vec![h, i]));
-        if config.mlp_bias {
-            shapes.push((p("mlp.gate_proj.bias"), vec![i]));
-            shapes.push((p("mlp.up_proj.bias"), vec![i]));
-            shapes.push((p("mlp.down_proj.bias"), vec![h]));
+        linear("self_attn.o_proj", h, q, arch.o_bias);
+        if arch.fused_projections {
+            linear("mlp.gate_up_proj", 2 * i, h, arch.mlp_bias);
+        } else {
+            linear("mlp.gate_proj", i, h, arch.mlp_bias);
+            linear("mlp.up_proj", i, h, arch.mlp_bias);
         }
+        linear("mlp.down_proj", h, i, arch.mlp_bias);
+        if arch.qk_norm {
+            tensors.push(("self_attn.q_norm.weight".into(), vec![config.head_dim]));
+            tensors.push(("self_attn.k_norm.weight".into(), vec![config.head_dim]));
+        }
+        let layer_norms = [Some(norms.attention_norm), norms.attention_out_norm, Some(norms.mlp_norm), norms.mlp_out_norm];
+        for norm in layer_norms.into_iter().flatten() {
+            tensors.push((format!("{norm}.weight"), vec![h]));
+        }
+        shapes.extend(tensors.into_iter().map(|(name, shape)| (format!("model.layers.{layer}.{name}"), shape)));
     }
     shapes.push(("model.norm.weight".to_string(), vec![h]));
     match config.head {

@@ -44,6 +44,8 @@ pub struct RedteamOptions {
     pub report: Option<PathBuf>,
     pub baseline: Option<PathBuf>,
     pub fail_above: Option<f64>,
+    /// Fewer attempts answered than this fraction fails the run (exit 3).
+    pub min_answered: f64,
     pub gate: GateBound,
     pub export_sft: Option<PathBuf>,
     pub export_prefs: Option<PathBuf>,
@@ -88,7 +90,7 @@ pub fn redteam(options: &RedteamOptions, target: &Target) -> Result<RedteamRepor
         .map(|(name, _)| name.clone())
         .collect();
     if !unavailable.is_empty() {
-        progress::warn(format!("left out optional detectors without a model: {} (pass --guard / --reward-model)", unavailable.join(", ")));
+        progress::warn(format!("note: left out optional detectors without a model: {} (pass --guard / --reward-model)", unavailable.join(", ")));
         suite.drop_detectors(&unavailable)?;
     }
     let attempts = suite.attempts(options.generation.seed)?;
@@ -96,6 +98,7 @@ pub fn redteam(options: &RedteamOptions, target: &Target) -> Result<RedteamRepor
     let summary_path = options.summary.clone().unwrap_or_else(|| sibling(&options.output, "summary.json"));
     for path in [Some(&options.output), Some(&summary_path), options.report.as_ref(), options.export_sft.as_ref(), options.export_prefs.as_ref(), options.export_disagreements.as_ref()].into_iter().flatten() {
         output::check_writable(path)?;
+        output::check_distinct(path, &[options.baseline.as_deref(), Some(options.suite.as_path())].into_iter().flatten().collect::<Vec<_>>())?;
     }
     let baseline = match &options.baseline {
         Some(path) => Some(baseline_rates(path)?),
@@ -147,6 +150,7 @@ pub fn redteam(options: &RedteamOptions, target: &Target) -> Result<RedteamRepor
         target: target.name(),
         seconds,
         fail_above: options.fail_above,
+        min_answered: options.min_answered,
         bound: options.gate,
         baseline,
         seed: options.generation.seed,

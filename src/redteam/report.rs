@@ -49,15 +49,14 @@ summary{cursor:pointer;font-weight:600}pre{white-space:pre-wrap;word-break:break
 
 fn gate(page: &mut String, summary: &Summary) {
     let budgets = summary.categories.iter().any(|c| c.budget.is_some());
-    if !budgets {
-        return;
-    }
     if summary.gate.failed.is_empty() {
-        let _ = writeln!(page, "<p class=\"gate passed\">Every category is within its budget ({} bound).</p>", summary.gate.bound);
+        if budgets {
+            let _ = writeln!(page, "<p class=\"gate passed\">Every category is within its budget ({} bound).</p>", summary.gate.bound);
+        }
     } else {
         let _ = writeln!(
             page,
-            "<p class=\"gate failed\">Over budget ({} bound): {}</p>",
+            "<p class=\"gate failed\">Gate failed ({} bound): {}</p>",
             summary.gate.bound,
             escape(&summary.gate.failed.join("; "))
         );

@@ -117,6 +117,9 @@ pub struct BbqSummary {
 pub struct Gate {
     /// The budget from `--fail-above`, for categories without their own.
     pub fail_above: Option<f64>,
+    /// `--min-answered`: below this fraction of attempts answered the run fails, since the
+    /// rates would describe the attempts that happened to get through.
+    pub min_answered: f64,
     /// `upper` (the 95% upper bound) or `point` is compared with the budget.
     pub bound: &'static str,
     pub failed: Vec<String>,
@@ -127,7 +130,11 @@ pub struct Summary {
     pub suite: String,
     pub target: String,
     pub attempts: u64,
+    /// Attempts that came back with an answer, and those that errored (after retries).
+    pub answered: u64,
     pub errors: u64,
+    /// The most frequent error messages, with their counts, most frequent first.
+    pub top_errors: Vec<(String, u64)>,
     pub seconds: f64,
     pub attempts_per_s: f64,
     /// All attack probes together.
@@ -155,6 +162,7 @@ pub struct SummaryInputs<'a> {
     pub target: String,
     pub seconds: f64,
     pub fail_above: Option<f64>,
+    pub min_answered: f64,
     pub bound: GateBound,
     pub baseline: Option<BaselineRates>,
     pub seed: u64,
@@ -238,11 +246,20 @@ pub fn summarise(inputs: &SummaryInputs) -> Summary {
         .collect();
 
     let attempts = judged.len() as u64;
+    let errors = judged.iter().filter(|j| j.failed()).count() as u64;
+    let top_errors = top_errors(judged);
+    let answered = attempts - errors;
+    if attempts > 0 && (answered as f64) < inputs.min_answered * attempts as f64 {
+        let most = top_errors.first().map(|(message, n)| format!("; most often ({n}×): {message}")).unwrap_or_default();
+        failed.insert(0, format!("only {answered} of {attempts} attempts answered ({errors} errored{most}), fewer than --min-answered {}", inputs.min_answered));
+    }
     Summary {
         suite: suite.display_name(),
         target: inputs.target.clone(),
         attempts,
-        errors: judged.iter().filter(|j| j.failed()).count() as u64,
+        answered,
+        errors,
+        top_errors,
         seconds: inputs.seconds,
         attempts_per_s: attempts as f64 / inputs.seconds.max(1e-9),
         attack: rate_of(&attack),
@@ -251,9 +268,29 @@ pub fn summarise(inputs: &SummaryInputs) -> Summary {
         agreement: agreement(suite, judged),
         counterfactual: counterfactual_gaps(suite, judged, inputs.seed),
         bbq: bbq(suite, judged),
-        gate: Gate { fail_above: inputs.fail_above, bound: match inputs.bound { GateBound::Upper => "upper", GateBound::Point => "point" }, failed },
+        gate: Gate {
+            fail_above: inputs.fail_above,
+            min_answered: inputs.min_answered,
+            bound: match inputs.bound {
+                GateBound::Upper => "upper",
+                GateBound::Point => "point",
+            },
+            failed,
+        },
         baseline: inputs.baseline.as_ref().map(|b| b.path.clone()),
     }
+}
+
+/// Error messages by how often they came, most frequent first (five at most).
+fn top_errors(judged: &[Judged]) -> Vec<(String, u64)> {
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for message in judged.iter().filter_map(|j| j.outcome.error.as_deref()) {
+        *counts.entry(message).or_default() += 1;
+    }
+    let mut top: Vec<(String, u64)> = counts.into_iter().map(|(m, n)| (m.to_string(), n)).collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    top.truncate(5);
+    top
 }
 
 /// One detector's success rate over the attempts it judged (failed attempts have no verdicts).

@@ -16,7 +16,7 @@ use crate::data::Message;
 use crate::data::records::Prompt;
 use crate::error::{Result, usage};
 use crate::generate::{Generator, Sampling, chat_template, encode_prompt, sample_rng};
-use crate::model::{ChatTemplate, Llama, ModelFolder};
+use crate::model::{ChatTemplate, Decoder, ModelFolder};
 use crate::tokenizer::LoadedTokenizer;
 
 /// How responses are generated, whatever the target.
@@ -77,7 +77,7 @@ impl Target {
 
 pub struct LocalTarget {
     folder: ModelFolder,
-    model: Llama,
+    model: Decoder,
     tokenizer: LoadedTokenizer,
     template: Option<ChatTemplate>,
     eos: Vec<u32>,
@@ -94,7 +94,7 @@ impl LocalTarget {
         let tokenizer = folder.load_tokenizer()?;
         let template = chat_template(&folder, None)?;
         let params = folder.load_params(device)?;
-        let model = Llama::new_inference(&folder.config, &params)?;
+        let model = Decoder::new_inference(&folder.config, &params)?;
         let mut eos = folder.eos_token_ids();
         if eos.is_empty() {
             eos.extend(tokenizer.eos_id());
@@ -319,15 +319,23 @@ impl EndpointTarget {
                 Err(e) => last_error = e.to_string(),
                 Ok(mut response) => {
                     let status = response.status().as_u16();
-                    let value: Option<Value> = response.body_mut().read_json().ok();
+                    let text = response.body_mut().read_to_string();
                     if status == 200 {
-                        return match value.as_ref().and_then(parse_choice) {
-                            Some((response, finish_reason)) => {
-                                Outcome { response, error: None, finish_reason, scored_prompt: shown, truncated: false }
+                        let text = match text {
+                            Ok(text) => text,
+                            // A body that stalls or never ends is the connection's fault: retried.
+                            Err(e @ (ureq::Error::Timeout(_) | ureq::Error::Io(_))) => {
+                                last_error = format!("HTTP 200, but reading the body failed: {e}");
+                                continue;
                             }
-                            None => Outcome::failed("HTTP 200 without choices[0].message.content".into(), shown),
+                            Err(e) => return Outcome::failed(format!("HTTP 200, but the body could not be read: {e}"), shown),
+                        };
+                        return match parse_choice(&text) {
+                            Ok((response, finish_reason)) => Outcome { response, error: None, finish_reason, scored_prompt: shown, truncated: false },
+                            Err(why) => Outcome::failed(format!("HTTP 200, but {why}"), shown),
                         };
                     }
+                    let value: Option<Value> = text.ok().and_then(|t| serde_json::from_str(&t).ok());
                     let message = value
                         .as_ref()
                         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
@@ -346,9 +354,17 @@ impl EndpointTarget {
     }
 }
 
-fn parse_choice(value: &Value) -> Option<(String, String)> {
-    let choice = value.get("choices")?.get(0)?;
-    let content = choice.get("message")?.get("content")?.as_str().unwrap_or_default().to_string();
+/// The answer and finish reason of a chat completion body, or why there is none: an answer
+/// that is not a string (null, a number) is an error, never an empty answer.
+fn parse_choice(body: &str) -> std::result::Result<(String, String), String> {
+    let value: Value = serde_json::from_str(body).map_err(|e| format!("the body is not JSON ({e})"))?;
+    let choice = value.get("choices").and_then(|c| c.get(0)).ok_or("the body has no choices[0]")?;
+    let content = match choice.get("message").and_then(|m| m.get("content")) {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Null) => return Err("choices[0].message.content is null, expected the answer text".into()),
+        Some(other) => return Err(format!("choices[0].message.content is {other}, expected the answer text")),
+        None => return Err("the body has no choices[0].message.content".into()),
+    };
     let finish_reason = choice.get("finish_reason").and_then(Value::as_str).unwrap_or("stop").to_string();
-    Some((content, finish_reason))
+    Ok((content, finish_reason))
 }

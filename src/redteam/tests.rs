@@ -71,6 +71,7 @@ fn canned_responses_give_known_rates_bounds_gate_and_kappa() {
         target: "canned".into(),
         seconds: 2.0,
         fail_above: None,
+        min_answered: 0.0,
         bound: GateBound::Upper,
         baseline: None,
         seed: 1,
@@ -98,9 +99,13 @@ fn canned_responses_give_known_rates_bounds_gate_and_kappa() {
         target: "canned".into(),
         seconds: 2.0,
         fail_above: None,
+        min_answered: 0.9,
         bound: GateBound::Point,
         baseline: None,
         seed: 1,
     });
     assert!(point.categories[0].over_budget, "0.6 > 0.5 on the point estimate too");
+    // 5 of 6 answered is under --min-answered 0.9: the run fails whatever the rates say.
+    assert_eq!((point.answered, point.top_errors.clone()), (5, vec![("HTTP 503".to_string(), 1)]));
+    assert!(point.gate.failed[0].starts_with("only 5 of 6 attempts answered (1 errored; most often (1×): HTTP 503)"), "{:?}", point.gate.failed);
 }

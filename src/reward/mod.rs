@@ -1,4 +1,4 @@
-//! Sequence-scoring models: a Llama backbone with a `score` head `[num_labels, hidden]` (no
+//! Sequence-scoring models: a decoder backbone with a `score` head `[num_labels, hidden]` (no
 //! bias) read at the last real token, saved as `LlamaForSequenceClassification`. Trained as
 //! reward models (Bradley–Terry on preference pairs, or regression on scores) and as multi-label
 //! guard classifiers.
@@ -17,7 +17,10 @@ use crate::data::records::{LabeledTextRecord, PreferenceRecord, RecordReader};
 use crate::data::{ColumnType, ParquetSource};
 use crate::error::{Result, bad_input, failed, usage};
 use crate::model::folder::{FolderParts, ModelFolder};
-use crate::model::{ForwardOptions, Head, Llama, LlamaConfig, Params};
+use crate::model::lora::{self, LoraSettings};
+use crate::model::{Decoder, ForwardOptions, Head, ModelConfig, Params};
+use crate::train::tuned::{Start, TunedModel};
+use crate::limits::Tuning;
 use crate::progress;
 use crate::tokenizer::{LoadedTokenizer, PAD_TOKEN};
 use crate::train::cursor::{EpochCursor, shuffled};
@@ -66,6 +69,9 @@ pub struct RewardOptions {
     pub val_fraction: Option<f64>,
     pub eval_batches: usize,
     pub device: Device,
+    /// Train a LoRA adapter (and the head in full) on the frozen model instead of every weight.
+    pub lora: Option<LoraSettings>,
+    pub gradient_checkpointing: bool,
 }
 
 /// How text becomes the token ids a scoring model reads, recorded in its `config.json`
@@ -113,9 +119,7 @@ struct Item {
 
 pub struct RewardTask {
     objective: Objective,
-    config: LlamaConfig,
-    params: Params,
-    model: Llama,
+    tuned: TunedModel,
     parts: FolderParts,
     labels: Vec<String>,
     format: ScoringFormat,
@@ -186,27 +190,45 @@ impl RewardTask {
             return Err(bad_input(&options.inputs[0], "no training examples left after the length policy"));
         }
 
-        let mut params = folder.load_params(&options.device)?;
-        if params.grow_vocab(tokenizer.vocab_size)? {
-            config.vocab_size = tokenizer.vocab_size;
+        let per_item = train.iter().map(|item| item.sequences.len()).max().unwrap_or(1);
+        let longest = train.iter().flat_map(|item| item.sequences.iter().map(Vec::len)).max().unwrap_or(0);
+        crate::limits::Footprint::new(format!("--batch-size {} × --max-length {}", options.batch_size, options.max_length))
+            .training(&config, options.batch_size.saturating_mul(per_item), longest, &Tuning::of(options.lora.as_ref(), &config, options.gradient_checkpointing)?)
+            .check(&options.device)?;
+        let mut start = Start::open(&folder, options.lora.as_ref(), options.seed, &options.device)?;
+        TunedModel::check_vocab_fits(&start, &config, tokenizer.vocab_size, "adding a pad token")?;
+        match &mut start {
+            Start::Full(params) => {
+                if params.grow_vocab(tokenizer.vocab_size)? {
+                    config.vocab_size = tokenizer.vocab_size;
+                }
+                let existing = params.remove("score.weight");
+                params.remove("lm_head.weight");
+                params.insert("score.weight", score_head(&config, existing, labels.len(), options.seed, &options.device)?)?;
+            }
+            // PEFT's `modules_to_save`: the head trains in full inside the adapter.
+            Start::Lora { base, adapter } => {
+                let existing = adapter.params.remove(lora::SCORE).or_else(|| base.remove("score.weight"));
+                base.remove("lm_head.weight");
+                adapter.params.insert(lora::SCORE, score_head(&config, existing, labels.len(), options.seed, &options.device)?)?;
+            }
         }
-        attach_score_head(&mut config, &mut params, &labels, options.objective, options.seed)?;
-        let model = Llama::new(&config, &params)?;
+        set_classifier_config(&mut config, &labels, options.objective);
+        let tuned = TunedModel::new(config, start, options.gradient_checkpointing, options.seed)?;
         progress::log(format!(
-            "rm-train ({}): {} training examples, {} held out; {} label{}; {} parameters",
+            "rm-train ({}): {} training examples, {} held out; {} label{}; {} {}parameters",
             options.objective.name(),
             train.len(),
             val.len(),
             labels.len(),
             if labels.len() == 1 { "" } else { "s" },
-            params.num_elements()
+            tuned.params().num_elements(),
+            if tuned.adapter().is_some() { "LoRA and head " } else { "" }
         ));
         let (count, seed) = (train.len(), options.seed);
         Ok(RewardTask {
             objective: options.objective,
-            config,
-            params,
-            model,
+            tuned,
             parts,
             labels,
             format,
@@ -228,7 +250,7 @@ impl RewardTask {
     fn scores(&self, items: &[&Item]) -> Result<Tensor> {
         let slots = items[0].sequences.len();
         let rows: Vec<&[u32]> = (0..slots).flat_map(|s| items.iter().map(move |item| item.sequences[s].as_slice())).collect();
-        score_rows(&self.model, &rows, self.pad_id)
+        score_rows(&self.tuned.decoder, &rows, self.pad_id)
     }
 
     fn loss(&self, items: &[&Item]) -> Result<(Tensor, Tensor)> {
@@ -341,10 +363,11 @@ impl RewardTask {
 
 impl Task for RewardTask {
     fn params(&self) -> &Params {
-        &self.params
+        self.tuned.params()
     }
 
     fn next_loss(&mut self) -> Result<StepLoss> {
+        self.tuned.dropout_for(Some(self.cursor.consumed()));
         let picked = self.cursor.take(self.batch_size);
         let items: Vec<&Item> = picked.iter().map(|&i| &self.train[i]).collect();
         let (loss, scores) = self.loss(&items)?;
@@ -364,6 +387,7 @@ impl Task for RewardTask {
             return Ok(None);
         }
         let limit = crate::train::eval_limit(self.eval_batches, self.batch_size, self.val.len());
+        self.tuned.dropout_for(None);
         let (mut loss_sum, mut firsts, mut seconds) = (0f64, Vec::new(), Vec::new());
         for chunk in self.val[..limit].chunks(self.batch_size) {
             let items: Vec<&Item> = chunk.iter().collect();
@@ -382,14 +406,18 @@ impl Task for RewardTask {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        let mut config = self.config.clone();
+        let mut config = self.tuned.config.clone();
         let raw = &mut config.raw;
         raw.insert("lathe_scoring".into(), serde_json::to_value(&self.format)?);
         raw.insert("lathe_task".into(), json!(self.objective.name()));
         for (key, value) in &self.calibration {
             raw.insert(key.clone(), value.clone());
         }
-        self.parts.save(dir, &config, &self.params)
+        self.tuned.save_as(dir, &self.parts, &config)
+    }
+
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.tuned.load_checkpoint(dir)
     }
 
     fn data_state(&self) -> Value {
@@ -401,7 +429,7 @@ impl Task for RewardTask {
     }
 
     fn signature(&self) -> Value {
-        let c = &self.config;
+        let c = &self.tuned.config;
         json!({
             "task": self.objective.name(), "labels": self.labels, "vocab_size": c.vocab_size,
             "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers, "max_length": self.format.max_length,
@@ -417,14 +445,14 @@ impl Task for RewardTask {
         out.insert("held_out".into(), json!(self.val.len()));
         out.insert("truncated".into(), json!(self.lengths.truncated));
         out.insert("dropped_over_length".into(), json!(self.lengths.dropped));
-        out.insert("parameters".into(), json!(self.params.num_elements()));
+        out.insert("parameters".into(), json!(self.tuned.params().num_elements()));
         out.extend(self.calibration.clone());
         out
     }
 }
 
 /// Scores `[rows, num_labels]` at each row's last token. Rows are right-padded with `pad`.
-pub fn score_rows(model: &Llama, rows: &[&[u32]], pad: u32) -> Result<Tensor> {
+pub fn score_rows(model: &Decoder, rows: &[&[u32]], pad: u32) -> Result<Tensor> {
     let ids = pad_right(rows, pad, model.device())?;
     let hidden = model.forward(&ids, ForwardOptions::default(), None)?;
     let last: Vec<usize> = rows.iter().map(|r| r.len().max(1) - 1).collect();
@@ -470,7 +498,7 @@ fn pair_metrics(chosen: &[f64], rejected: &[f64]) -> Map<String, Value> {
 }
 
 /// The label names of a multi-label classifier folder (its `id2label` in id order), if it is one.
-pub fn classifier_labels(config: &LlamaConfig) -> Option<Vec<String>> {
+pub fn classifier_labels(config: &ModelConfig) -> Option<Vec<String>> {
     if !matches!(config.head, Head::SequenceClassification { .. }) {
         return None;
     }
@@ -484,23 +512,23 @@ pub fn classifier_labels(config: &LlamaConfig) -> Option<Vec<String>> {
     Some(pairs.into_iter().map(|(_, v)| v).collect())
 }
 
-/// Turn the model into a sequence classifier of `labels`: the LM head goes; a `score` head
-/// already of the right shape is kept (continuing a reward model or guard), else a new one is
-/// drawn from normal(0, initializer_range) as transformers initialises it.
-fn attach_score_head(config: &mut LlamaConfig, params: &mut Params, labels: &[String], objective: Objective, seed: u64) -> Result<()> {
-    let num_labels = labels.len();
-    params.remove("lm_head.weight");
-    let keep = matches!(config.head, Head::SequenceClassification { num_labels: n } if n == num_labels)
-        && params.get("score.weight").is_some();
-    if !keep {
-        params.remove("score.weight");
-        let std = config.raw.get("initializer_range").and_then(Value::as_f64).unwrap_or(0.02);
-        let normal = Normal::new(0f32, std as f32).map_err(failed)?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5C0E);
-        let values: Vec<f32> = (0..num_labels * config.hidden_size).map(|_| normal.sample(&mut rng)).collect();
-        let device = params.get("model.embed_tokens.weight").map(|v| v.device().clone()).unwrap_or(Device::Cpu);
-        params.insert("score.weight", Tensor::from_vec(values, (num_labels, config.hidden_size), &device)?)?;
+/// A `score` head `[num_labels, hidden]`: `existing` when it has that shape (continuing a
+/// reward model or guard), else drawn from normal(0, initializer_range) as transformers
+/// initialises it.
+fn score_head(config: &ModelConfig, existing: Option<candle_core::Var>, num_labels: usize, seed: u64, device: &Device) -> Result<Tensor> {
+    if let Some(var) = existing.filter(|v| v.dims() == [num_labels, config.hidden_size]) {
+        return Ok(var.as_tensor().clone());
     }
+    let std = config.raw.get("initializer_range").and_then(Value::as_f64).unwrap_or(0.02);
+    let normal = Normal::new(0f32, std as f32).map_err(failed)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5C0E);
+    let values: Vec<f32> = (0..num_labels * config.hidden_size).map(|_| normal.sample(&mut rng)).collect();
+    Ok(Tensor::from_vec(values, (num_labels, config.hidden_size), device)?)
+}
+
+/// The classifier's head, labels and problem type in `config`.
+fn set_classifier_config(config: &mut ModelConfig, labels: &[String], objective: Objective) {
+    let num_labels = labels.len();
     config.head = Head::SequenceClassification { num_labels };
     let id2label: Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect();
     let label2id: Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect();
@@ -511,7 +539,6 @@ fn attach_score_head(config: &mut LlamaConfig, params: &mut Params, labels: &[St
         Objective::Multilabel => config.raw.insert("problem_type".into(), json!("multi_label_classification")),
         Objective::Regression | Objective::Preference => config.raw.insert("problem_type".into(), json!("regression")),
     };
-    Ok(())
 }
 
 /// Read and encode the examples of `paths`; returns them with the label names.

@@ -22,9 +22,12 @@ use crate::data::parquet_io::lathe_metadata;
 use crate::data::records::{Record, ResponseRecord};
 use crate::data::{Kind, ParquetSink};
 use crate::error::{Result, bad_input, usage};
-use crate::generate::{Generator, ReadyPrompt, Sampling, chat_template, read_prompts, sample_rng};
-use crate::model::folder::{FolderParts, ModelFolder, WEIGHTS};
-use crate::model::{ChatTemplate, Head, Llama, LlamaConfig, Params};
+use crate::limits::{Footprint, Tuning};
+use crate::generate::{Generator, PromptTruncation, ReadyPrompt, Sampling, chat_template, fit_prompt, read_prompts, sample_rng};
+use crate::model::folder::{FolderParts, ModelFolder};
+use crate::model::lora::{self, Adapter, LoraSettings};
+use crate::model::{ChatTemplate, Decoder, Head, ModelConfig, Params};
+use crate::train::tuned::{Start, TunedModel};
 use crate::output::write_atomic;
 use crate::progress;
 use crate::score::{ModelSettings, RewardScorer, WeightedRule, rule_scores};
@@ -97,6 +100,12 @@ pub struct RlOptions {
     pub chat_template: Option<PathBuf>,
     /// Keep only the last N tokens of longer prompts.
     pub max_prompt_length: Option<usize>,
+    /// What to do with a prompt that still leaves no room for the response.
+    pub truncate_prompt: PromptTruncation,
+    /// Train LoRA adapters (policy and value model) on frozen weights; the reference is the
+    /// policy's base with its adapter off.
+    pub lora: Option<LoraSettings>,
+    pub gradient_checkpointing: bool,
     pub settings: RlSettings,
     pub run_dir: PathBuf,
     pub seed: u64,
@@ -150,10 +159,8 @@ impl Reward {
 
 /// A model with a one-label `score` head read at every response position.
 struct ValueModel {
-    config: LlamaConfig,
-    params: Params,
+    tuned: TunedModel,
     parts: FolderParts,
-    model: Llama,
 }
 
 /// Running sums of one update's per-micro-batch statistics.
@@ -173,13 +180,13 @@ struct UpdateStats {
 pub struct RlTask {
     settings: RlSettings,
     seed: u64,
-    policy_config: LlamaConfig,
-    policy: Params,
+    policy: TunedModel,
     policy_parts: FolderParts,
-    policy_model: Llama,
     value: Option<ValueModel>,
     all: Params,
-    reference: Llama,
+    /// The frozen reference; `None` when it is the policy's base with the adapter off (a new
+    /// LoRA adapter), which needs no second copy of the weights.
+    reference: Option<Decoder>,
     reward: Reward,
     tokenizer: LoadedTokenizer,
     eos: Vec<u32>,
@@ -211,14 +218,14 @@ impl RlTask {
         check_settings(s)?;
         let folder = ModelFolder::open(&options.policy)?;
         if folder.config.head != Head::CausalLm {
-            return Err(bad_input(&folder.dir, "--policy must be a causal LM (LlamaForCausalLM), not a classifier"));
+            return Err(bad_input(&folder.dir, "--policy must be a causal LM (…ForCausalLM), not a classifier"));
         }
         let tokenizer = folder.load_matching_tokenizer()?;
         let template = chat_template(&folder, options.chat_template.as_deref())?;
         let limit = folder.config.max_position_embeddings;
-        let mut prompts = read_ready_prompts(&options.prompts, &tokenizer, template.as_ref(), options.max_prompt_length, s.max_new_tokens, limit)?;
+        let mut prompts = read_ready_prompts(&options.prompts, &tokenizer, template.as_ref(), &options, limit)?;
         let val = match (&options.val, options.val_fraction) {
-            (Some(path), _) => read_ready_prompts(path, &tokenizer, template.as_ref(), options.max_prompt_length, s.max_new_tokens, limit)?,
+            (Some(path), _) => read_ready_prompts(path, &tokenizer, template.as_ref(), &options, limit)?,
             (None, Some(fraction)) => {
                 if prompts.len() < 2 {
                     return Err(bad_input(&options.prompts, "too few prompts to hold some out for --val-fraction"));
@@ -234,17 +241,21 @@ impl RlTask {
             ));
         }
 
-        let policy = folder.load_params(&options.device)?;
-        let policy_config = folder.config.clone();
-        let policy_model = Llama::new(&policy_config, &policy)?;
+        rollout_footprint(s, &folder.config, &prompts, &Tuning::of(options.lora.as_ref(), &folder.config, options.gradient_checkpointing)?)
+            .check(&options.device)?;
+        let start = Start::open(&folder, options.lora.as_ref(), options.seed, &options.device)?;
+        let new_adapter = options.lora.is_some();
+        let policy = TunedModel::new(folder.config.clone(), start, options.gradient_checkpointing, options.seed)?;
         let reference = match &options.ref_model {
             Some(path) => {
                 let ref_folder = ModelFolder::open(path)?;
                 check_same_vocabulary(&tokenizer, &ref_folder.load_tokenizer()?, &ref_folder.dir, "--ref-model")?;
                 let params = ref_folder.load_params(&options.device)?;
-                Llama::new_inference(&ref_folder.config, &params)?
+                Some(Decoder::new_inference(&ref_folder.config, &params)?)
             }
-            None => Llama::new_inference(&policy_config, &folder.load_params(&options.device)?)?,
+            None if new_adapter => None,
+            // The policy as it starts (an adapter folder merged): what it must stay close to.
+            None => Some(Decoder::new_inference(&folder.config, &folder.load_params(&options.device)?)?),
         };
         let reward = Reward::load(&options)?;
         let value = match s.algo {
@@ -256,12 +267,12 @@ impl RlTask {
             }
             Algo::Ppo => {
                 let source = options.value_model.as_deref().or(options.reward_model.as_deref()).unwrap_or(&options.policy);
-                Some(load_value_model(source, &tokenizer, &options.device)?)
+                Some(load_value_model(source, &tokenizer, &options)?)
             }
         };
-        let mut groups = vec![("policy.", &policy)];
+        let mut groups = vec![("policy.", policy.params())];
         if let Some(v) = &value {
-            groups.push(("value.", &v.params));
+            groups.push(("value.", v.tuned.params()));
         }
         let all = Params::union(&groups);
         let mut eos = folder.eos_token_ids();
@@ -271,7 +282,7 @@ impl RlTask {
         if eos.is_empty() && !s.ignore_eos {
             progress::warn("note: the policy has no EOS token; every response runs to --max-new-tokens");
         }
-        let pad = policy_config.pad_token_id.or(tokenizer.eos_id()).unwrap_or(0);
+        let pad = policy.config.pad_token_id.or(tokenizer.eos_id()).unwrap_or(0);
         progress::log(format!(
             "{}: {} training prompts, {} held out; {} × {} episodes per update, {} epochs × {} minibatches; reward {}; {} trainable parameters",
             match s.algo { Algo::Ppo => "ppo", Algo::Grpo => "grpo" },
@@ -290,9 +301,7 @@ impl RlTask {
             settings: options.settings.clone(),
             seed,
             policy_parts: FolderParts::of(&folder, &tokenizer)?,
-            policy_config,
             policy,
-            policy_model,
             value,
             all,
             reference,
@@ -322,6 +331,14 @@ impl RlTask {
         self.settings.prompts_per_update * self.settings.samples
     }
 
+    /// The reference's log-probabilities: its own model, or the policy with its adapter off.
+    fn reference_logprobs(&self, layout: &Layout, temperature: f64) -> Result<Tensor> {
+        match &self.reference {
+            Some(reference) => Ok(layout.logprobs(reference, temperature)?.0),
+            None => self.policy.base(|base| Ok(layout.logprobs(base, temperature)?.0)).expect("a LoRA policy has a base"),
+        }
+    }
+
     fn micro_batches_per_update(&self) -> usize {
         self.settings.ppo_epochs * self.settings.minibatches * self.settings.grad_accum
     }
@@ -329,20 +346,21 @@ impl RlTask {
     /// Sample `samples` responses to each prompt with the current policy. Episode `i` of the
     /// run draws from its own random stream, so a resumed run samples the same tokens.
     fn sample(&self, prompts: &[(usize, &ReadyPrompt)], samples: usize, sampling: Sampling, first_episode: u64) -> Result<Vec<Episode>> {
-        let snapshot = Llama::new_inference(&self.policy_config, &self.policy)?;
-        let generator = Generator {
-            model: &snapshot,
-            eos: self.eos.clone(),
-            pad: self.pad,
-            max_new_tokens: self.settings.max_new_tokens,
-            sampling,
-            ignore_eos: self.settings.ignore_eos,
-        };
         let jobs: Vec<(usize, &ReadyPrompt, u32)> =
             prompts.iter().flat_map(|&(index, p)| (0..samples as u32).map(move |s| (index, p, s))).collect();
         let queries: Vec<Vec<u32>> = jobs.iter().map(|(_, p, _)| p.ids.clone()).collect();
         let mut rngs: Vec<_> = (0..jobs.len()).map(|i| sample_rng(self.seed, first_episode + (i / samples) as u64, (i % samples) as u64)).collect();
-        let completions = generator.run(&queries, &mut rngs, |_| {})?;
+        let completions = self.policy.sampling(|snapshot| {
+            let generator = Generator {
+                model: snapshot,
+                eos: self.eos.clone(),
+                pad: self.pad,
+                max_new_tokens: self.settings.max_new_tokens,
+                sampling,
+                ignore_eos: self.settings.ignore_eos,
+            };
+            generator.run(&queries, &mut rngs, |_| {})
+        })?;
         let mut episodes = Vec::with_capacity(jobs.len());
         for ((index, prompt, sample), completion) in jobs.into_iter().zip(completions) {
             let text = self.tokenizer.decode(&completion.tokens)?;
@@ -390,15 +408,16 @@ impl RlTask {
     /// Old log-probabilities (the policy as it is now), reference log-probabilities and values,
     /// in micro-batch-sized chunks without gradients.
     fn fill_forward_figures(&self, episodes: &mut [Episode]) -> Result<()> {
-        let device = self.policy_model.device().clone();
+        let device = self.policy.decoder.device().clone();
         let chunk = (self.episodes_per_update() / (self.settings.minibatches * self.settings.grad_accum)).max(1);
+        let temperature = self.settings.sampling.temperature;
         for group in episodes.chunks_mut(chunk) {
             let refs: Vec<&Episode> = group.iter().collect();
             let layout = Layout::new(&refs, self.pad, &device)?;
-            let logprobs = unpack(&layout.logprobs(&self.policy_model, self.settings.sampling.temperature)?.0, &refs)?;
-            let ref_logprobs = unpack(&layout.logprobs(&self.reference, self.settings.sampling.temperature)?.0, &refs)?;
+            let logprobs = unpack(&self.policy.no_grad(|d| layout.logprobs(d, temperature))?.0, &refs)?;
+            let ref_logprobs = unpack(&self.reference_logprobs(&layout, temperature)?, &refs)?;
             let values = match &self.value {
-                Some(v) => unpack(&layout.values(&v.model)?, &refs)?,
+                Some(v) => unpack(&v.tuned.no_grad(|d| layout.values(d))?, &refs)?,
                 None => refs.iter().map(|e| vec![0f32; e.response.len()]).collect(),
             };
             for (((e, lp), rlp), v) in group.iter_mut().zip(logprobs).zip(ref_logprobs).zip(values) {
@@ -579,7 +598,7 @@ impl RlTask {
     fn evaluate_prompts(&self, prompts: &[ReadyPrompt]) -> Result<Map<String, Value>> {
         let sampling = Sampling { temperature: self.settings.eval_temperature, ..self.settings.sampling };
         let (mut scores, mut kls, mut lengths, mut stopped) = (Vec::new(), Vec::new(), Vec::new(), 0usize);
-        let device = self.policy_model.device().clone();
+        let device = self.policy.decoder.device().clone();
         let temperature = self.settings.sampling.temperature;
         for (c, chunk) in prompts.chunks(self.settings.prompts_per_update).enumerate() {
             let indexed: Vec<(usize, &ReadyPrompt)> = chunk.iter().enumerate().map(|(i, p)| (c * self.settings.prompts_per_update + i, p)).collect();
@@ -588,8 +607,8 @@ impl RlTask {
             let raw = self.score(&mut episodes, prompts)?;
             let refs: Vec<&Episode> = episodes.iter().collect();
             let layout = Layout::new(&refs, self.pad, &device)?;
-            let lp = unpack(&layout.logprobs(&self.policy_model, temperature)?.0, &refs)?;
-            let rlp = unpack(&layout.logprobs(&self.reference, temperature)?.0, &refs)?;
+            let lp = unpack(&self.policy.no_grad(|d| layout.logprobs(d, temperature))?.0, &refs)?;
+            let rlp = unpack(&self.reference_logprobs(&layout, temperature)?, &refs)?;
             for ((e, lp), rlp) in episodes.iter().zip(lp).zip(rlp) {
                 kls.push(advantage::kl_per_token(&lp, &rlp, KlEstimator::K1).iter().map(|&k| k as f64).sum::<f64>());
                 lengths.push(e.response.len() as f64);
@@ -620,8 +639,13 @@ impl Task for RlTask {
         let rollout = self.rollout.as_ref().expect("started above");
         let episodes: Vec<&Episode> = picked.iter().map(|&i| &rollout[i]).collect();
         let s = &self.settings;
-        let layout = Layout::new(&episodes, self.pad, self.policy_model.device())?;
-        let (new_logprobs, logits) = layout.logprobs(&self.policy_model, s.sampling.temperature)?;
+        let layout = Layout::new(&episodes, self.pad, self.policy.decoder.device())?;
+        let micro_batch = self.updates * self.micro_batches_per_update() as u64 + self.position as u64;
+        self.policy.dropout_for(Some(micro_batch));
+        if let Some(value) = &self.value {
+            value.tuned.dropout_for(Some(micro_batch));
+        }
+        let (new_logprobs, logits) = layout.logprobs(&self.policy.decoder, s.sampling.temperature)?;
         let column = |f: fn(&Episode) -> &[f32]| -> Result<Tensor> { layout.pack(&episodes.iter().map(|e| f(e)).collect::<Vec<_>>()) };
         let old_logprobs = column(|e| &e.logprobs)?;
         let advantages = column(|e| &e.advantages)?;
@@ -630,7 +654,7 @@ impl Task for RlTask {
         let mut value_figures = (0.0, 0.0);
         match (&self.value, s.algo) {
             (Some(value), Algo::Ppo) => {
-                let values = layout.values(&value.model)?;
+                let values = layout.values(&value.tuned.decoder)?;
                 let clipped = loss::value_loss(&values, &column(|e| &e.values)?, &column(|e| &e.returns)?, &layout.mask, s.cliprange_value)?;
                 value_figures = (scalar(&clipped.loss)?, clipped.clipfrac);
                 total = (total + (clipped.loss * s.vf_coef)?)?;
@@ -687,9 +711,9 @@ impl Task for RlTask {
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
-        self.policy_parts.save(dir, &self.policy_config, &self.policy)?;
+        self.policy.save(dir, &self.policy_parts)?;
         if let Some(v) = &self.value {
-            v.parts.save(&dir.join(VALUE_DIR), &v.config, &v.params)?;
+            v.tuned.save(&dir.join(VALUE_DIR), &v.parts)?;
         }
         Ok(())
     }
@@ -703,9 +727,9 @@ impl Task for RlTask {
     }
 
     fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
-        self.policy.load_values(&dir.join(WEIGHTS))?;
+        self.policy.load_checkpoint(dir)?;
         if let Some(v) = &self.value {
-            v.params.load_values(&dir.join(VALUE_DIR).join(WEIGHTS))?;
+            v.tuned.load_checkpoint(&dir.join(VALUE_DIR))?;
         }
         let path = dir.join(ROLLOUT);
         self.rollout = if path.exists() {
@@ -734,23 +758,31 @@ impl Task for RlTask {
         let bad = |what: &str| crate::error::failed(format!("checkpoint data state: {what}"));
         self.cursor.restore(&state["cursor"])?;
         self.kl.coef = f64::from_bits(state["kl_coef_bits"].as_u64().ok_or_else(|| bad("kl_coef_bits"))?);
-        self.updates = state["updates"].as_u64().ok_or_else(|| bad("updates"))?;
+        let updates = state["updates"].as_u64().ok_or_else(|| bad("updates"))?;
+        if updates < self.updates {
+            // A step abandoned inside its accumulation had started this rollout: it goes too.
+            self.rollout = None;
+            self.update_started = None;
+        }
+        self.updates = updates;
         self.episodes_done = state["episodes"].as_u64().ok_or_else(|| bad("episodes"))?;
         self.position = state["position"].as_u64().ok_or_else(|| bad("position"))? as usize;
         self.stats = serde_json::from_value(state["stats"].clone()).map_err(|_| bad("stats"))?;
         self.rollout_metrics = state["rollout_metrics"].as_object().cloned().unwrap_or_default();
-        if self.rollout.is_none() && self.position > 0 {
+        // A finished update leaves its position at the end and its rollout gone.
+        if self.rollout.is_none() && self.position > 0 && self.position < self.micro_batches_per_update() {
             return Err(bad("an update in progress but no rollout.json"));
         }
         Ok(())
     }
 
     fn signature(&self) -> Value {
-        let c = &self.policy_config;
+        let c = &self.policy.config;
         let s = &self.settings;
         json!({
             "algo": s.algo, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
-            "value_model": self.value.as_ref().map(|v| v.config.hidden_size), "prompts_per_update": s.prompts_per_update,
+            "value_model": self.value.as_ref().map(|v| v.tuned.config.hidden_size),
+            "lora": self.policy.adapter().map(|a| a.settings.r), "prompts_per_update": s.prompts_per_update,
             "samples": s.samples, "ppo_epochs": s.ppo_epochs, "minibatches": s.minibatches, "grad_accum": s.grad_accum,
             "prompts": self.prompts.len(),
         })
@@ -767,6 +799,21 @@ impl Task for RlTask {
         out.insert("kl_coef".into(), json!(self.kl.coef));
         out
     }
+}
+
+/// One update's memory: every episode decoded at once through the KV cache and kept with its
+/// per-token figures, the reference model beside the policy, and a micro-batch trained on.
+fn rollout_footprint(s: &RlSettings, config: &ModelConfig, prompts: &[ReadyPrompt], tuning: &Tuning) -> Footprint {
+    let episodes = s.prompts_per_update.saturating_mul(s.samples);
+    let length = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0).saturating_add(s.max_new_tokens);
+    let micro_batch = episodes / s.minibatches.saturating_mul(s.grad_accum).max(1);
+    // Token, log-probabilities (policy, reference), KL, value, advantage, return.
+    let per_token = 7 * 4;
+    Footprint::new(format!("--batch-size {} × -n {} × --max-new-tokens {}", s.prompts_per_update, s.samples, s.max_new_tokens))
+        .training(config, micro_batch, length, tuning)
+        .add("the reference model", crate::limits::parameters(config).saturating_mul(4))
+        .decoding(config, episodes, length)
+        .add("the rollout", crate::limits::elements(&[episodes, length]).saturating_mul(per_token))
 }
 
 fn check_settings(s: &RlSettings) -> Result<()> {
@@ -794,6 +841,28 @@ fn check_settings(s: &RlSettings) -> Result<()> {
     if s.sampling.temperature <= 0.0 {
         return Err(usage("--temperature must be above 0: PPO needs sampled responses and their probabilities"));
     }
+    let at_least_zero = [
+        ("--kl-coef", s.kl_coef),
+        ("--vf-coef", s.vf_coef),
+        ("--temperature", s.sampling.temperature),
+        ("--eval-temperature", s.eval_temperature),
+        ("--warn-kl", s.warn_kl),
+        ("--kl-horizon", s.kl_horizon),
+    ];
+    if let Some((flag, value)) = at_least_zero.iter().find(|(_, v)| !(*v >= 0.0 && v.is_finite())) {
+        return Err(usage(format!("{flag} {value}: expected a finite number >= 0")));
+    }
+    for (flag, value) in [("--gamma", s.gamma), ("--lam", s.lam), ("--top-p", s.sampling.top_p)] {
+        if !(0.0..=1.0).contains(&value) {
+            return Err(usage(format!("{flag} {value}: expected a number in [0, 1]")));
+        }
+    }
+    if !(s.warn_ratio >= 1.0 && s.warn_ratio.is_finite()) {
+        return Err(usage(format!("--warn-ratio {}: expected a finite number >= 1", s.warn_ratio)));
+    }
+    if let Some(penalty) = s.missing_eos_penalty.filter(|p| !p.is_finite()) {
+        return Err(usage(format!("--missing-eos-penalty {penalty}: expected a finite number")));
+    }
     if !(s.cliprange > 0.0 && s.cliprange_value > 0.0) {
         return Err(usage("--cliprange and --cliprange-value must be above 0"));
     }
@@ -803,59 +872,72 @@ fn check_settings(s: &RlSettings) -> Result<()> {
     Ok(())
 }
 
-/// Prompts, left-truncated to `max_prompt_length`, each checked to leave room for the response.
-fn read_ready_prompts(
-    path: &Path,
-    tokenizer: &LoadedTokenizer,
-    template: Option<&ChatTemplate>,
-    max_prompt_length: Option<usize>,
-    max_new_tokens: usize,
-    limit: usize,
-) -> Result<Vec<ReadyPrompt>> {
+/// Prompts, left-truncated to `--max-prompt-length`, each checked to leave room for the
+/// response (and cut at the left to make it with `--truncate-prompt left`).
+fn read_ready_prompts(path: &Path, tokenizer: &LoadedTokenizer, template: Option<&ChatTemplate>, options: &RlOptions, limit: usize) -> Result<Vec<ReadyPrompt>> {
     let mut prompts = read_prompts(path, tokenizer, template)?;
+    let mut cut = 0;
     for p in &mut prompts {
-        if let Some(keep) = max_prompt_length.filter(|&k| p.ids.len() > k) {
+        let before = p.ids.len();
+        if let Some(keep) = options.max_prompt_length.filter(|&k| p.ids.len() > k) {
             p.ids.drain(..p.ids.len() - keep);
+        }
+        fit_prompt(&mut p.ids, options.settings.max_new_tokens, limit, options.truncate_prompt)
+            .map_err(|why| bad_input(path, format!("row {}: {why}", p.row)))?;
+        if p.ids.len() < before {
             p.text = tokenizer.decode(&p.ids)?;
+            cut += 1;
         }
-        if p.ids.len() + max_new_tokens > limit {
-            return Err(bad_input(
-                path,
-                format!(
-                    "row {}: a prompt of {} tokens plus --max-new-tokens {max_new_tokens} exceeds the policy's max_position_embeddings {limit}; pass --max-prompt-length to keep only the end of long prompts",
-                    p.row,
-                    p.ids.len()
-                ),
-            ));
-        }
+    }
+    if cut > 0 {
+        crate::progress::warn(format!("ppo: {}: {cut} of {} prompts were cut at the left to fit", path.display(), prompts.len()));
     }
     Ok(prompts)
 }
 
 /// The value model: a one-label sequence classifier (a reward model) as it is, or a causal LM
-/// with its LM head replaced by a zero `score` head (values start at 0).
-fn load_value_model(source: &str, policy_tokenizer: &LoadedTokenizer, device: &Device) -> Result<ValueModel> {
+/// with its LM head replaced by a zero `score` head (values start at 0). With LoRA it trains
+/// an adapter of its own, its head in full.
+fn load_value_model(source: &str, policy_tokenizer: &LoadedTokenizer, options: &RlOptions) -> Result<ValueModel> {
+    let device = &options.device;
     let folder = ModelFolder::open(source)?;
     let tokenizer = folder.load_tokenizer()?;
     check_same_vocabulary(policy_tokenizer, &tokenizer, &folder.dir, "the value model (--value-model, else --reward-model)")?;
     let mut config = folder.config.clone();
+    // An adapter folder is merged: the value model starts from what it scores with.
     let mut params = folder.load_params(device)?;
-    match config.head {
-        Head::SequenceClassification { num_labels: 1 } => {}
+    let head = match config.head {
+        Head::SequenceClassification { num_labels: 1 } => params.remove("score.weight").map(|v| v.as_tensor().clone()),
         Head::SequenceClassification { num_labels } => {
             return Err(bad_input(&folder.dir, format!("has {num_labels} labels; a value model needs one scalar (a reward model)")));
         }
         Head::CausalLm => {
             params.remove("lm_head.weight");
-            params.insert("score.weight", Tensor::zeros((1, config.hidden_size), DType::F32, device)?)?;
             config.head = Head::SequenceClassification { num_labels: 1 };
             config.raw.insert("num_labels".into(), json!(1));
             config.raw.insert("id2label".into(), json!({"0": "LABEL_0"}));
             config.raw.insert("label2id".into(), json!({"LABEL_0": 0}));
+            None
         }
-    }
-    let model = Llama::new(&config, &params)?;
-    Ok(ValueModel { parts: FolderParts::of(&folder, &tokenizer)?, config, params, model })
+    };
+    let head = match head {
+        Some(head) => head,
+        None => Tensor::zeros((1, config.hidden_size), DType::F32, device)?,
+    };
+    let start = match &options.lora {
+        None => {
+            params.insert("score.weight", head)?;
+            Start::Full(params)
+        }
+        Some(settings) => {
+            let base = std::fs::canonicalize(&folder.dir).unwrap_or(folder.dir.clone()).display().to_string();
+            let mut adapter = Adapter::new(settings.clone(), &config, &base, options.seed ^ 0x7A1E, device)?;
+            adapter.params.insert(lora::SCORE, head)?;
+            Start::Lora { base: params, adapter }
+        }
+    };
+    let tuned = TunedModel::new(config, start, options.gradient_checkpointing, options.seed ^ 0x7A1E)?;
+    Ok(ValueModel { parts: FolderParts::of(&folder, &tokenizer)?, tuned })
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use candle_core::{D, DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::model::{ForwardOptions, Llama};
+use crate::model::{ForwardOptions, Decoder};
 use crate::model::ops::log_softmax_last_dim;
 
 /// One sampled response. Per-token vectors have one entry per response token.
@@ -106,7 +106,7 @@ impl Layout {
     }
 
     /// Hidden states `[B, width, hidden]` at the positions that predict response tokens.
-    pub fn response_hidden(&self, model: &Llama) -> Result<Tensor> {
+    pub fn response_hidden(&self, model: &Decoder) -> Result<Tensor> {
         let options = ForwardOptions { attention_mask: Some(&self.attention), position_ids: Some(&self.positions), segment_ids: None };
         let hidden = model.forward(&self.ids, options, None)?;
         Ok(hidden.narrow(1, self.start - 1, self.width)?)
@@ -114,7 +114,7 @@ impl Layout {
 
     /// Log-probabilities `[B, width]` of the response tokens at sampling temperature, and the
     /// logits they came from.
-    pub fn logprobs(&self, model: &Llama, temperature: f64) -> Result<(Tensor, Tensor)> {
+    pub fn logprobs(&self, model: &Decoder, temperature: f64) -> Result<(Tensor, Tensor)> {
         let logits = (model.lm_logits(&self.response_hidden(model)?)? / temperature)?;
         let logp = log_softmax_last_dim(&logits)?;
         let picked = logp.gather(&self.tokens.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?.squeeze(D::Minus1)?;
@@ -122,7 +122,7 @@ impl Layout {
     }
 
     /// Values `[B, width]` from a one-label `score` head.
-    pub fn values(&self, model: &Llama) -> Result<Tensor> {
+    pub fn values(&self, model: &Decoder) -> Result<Tensor> {
         Ok(model.class_scores(&self.response_hidden(model)?)?.squeeze(D::Minus1)?)
     }
 

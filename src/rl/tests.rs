@@ -3,13 +3,13 @@ use candle_core::Device;
 use super::rollout::tests::episode;
 use super::rollout::{Episode, Layout, unpack};
 use crate::generate::{Generator, Sampling, sample_rng};
-use crate::model::{Llama, ModelFolder};
+use crate::model::{Decoder, ModelFolder};
 
-fn fixture_model() -> Llama {
+fn fixture_model() -> Decoder {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/hf-tiny/causal-lm");
     let folder = ModelFolder::open(dir.to_str().unwrap()).unwrap();
     let params = folder.load_params(&Device::Cpu).unwrap();
-    Llama::new(&folder.config, &params).unwrap()
+    Decoder::new(&folder.config, &params).unwrap()
 }
 
 /// The log-probabilities PPO trains on (one padded forward over prompt + response) are those

@@ -15,7 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::{Result, failed};
 use crate::generate::{Generator, Sampling};
-use crate::model::Llama;
+use crate::model::Decoder;
 use crate::tokenizer::LoadedTokenizer;
 
 /// What a generation reports, in order: text as it grows, then one `Done` (or `Failed`).
@@ -68,7 +68,7 @@ pub struct EngineOptions {
 pub struct Busy;
 
 impl Engine {
-    pub fn start(model: Arc<Llama>, tokenizer: Arc<LoadedTokenizer>, options: EngineOptions) -> Result<Self> {
+    pub fn start(model: Arc<Decoder>, tokenizer: Arc<LoadedTokenizer>, options: EngineOptions) -> Result<Self> {
         let (queue, receiver) = mpsc::sync_channel::<Request>(options.queue_len.max(1));
         let receiver = Arc::new(std::sync::Mutex::new(receiver));
         let stats = Arc::new(EngineStats::default());
@@ -110,7 +110,7 @@ impl Engine {
 }
 
 struct Worker {
-    model: Arc<Llama>,
+    model: Arc<Decoder>,
     tokenizer: Arc<LoadedTokenizer>,
     receiver: Arc<std::sync::Mutex<mpsc::Receiver<Request>>>,
     stats: Arc<EngineStats>,

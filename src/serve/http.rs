@@ -22,7 +22,8 @@ use super::AppState;
 use super::api::{self, ApiError, ChatRequest, CompletionRequest, Endpoint, ModerationRequest, SamplingParams};
 use super::engine::{self, Event};
 use super::guard::{self, Action, Direction, GuardWorker, Verdict};
-use super::keys::{Caller, Role};
+use crate::web::keys::Role;
+use crate::web::{Principal, Refusal};
 use super::review::{NewDecision, Verdict as ReviewVerdict, Which};
 use crate::data::Message;
 use crate::data::records::Prompt;
@@ -44,8 +45,10 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/review", get(super::web::page))
         .route("/review/login", post(super::web::login))
         .route("/review/{id}", post(super::web::decide))
+        .route("/review/logout", post(super::web::logout))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(crate::web::refuse_cross_site))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -74,36 +77,25 @@ async fn method_not_allowed(request: Request) -> ApiError {
 
 // ---- auth, limits, bodies ----
 
-/// The key of a request: `Authorization: Bearer KEY`, else the review page's cookie.
-pub(crate) fn presented_key(headers: &HeaderMap) -> Option<String> {
-    if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        let value = value.trim();
-        return Some(value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).unwrap_or(value).trim().to_string());
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        ApiError::new(refusal.status, "invalid_request_error", Some(refusal.code), refusal.message)
     }
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix(&format!("{}=", super::web::COOKIE)).map(str::to_string))
 }
 
 impl AppState {
-    /// Who is calling; `None` when the server runs without keys. Reviewer-only endpoints pass
-    /// `Role::Reviewer`. Every authorised call spends one token of the key's rate limit.
-    pub(crate) fn authorize(&self, headers: &HeaderMap, needs: Role) -> Result<Option<Caller>, ApiError> {
-        let Some(keys) = &self.keys else { return Ok(None) };
-        let Some(key) = presented_key(headers).filter(|k| !k.is_empty()) else {
-            return Err(ApiError::unauthorized("You didn't provide an API key. Send it as `Authorization: Bearer KEY`."));
-        };
-        let Some(caller) = keys.check(&key) else {
-            return Err(ApiError::unauthorized("Incorrect API key provided."));
-        };
-        if needs == Role::Reviewer && caller.role != Role::Reviewer {
-            return Err(ApiError::forbidden("This endpoint needs a reviewer key."));
+    /// Who is calling (a bearer key or the review page's session; anyone on a server without
+    /// keys). Reviewer-only endpoints pass `Role::Reviewer`. Every authorised call spends one
+    /// token of the key's rate limit.
+    pub(crate) fn authorize(&self, headers: &HeaderMap, needs: Role) -> Result<Principal, ApiError> {
+        let principal = self.gate.identify(headers)?;
+        if needs == Role::Reviewer {
+            principal.require(&[Role::Reviewer])?;
         }
-        self.spend(&caller.name)?;
-        Ok(Some(caller))
+        if let Some(caller) = &principal.caller {
+            self.spend(&caller.name)?;
+        }
+        Ok(principal)
     }
 
     fn spend(&self, name: &str) -> Result<(), ApiError> {
@@ -167,6 +159,7 @@ impl AppState {
 }
 
 async fn read_json<T: DeserializeOwned>(body: Body, headers: &HeaderMap, limit: usize) -> Result<T, ApiError> {
+    crate::web::require_json(headers)?;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::too_large(limit));
@@ -209,6 +202,9 @@ async fn prepare(state: &AppState, endpoint: Endpoint, headers: &HeaderMap, body
     Ok(match endpoint {
         Endpoint::Chat => {
             let request: ChatRequest = read_json(body, headers, limit).await?;
+            if request.messages.len() > state.max_positions {
+                return Err(ApiError::bad_param("messages", format!("{} messages are more than this model's context of {} tokens can hold", request.messages.len(), state.max_positions)));
+            }
             let messages = request.to_messages()?;
             let whole = transcript(&messages);
             let mut guard_texts = vec![whole.clone()];
@@ -270,13 +266,7 @@ async fn generate(state: Shared, endpoint: Endpoint, headers: HeaderMap, body: B
     }
     let reply = Reply { state: state.clone(), endpoint, id: id.clone(), created, include_usage };
 
-    // A blocked input never reaches the model.
-    let verdict = state.guard_step(Direction::Input, &state.input_guards, prepared.guard_texts.clone(), &id, &prepared.transcript).await?;
-    if verdict.action == Action::Block {
-        let refusal = state.policy.refusal.clone();
-        return Ok(if stream { reply.refusal_stream(&refusal) } else { reply.full(&refusal, "content_filter", 0, 0) });
-    }
-
+    // An over-long prompt is refused before any guard runs or any review row is written.
     let (_, ids) = encode_prompt(&prepared.prompt, &state.tokenizer, Some(&state.template)).map_err(|e| match e {
         crate::Error::Input(message) => ApiError::bad_param("messages", message),
         other => ApiError::internal(other.one_line()),
@@ -293,6 +283,14 @@ async fn generate(state: Shared, endpoint: Endpoint, headers: HeaderMap, body: B
     }
     let max_tokens = max_tokens.min(state.max_positions - ids.len());
     let prompt_tokens = ids.len();
+
+    // A blocked input never reaches the model.
+    let verdict = state.guard_step(Direction::Input, &state.input_guards, prepared.guard_texts.clone(), &id, &prepared.transcript).await?;
+    if verdict.action == Action::Block {
+        let refusal = state.policy.refusal.clone();
+        return Ok(if stream { reply.refusal_stream(&refusal) } else { reply.full(&refusal, "content_filter", 0, 0) });
+    }
+
     let deadline = Instant::now() + state.limits.request_timeout;
     let (events_tx, events) = mpsc::unbounded_channel();
     let seed = prepared.params.seed.unwrap_or_else(|| rand::rng().random::<u64>() ^ state.seed);
@@ -340,21 +338,7 @@ async fn collect(mut events: mpsc::UnboundedReceiver<Event>) -> Result<(String, 
 /// characters of the piece before: the pieces a stream's output is checked in.
 pub(crate) fn windows(text: &str, chunk: usize, overlap: usize) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
-    if chars.is_empty() {
-        return Vec::new();
-    }
-    if chars.len() <= chunk {
-        return vec![text.to_string()];
-    }
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < chars.len() {
-        let from = start.saturating_sub(overlap);
-        let to = (start + chunk).min(chars.len());
-        out.push(chars[from..to].iter().collect());
-        start += chunk;
-    }
-    out
+    crate::score::overlapping_windows(chars.len(), chunk, overlap).into_iter().map(|span| chars[span].iter().collect()).collect()
 }
 
 /// How to answer one generation request.
@@ -539,6 +523,9 @@ fn model_card(state: &AppState) -> Value {
     json!({"id": state.model_id, "object": "model", "created": state.created, "owned_by": "lathe"})
 }
 
+/// Texts one moderation request may ask about (each is a guard pass).
+const MOST_MODERATION_INPUTS: usize = 256;
+
 /// OpenAI's moderation shape from the guards (the input guards, else every guard): per
 /// category the highest score any guard gives and whether its rule flags or blocks it.
 async fn moderations(State(state): State<Shared>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
@@ -547,6 +534,9 @@ async fn moderations(State(state): State<Shared>, headers: HeaderMap, body: Body
     let inputs = request.input.into_vec();
     if inputs.is_empty() {
         return Err(ApiError::bad_param("input", "`input` must hold at least one string"));
+    }
+    if inputs.len() > MOST_MODERATION_INPUTS {
+        return Err(ApiError::bad_param("input", format!("`input` holds {} strings; at most {MOST_MODERATION_INPUTS} per request", inputs.len())));
     }
     let guards = if state.input_guards.is_empty() { &state.all_guards } else { &state.input_guards };
     if guards.is_empty() {
@@ -583,7 +573,13 @@ async fn health(State(state): State<Shared>) -> Response {
     axum::Json(json!({"status": "ok", "model": state.model_id, "queue_depth": depth})).into_response()
 }
 
-async fn metrics(State(state): State<Shared>) -> Response {
+/// Prometheus' page: any key may read it (no rate limit spent), everyone with --public-metrics.
+async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    if !state.limits.public_metrics {
+        if let Err(refusal) = state.gate.identify(&headers) {
+            return ApiError::from(refusal).into_response();
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&state.engine.stats)).into_response()
 }
 
@@ -620,15 +616,15 @@ struct ReviewBody {
 }
 
 async fn review_item(State(state): State<Shared>, headers: HeaderMap, Path(id): Path<i64>, body: Body) -> Result<Response, ApiError> {
-    let caller = state.authorize(&headers, Role::Reviewer)?;
+    let principal = state.authorize(&headers, Role::Reviewer)?;
+    state.gate.check_json(&principal, &headers)?;
     let body: ReviewBody = read_json(body, &headers, state.limits.max_body_bytes).await?;
     let verdict = match body.verdict.as_str() {
         "confirm" => ReviewVerdict::Confirm,
         "overturn" => ReviewVerdict::Overturn(body.labels),
         other => return Err(ApiError::bad_param("verdict", format!("verdict `{other}`: expected confirm or overturn"))),
     };
-    let reviewer = caller.map_or_else(|| "anonymous".to_string(), |c| c.name);
-    let item = record_review(&state, id, verdict, reviewer).await?;
+    let item = record_review(&state, id, verdict, principal.name()).await?;
     Ok(axum::Json(item).into_response())
 }
 

@@ -4,16 +4,17 @@
 //! - [`api`]: OpenAI's request, response, chunk and error bodies.
 //! - [`engine`]: the model on worker threads fed by a bounded queue, requests decoded in batches.
 //! - [`guard`]: guard classifiers on their own threads, and the policy over their scores.
-//! - [`keys`]: API keys kept as salted hashes; client and reviewer roles.
 //! - [`review`]: the SQLite review queue, its statistics and the labeled-text export.
 //! - [`metrics`]: the Prometheus page.
 //! - `http` / `web`: the routes, and the server-rendered `/review` page.
+//!
+//! Keys (client and reviewer roles), sessions, CSRF and Origin checks and the connection
+//! limits are the shared web layer's ([`crate::web`]).
 
 pub mod api;
 pub mod engine;
 pub mod guard;
 mod http;
-pub mod keys;
 pub mod metrics;
 pub mod review;
 mod web;
@@ -26,16 +27,24 @@ use std::time::Duration;
 
 use candle_core::Device;
 
-use crate::error::{Result, bad_input, failed, usage};
+use crate::error::{Result, bad_input, usage};
 use crate::generate::chat_template;
-use crate::model::{ChatTemplate, Head, Llama, ModelFolder};
+use crate::model::{ChatTemplate, Head, Decoder, ModelFolder};
 use crate::score::ModelSettings;
 use crate::tokenizer::LoadedTokenizer;
 use engine::{Engine, EngineOptions};
 use guard::{GuardInfo, GuardWorker, Policy};
-use keys::KeyFile;
 use metrics::Metrics;
 use review::ReviewDb;
+use crate::web::Gate;
+use crate::web::keys::{KeyFile, Role};
+use crate::web::listen::ConnectionLimits;
+
+/// The roles a serve-guard keys file holds.
+pub const ROLES: &[Role] = &[Role::Client, Role::Reviewer];
+
+/// The review page's session cookie (each server its own: browsers share cookies across ports).
+const SESSION_COOKIE: &str = "serve_guard_session";
 
 /// Everything `serve-guard serve` is told.
 #[derive(Clone, Debug)]
@@ -59,6 +68,10 @@ pub struct ServeOptions {
     /// Requests per minute per key (0: no limit).
     pub rate_limit: u32,
     pub log_content: bool,
+    /// `/metrics` without a key.
+    pub public_metrics: bool,
+    pub connections: ConnectionLimits,
+    pub session_lifetime: Duration,
     pub threads: usize,
     pub device: Device,
     pub seed: u64,
@@ -73,6 +86,7 @@ pub(crate) struct Limits {
     pub request_timeout: Duration,
     pub rate_limit: u32,
     pub log_content: bool,
+    pub public_metrics: bool,
     pub quiet: bool,
 }
 
@@ -95,7 +109,7 @@ pub(crate) struct AppState {
     pub all_guards: Vec<Arc<GuardWorker>>,
     pub policy: Policy,
     pub review: Arc<Mutex<ReviewDb>>,
-    pub keys: Option<KeyFile>,
+    pub gate: Gate,
     pub metrics: Metrics,
     pub buckets: Mutex<HashMap<String, Bucket>>,
     pub limits: Limits,
@@ -115,11 +129,11 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
         .listen
         .parse()
         .map_err(|_| usage(format!("--listen {}: expected HOST:PORT, e.g. 127.0.0.1:8080", options.listen)))?;
-    let keys = options.keys.as_deref().map(KeyFile::open).transpose()?;
+    let keys = options.keys.as_deref().map(|path| KeyFile::open(path, ROLES, "serve-guard")).transpose()?;
 
     let folder = ModelFolder::open(&options.model)?;
     if folder.config.head != Head::CausalLm {
-        return Err(bad_input(&folder.dir, "is not a causal language model (LlamaForCausalLM); pass guards with --input-guard / --output-guard"));
+        return Err(bad_input(&folder.dir, "is not a causal language model (…ForCausalLM); pass guards with --input-guard / --output-guard"));
     }
     let template = match chat_template(&folder, options.chat_template.as_deref())? {
         Some(t) => t,
@@ -155,7 +169,7 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
     let review = ReviewDb::open(&options.db)?;
 
     let params = folder.load_params(&options.device)?;
-    let model = Arc::new(Llama::new_inference(&folder.config, &params)?);
+    let model = Arc::new(Decoder::new_inference(&folder.config, &params)?);
     drop(params);
     let mut eos = folder.eos_token_ids();
     if eos.is_empty() {
@@ -196,7 +210,7 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
         all_guards: workers.clone(),
         policy,
         review: Arc::new(Mutex::new(review)),
-        keys,
+        gate: Gate::new(keys, SESSION_COOKIE, options.session_lifetime),
         metrics: Metrics::default(),
         buckets: Mutex::new(HashMap::new()),
         limits: Limits {
@@ -206,35 +220,25 @@ pub fn serve(options: &ServeOptions) -> Result<()> {
             request_timeout: options.request_timeout,
             rate_limit: options.rate_limit,
             log_content: options.log_content,
+            public_metrics: options.public_metrics,
             quiet: options.quiet,
         },
         seed: options.seed,
     });
-    if state.keys.is_none() && !options.quiet {
+    if !state.gate.has_keys() && !options.quiet {
         crate::progress::warn("warning: no --keys file: every endpoint, review included, is open to anyone who can reach the address");
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("serve-guard-http")
-        .enable_all()
-        .build()
-        .map_err(|e| failed(format!("cannot start the HTTP runtime: {e}")))?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| usage(format!("--listen {address}: cannot listen: {e}")))?;
-        let bound = listener.local_addr()?;
-        if !options.quiet {
-            let guards = |side: &[Arc<GuardWorker>]| if side.is_empty() { "none".to_string() } else { side.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ") };
-            crate::progress::line(format!(
-                "serve-guard: model {} · input guards: {} · output guards: {} · policy {} · review queue {}",
-                state.model_id,
-                guards(&state.input_guards),
-                guards(&state.output_guards),
-                state.policy.version,
-                options.db.display()
-            ));
-        }
-        crate::progress::line(format!("serve-guard: listening on http://{bound}"));
-        axum::serve(listener, http::router(state)).await.map_err(|e| failed(format!("the server stopped: {e}")))
-    })
+    let guards = |side: &[Arc<GuardWorker>]| if side.is_empty() { "none".to_string() } else { side.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ") };
+    let banner = (!options.quiet).then(|| {
+        format!(
+            "serve-guard: model {} · input guards: {} · output guards: {} · policy {} · review queue {}",
+            state.model_id,
+            guards(&state.input_guards),
+            guards(&state.output_guards),
+            state.policy.version,
+            options.db.display()
+        )
+    });
+    crate::web::listen::run("serve-guard", address, options.connections, http::router(state), banner)
 }

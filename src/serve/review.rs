@@ -102,6 +102,26 @@ fn now() -> String {
     chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
+/// The queue holds prompts and responses: readable by its owner only (SQLite gives its WAL
+/// and shared-memory files the database file's mode). An older, wider file is narrowed.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            for file in [path.to_path_buf(), PathBuf::from(format!("{}-wal", path.display())), PathBuf::from(format!("{}-shm", path.display()))] {
+                if let Ok(meta) = std::fs::metadata(&file) {
+                    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+                        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(meta.permissions().mode() & 0o700))?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl ReviewDb {
     /// Open (creating) the queue. Writes are synced before they return, so an acknowledged
     /// decision survives the process being killed.
@@ -111,6 +131,7 @@ impl ReviewDb {
                 return Err(bad_input(path, "its folder does not exist"));
             }
         }
+        owner_only(path).map_err(|e| bad_input(path, format!("cannot create the review database: {e}")))?;
         let conn = Connection::open(path).map_err(|e| bad_input(path, format!("cannot open the review database: {e}")))?;
         let setup = || -> rusqlite::Result<()> {
             conn.busy_timeout(std::time::Duration::from_secs(10))?;

@@ -1,20 +1,21 @@
 //! The `/review` page: server-rendered HTML forms, no scripts. A reviewer signs in with a
-//! reviewer key (kept in an HttpOnly, SameSite=Strict cookie), sees the pending decisions with
-//! every guard's scores, and confirms or overturns each with the true labels.
+//! reviewer key (the browser keeps only a random session id, in an HttpOnly, SameSite=Strict
+//! cookie that expires), sees the pending decisions with every guard's scores, and confirms or
+//! overturns each with the true labels. Every form carries the session's CSRF token.
 
 use std::fmt::Write;
 
+use std::net::SocketAddr;
+
 use axum::Form;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
 use super::http::record_review;
-use super::keys::Role;
 use super::review::{Item, Verdict, Which};
 use super::{AppState, api::ApiError};
-
-pub(crate) const COOKIE: &str = "lathe_key";
+use crate::web::keys::Role;
 
 type Shared = std::sync::Arc<AppState>;
 
@@ -43,7 +44,16 @@ fn login_page(message: Option<&str>) -> Html<String> {
     )
 }
 
-fn item_html(item: &Item) -> String {
+/// The hidden field that carries the session's CSRF token (none on a server without keys).
+fn csrf_field(token: Option<&str>) -> String {
+    token.map(|t| format!("<input type=\"hidden\" name=\"csrf\" value=\"{}\">", escape(t))).unwrap_or_default()
+}
+
+fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn item_html(item: &Item, csrf: &str) -> String {
     let mut rows = String::new();
     for j in &item.scores {
         let class = if j.hit { " class=\"hit\"" } else { "" };
@@ -60,7 +70,7 @@ fn item_html(item: &Item) -> String {
         "<div class=\"item\" id=\"item-{id}\"><div><b>#{id}</b> {direction} · <span class=\"{action}\">{action}</span> · {reason} · policy {policy} · request {request} · {created}</div>
 <div class=\"text\">{text}</div>
 <table><tr><th>guard</th><th>category</th><th>score</th><th>threshold</th><th>action</th></tr>{rows}</table>
-<form method=\"post\" action=\"/review/{id}\"><p>True labels: {boxes}</p>
+<form method=\"post\" action=\"/review/{id}\">{csrf}<p>True labels: {boxes}</p>
 <button type=\"submit\" name=\"verdict\" value=\"confirm\" id=\"confirm-{id}\">Confirm the guards ({predicted})</button>
 <button type=\"submit\" name=\"verdict\" value=\"overturn\" id=\"overturn-{id}\">Overturn with the labels ticked</button></form></div>",
         id = item.id,
@@ -77,11 +87,12 @@ fn item_html(item: &Item) -> String {
 
 /// GET /review: the pending decisions, or the sign-in form.
 pub(crate) async fn page(State(state): State<Shared>, headers: HeaderMap) -> Response {
-    match state.authorize(&headers, Role::Reviewer) {
-        Ok(_) => {}
+    let principal = match state.authorize(&headers, Role::Reviewer) {
+        Ok(p) => p,
         Err(e) if e.status == StatusCode::UNAUTHORIZED => return (StatusCode::UNAUTHORIZED, login_page(None)).into_response(),
         Err(e) => return e.into_response(),
-    }
+    };
+    let csrf = csrf_field(principal.csrf());
     let db = state.review.clone();
     let listed = tokio::task::spawn_blocking(move || {
         let db = db.lock().unwrap_or_else(|p| p.into_inner());
@@ -104,39 +115,59 @@ pub(crate) async fn page(State(state): State<Shared>, headers: HeaderMap) -> Res
         body.push_str("<p id=\"empty\">Nothing to review.</p>");
     }
     for item in &items {
-        body.push_str(&item_html(item));
+        body.push_str(&item_html(item, &csrf));
+    }
+    if principal.csrf().is_some() {
+        body.push_str(&format!("<form method=\"post\" action=\"/review/logout\">{csrf}<button type=\"submit\" id=\"sign-out\">Sign out</button></form>"));
     }
     layout("serve-guard review", &body).into_response()
 }
 
-/// POST /review/login: a reviewer key becomes the page's cookie.
-pub(crate) async fn login(State(state): State<Shared>, Form(form): Form<Vec<(String, String)>>) -> Response {
-    let key = form.iter().find(|(k, _)| k == "key").map(|(_, v)| v.trim().to_string()).unwrap_or_default();
-    let Some(keys) = &state.keys else { return Redirect::to("/review").into_response() };
-    match keys.check(&key) {
-        Some(caller) if caller.role == Role::Reviewer => {
-            let cookie = format!("{COOKIE}={key}; Path=/; HttpOnly; SameSite=Strict");
-            ([(header::SET_COOKIE, cookie)], Redirect::to("/review")).into_response()
-        }
-        Some(_) => (StatusCode::FORBIDDEN, login_page(Some("That is a client key; the review queue needs a reviewer key."))).into_response(),
-        None => (StatusCode::UNAUTHORIZED, login_page(Some("Unknown key."))).into_response(),
+/// POST /review/login: a reviewer key starts a session; the browser gets its random id.
+/// Failed attempts are throttled per address.
+pub(crate) async fn login(State(state): State<Shared>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Form(form): Form<Vec<(String, String)>>) -> Response {
+    if !state.gate.has_keys() {
+        return Redirect::to("/review").into_response();
     }
+    match state.gate.sign_in(peer.ip(), field(&form, "key").unwrap_or_default(), &[Role::Reviewer]) {
+        Ok((_, cookie)) => ([(header::SET_COOKIE, cookie)], Redirect::to("/review")).into_response(),
+        Err(refusal) => {
+            let message = match refusal.status {
+                StatusCode::FORBIDDEN => "That is a client key; the review queue needs a reviewer key.".to_string(),
+                StatusCode::UNAUTHORIZED => "Unknown key.".to_string(),
+                _ => refusal.message.clone(),
+            };
+            (refusal.status, login_page(Some(&message))).into_response()
+        }
+    }
+}
+
+/// POST /review/logout: end the session.
+pub(crate) async fn logout(State(state): State<Shared>, headers: HeaderMap, Form(form): Form<Vec<(String, String)>>) -> Response {
+    if let Ok(principal) = state.gate.identify(&headers) {
+        if let Err(refusal) = state.gate.check_form(&principal, &headers, field(&form, "csrf")) {
+            return ApiError::from(refusal).into_response();
+        }
+    }
+    ([(header::SET_COOKIE, state.gate.sign_out(&headers))], Redirect::to("/review")).into_response()
 }
 
 /// POST /review/{id}: confirm, or overturn with the ticked labels.
 pub(crate) async fn decide(State(state): State<Shared>, headers: HeaderMap, Path(id): Path<i64>, Form(form): Form<Vec<(String, String)>>) -> Response {
-    let caller = match state.authorize(&headers, Role::Reviewer) {
-        Ok(c) => c,
+    let principal = match state.authorize(&headers, Role::Reviewer) {
+        Ok(p) => p,
         Err(e) if e.status == StatusCode::UNAUTHORIZED => return (StatusCode::UNAUTHORIZED, login_page(Some("Sign in first."))).into_response(),
         Err(e) => return e.into_response(),
     };
-    let verdict = match form.iter().find(|(k, _)| k == "verdict").map(|(_, v)| v.as_str()) {
+    if let Err(refusal) = state.gate.check_form(&principal, &headers, field(&form, "csrf")) {
+        return ApiError::from(refusal).into_response();
+    }
+    let verdict = match field(&form, "verdict") {
         Some("confirm") => Verdict::Confirm,
         Some("overturn") => Verdict::Overturn(form.iter().filter(|(k, _)| k == "labels").map(|(_, v)| v.clone()).collect()),
         _ => return ApiError::bad_param("verdict", "expected verdict=confirm or verdict=overturn").into_response(),
     };
-    let reviewer = caller.map_or_else(|| "anonymous".to_string(), |c| c.name);
-    match record_review(&state, id, verdict, reviewer).await {
+    match record_review(&state, id, verdict, principal.name()).await {
         Ok(_) => Redirect::to("/review").into_response(),
         Err(e) => e.into_response(),
     }

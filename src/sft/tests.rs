@@ -4,7 +4,7 @@ use candle_core::Device;
 
 use super::*;
 
-fn fixture_model() -> (ModelFolder, LoadedTokenizer, Llama, Params) {
+fn fixture_model() -> (ModelFolder, LoadedTokenizer, Decoder, Params) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/hf-tiny/causal-lm");
     let folder = ModelFolder::open(dir.to_str().unwrap()).unwrap();
     let tokenizer = folder.load_tokenizer().unwrap();
@@ -26,7 +26,7 @@ fn conversation() -> Vec<Message> {
     ]
 }
 
-fn loss(model: &Llama, example: &Example) -> f32 {
+fn loss(model: &Decoder, example: &Example) -> f32 {
     let out = sequence_loss(model, std::slice::from_ref(example), &[vec![0]], 1).unwrap();
     (out.sum / out.count as f64).unwrap().to_scalar::<f32>().unwrap()
 }

@@ -11,12 +11,17 @@ use serde_json::Value;
 
 use super::guard::OutlierGuard;
 use crate::error::{Result, bad_input, failed};
+use crate::model::folder::WEIGHTS;
+use crate::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::model::weights::save_tensors;
 use crate::output::write_atomic;
 
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const TRAINER_STATE: &str = "trainer_state.json";
 const PREFIX: &str = "step-";
+const PARTIAL: &str = ".partial";
+const REMOVING: &str = ".removing";
+const CONFIG: &str = "config.json";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BestEval {
@@ -66,7 +71,8 @@ impl Checkpoints {
         self.dir.join(format!("{PREFIX}{step}"))
     }
 
-    /// Completed checkpoints, oldest first.
+    /// Completed checkpoints, oldest first: a folder missing any file a checkpoint is written
+    /// with (a deletion cut short by a kill) is not one.
     pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return Ok(Vec::new()) };
         let mut found: Vec<(u64, PathBuf)> = entries
@@ -74,11 +80,27 @@ impl Checkpoints {
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let step = name.strip_prefix(PREFIX)?.parse::<u64>().ok()?;
-                e.path().join(TRAINER_STATE).exists().then(|| (step, e.path()))
+                let has = |files: &[&str]| files.iter().all(|f| e.path().join(f).is_file());
+                // The model folder, or a LoRA run's adapter folder.
+                let complete = has(&[TRAINER_STATE, OPTIMIZER]) && (has(&[WEIGHTS, CONFIG]) || has(&[ADAPTER_WEIGHTS, ADAPTER_CONFIG]));
+                complete.then(|| (step, e.path()))
             })
             .collect();
         found.sort();
         Ok(found)
+    }
+
+    /// Remove a checkpoint folder so that no kill can leave part of it listed: it is renamed
+    /// to a hidden name first (one atomic step), then deleted.
+    fn remove(&self, path: &Path) -> Result<()> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let doomed = self.dir.join(format!(".{name}{REMOVING}"));
+        if doomed.exists() {
+            std::fs::remove_dir_all(&doomed)?;
+        }
+        std::fs::rename(path, &doomed)?;
+        std::fs::remove_dir_all(&doomed)?;
+        Ok(())
     }
 
     pub fn latest(&self) -> Result<Option<(u64, PathBuf)>> {
@@ -94,7 +116,7 @@ impl Checkpoints {
     ) -> Result<PathBuf> {
         std::fs::create_dir_all(&self.dir)?;
         let final_path = self.path(state.step);
-        let staging = self.dir.join(format!(".{PREFIX}{}.partial", state.step));
+        let staging = self.dir.join(format!(".{PREFIX}{}{PARTIAL}", state.step));
         if staging.exists() {
             std::fs::remove_dir_all(&staging)?;
         }
@@ -103,7 +125,7 @@ impl Checkpoints {
         save_tensors(&staging.join(OPTIMIZER), optimizer.iter().map(|(n, t)| (n.as_str(), t)))?;
         write_atomic(&staging.join(TRAINER_STATE), (serde_json::to_string_pretty(state)? + "\n").as_bytes())?;
         if final_path.exists() {
-            std::fs::remove_dir_all(&final_path)?;
+            self.remove(&final_path)?;
         }
         std::fs::rename(&staging, &final_path)?;
         self.prune(state.best.as_ref().map(|b| b.step))?;
@@ -117,17 +139,22 @@ impl Checkpoints {
         let newest: Vec<u64> = all.iter().rev().take(self.keep).map(|(s, _)| *s).collect();
         for (step, path) in &all {
             if !newest.contains(step) && Some(*step) != best_step {
-                std::fs::remove_dir_all(path)?;
+                self.remove(path)?;
             }
         }
         self.remove_partials()
     }
 
+    /// Remove what interrupted writes and deletions left: hidden staging and doomed folders,
+    /// and step folders a kill left incomplete.
     pub fn remove_partials(&self) -> Result<()> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return Ok(()) };
+        let complete: Vec<PathBuf> = self.list()?.into_iter().map(|(_, p)| p).collect();
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.ends_with(".partial") {
+            let hidden = name.starts_with('.') && (name.ends_with(PARTIAL) || name.ends_with(REMOVING));
+            let incomplete = name.starts_with(PREFIX) && entry.path().is_dir() && !complete.contains(&entry.path());
+            if hidden || incomplete {
                 std::fs::remove_dir_all(entry.path())?;
             }
         }

@@ -38,6 +38,11 @@ impl<T: Clone> EpochCursor<T> {
         (0..count).map(|_| self.next()).collect()
     }
 
+    /// Units handed out so far, over all epochs: a counter a resumed run continues exactly.
+    pub fn consumed(&self) -> u64 {
+        self.epoch * self.units as u64 + self.position as u64
+    }
+
     /// Epochs done, with the fraction of the current one.
     pub fn epochs(&self) -> f64 {
         self.epoch as f64 + self.position as f64 / self.current.len() as f64

@@ -11,6 +11,7 @@ pub mod guard;
 pub mod optim;
 pub mod schedule;
 pub mod sequences;
+pub mod tuned;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -103,6 +104,10 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Keep only each decoder layer's input and recompute its activations in the backward
+    /// pass: far less memory for about one more forward pass; the same gradients.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainArgs {
@@ -137,6 +142,28 @@ impl TrainArgs {
     pub fn check(&self) -> Result<()> {
         if self.batch_size == 0 || self.grad_accum == 0 {
             return Err(usage("--batch-size and --grad-accum must be at least 1"));
+        }
+        if self.warmup_steps > self.steps {
+            return Err(usage(format!("--warmup-steps {} is longer than the run (--steps {})", self.warmup_steps, self.steps)));
+        }
+        if let Some(decay) = self.decay_steps.filter(|&d| d > self.steps) {
+            return Err(usage(format!("--decay-steps {decay} is longer than the run (--steps {})", self.steps)));
+        }
+        for (flag, value) in [("--beta1", self.beta1), ("--beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(usage(format!("{flag} {value}: expected a number in [0, 1)")));
+            }
+        }
+        for (flag, value) in [("--eps", self.eps), ("--weight-decay", self.weight_decay), ("--grad-clip", self.grad_clip)] {
+            if !(value >= 0.0 && value.is_finite()) {
+                return Err(usage(format!("{flag} {value}: expected a finite number >= 0")));
+            }
+        }
+        if let Some(min_lr) = self.min_lr.filter(|m| !(*m >= 0.0 && m.is_finite())) {
+            return Err(usage(format!("--min-lr {min_lr}: expected a finite number >= 0")));
+        }
+        if let Some(z) = self.skip_outliers.filter(|z| !(*z > 0.0 && z.is_finite())) {
+            return Err(usage(format!("--skip-outliers {z}: expected a positive number")));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(usage(format!("--lr {}: must be a positive number", self.lr)));
@@ -273,6 +300,10 @@ pub fn train<T: Task>(task: &mut T, args: &TrainArgs, setup: &RunSetup) -> Resul
     std::fs::create_dir_all(run_dir).map_err(|e| crate::error::bad_input(run_dir, format!("cannot create: {e}")))?;
     let checkpoints = Checkpoints::new(run_dir, args.keep_checkpoints);
     checkpoints.remove_partials()?;
+    let leftovers = crate::output::remove_leftovers(run_dir)?;
+    if !leftovers.is_empty() {
+        progress::log(format!("removed what an interrupted write left in {}: {}", run_dir.display(), leftovers.join(", ")));
+    }
     let schedule = args.schedule();
     let mut optimizer = AdamW::new(args.optimizer());
     let mut state = TrainerState {
@@ -309,13 +340,18 @@ pub fn train<T: Task>(task: &mut T, args: &TrainArgs, setup: &RunSetup) -> Resul
     let (mut tokens_this_run, mut last_loss) = (0u64, f64::NAN);
     while state.step < args.steps {
         if cli::interrupted() {
-            save_checkpoint(task, &optimizer, &state, &checkpoints)?;
-            bar.finish();
-            progress::log(format!("stopped at step {}; checkpoint saved, continue with --resume", state.step));
-            return Err(Error::Interrupted);
+            return stop_interrupted(task, &optimizer, &state, &checkpoints, &bar);
         }
         let step_started = Instant::now();
-        let (loss, tokens, mut grads, extra) = accumulate(task, args.grad_accum)?;
+        // A signal inside a long accumulation stops it: the step is abandoned and the data
+        // goes back to where the step began, so the checkpoint resumes exactly.
+        let data_before = (args.grad_accum > 1).then(|| task.data_state());
+        let Some((loss, tokens, mut grads, extra)) = accumulate(task, args.grad_accum)? else {
+            if let Some(before) = &data_before {
+                task.restore_data_state(before)?;
+            }
+            return stop_interrupted(task, &optimizer, &state, &checkpoints, &bar);
+        };
         let lr = schedule.lr_at(state.step);
         if !loss.is_finite() {
             return Err(non_finite(&checkpoints, state.step + 1, "loss", loss));
@@ -388,15 +424,29 @@ pub fn train<T: Task>(task: &mut T, args: &TrainArgs, setup: &RunSetup) -> Resul
     Ok(report)
 }
 
-/// Gradients of `accum` micro-batches, averaged; returns (mean loss, tokens, grads, metrics).
-fn accumulate<T: Task>(task: &mut T, accum: usize) -> Result<(f64, u64, Grads, Map<String, Value>)> {
+/// Save a checkpoint of the last finished step and stop with exit 130.
+fn stop_interrupted<T: Task>(task: &mut T, optimizer: &AdamW, state: &TrainerState, checkpoints: &Checkpoints, bar: &Progress) -> Result<TrainReport> {
+    save_checkpoint(task, optimizer, state, checkpoints)?;
+    bar.finish();
+    progress::log(format!("stopped at step {}; checkpoint saved, continue with --resume", state.step));
+    Err(Error::Interrupted)
+}
+
+type Accumulated = (f64, u64, Grads, Map<String, Value>);
+
+/// Gradients of `accum` micro-batches, averaged: (mean loss, tokens, grads, metrics); `None`
+/// when a signal came between micro-batches.
+fn accumulate<T: Task>(task: &mut T, accum: usize) -> Result<Option<Accumulated>> {
     let mut grads = Grads::new();
     let (mut loss_sum, mut tokens) = (0f64, 0u64);
     let mut extra = Map::new();
-    for _ in 0..accum {
+    for micro_batch in 0..accum {
+        if micro_batch > 0 && cli::interrupted() {
+            return Ok(None);
+        }
         let out = task.next_loss()?;
         let value = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        let store = (out.loss / accum as f64)?.backward()?;
+        let store = crate::model::recompute::backward(&(out.loss / accum as f64)?)?;
         for (name, var) in task.params().iter() {
             if let Some(grad) = store.get(var.as_tensor()) {
                 match grads.get_mut(name) {
@@ -411,7 +461,7 @@ fn accumulate<T: Task>(task: &mut T, accum: usize) -> Result<(f64, u64, Grads, M
         tokens += out.tokens;
         extra = out.metrics;
     }
-    Ok((loss_sum / accum as f64, tokens, grads, extra))
+    Ok(Some((loss_sum / accum as f64, tokens, grads, extra)))
 }
 
 fn evaluate<T: Task>(task: &mut T, state: &mut TrainerState, metrics: &mut MetricsWriter) -> Result<Option<f64>> {

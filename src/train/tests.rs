@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::*;
 use crate::model::folder::{self, ModelFiles, ModelFolder};
-use crate::model::{ForwardOptions, Llama};
+use crate::model::{ForwardOptions, Decoder};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/hf-tiny").join(name)
@@ -18,14 +18,19 @@ fn fixture(name: &str) -> PathBuf {
 struct FixtureTask {
     folder: ModelFolder,
     params: Params,
-    model: Llama,
+    model: Decoder,
     batches: Tensor,
     next: usize,
 }
 
 impl FixtureTask {
     fn new() -> Self {
-        let folder = ModelFolder::open(fixture("causal-lm").to_str().unwrap()).unwrap();
+        Self::of(&fixture("causal-lm"))
+    }
+
+    /// The fixture's batches on the model in `dir`.
+    fn of(dir: &Path) -> Self {
+        let folder = ModelFolder::open(dir.to_str().unwrap()).unwrap();
         let (model, params) = folder.load_model(&Device::Cpu).unwrap();
         let batches = candle_core::safetensors::load(fixture("train_batches.safetensors"), &Device::Cpu).unwrap()["batches"]
             .to_dtype(DType::U32)
@@ -40,14 +45,8 @@ impl Task for FixtureTask {
     }
 
     fn next_loss(&mut self) -> Result<StepLoss> {
-        let batch = self.batches.i(self.next)?;
         self.next += 1;
-        let (b, t) = batch.dims2()?;
-        let (x, y) = (batch.narrow(1, 0, t - 1)?, batch.narrow(1, 1, t - 1)?);
-        let hidden = self.model.forward(&x, ForwardOptions::default(), None)?;
-        let logits = self.model.lm_logits(&hidden)?.reshape((b * (t - 1), ()))?;
-        let loss = crate::model::ops::cross_entropy_rows(&logits, &y.flatten_all()?)?.mean_all()?;
-        Ok(StepLoss { loss, tokens: (b * (t - 1)) as u64, metrics: Map::new() })
+        next_token_loss(&self.model, &self.batches.i(self.next - 1)?)
     }
 
     fn evaluate(&mut self) -> Result<Option<Evaluation>> {
@@ -83,6 +82,94 @@ impl Task for FixtureTask {
     }
 }
 
+/// Mean next-token cross-entropy of one fixture batch.
+fn next_token_loss(model: &Decoder, batch: &Tensor) -> Result<StepLoss> {
+    let (b, t) = batch.dims2()?;
+    let (x, y) = (batch.narrow(1, 0, t - 1)?, batch.narrow(1, 1, t - 1)?);
+    let hidden = model.forward(&x, ForwardOptions::default(), None)?;
+    let logits = model.lm_logits(&hidden)?.reshape((b * (t - 1), ()))?;
+    let loss = crate::model::ops::cross_entropy_rows(&logits, &y.flatten_all()?)?.mean_all()?;
+    Ok(StepLoss { loss, tokens: (b * (t - 1)) as u64, metrics: Map::new() })
+}
+
+/// The fixture's batches on a frozen base through a LoRA adapter: only the adapter trains.
+struct LoraFixtureTask {
+    folder: ModelFolder,
+    adapter: crate::model::lora::Adapter,
+    model: Decoder,
+    batches: Tensor,
+    next: usize,
+}
+
+impl LoraFixtureTask {
+    fn new(adapter_dir: &Path, checkpointing: bool) -> Self {
+        let folder = ModelFolder::open(adapter_dir.to_str().unwrap()).unwrap();
+        let adapter = folder.load_adapter(&Device::Cpu).unwrap().unwrap();
+        let base = folder.load_base_params(&Device::Cpu).unwrap();
+        let mut model = Decoder::with_adapter(&folder.config, &base, &adapter).unwrap();
+        model.set_gradient_checkpointing(checkpointing);
+        let batches = candle_core::safetensors::load(fixture("train_batches.safetensors"), &Device::Cpu).unwrap()["batches"]
+            .to_dtype(DType::U32)
+            .unwrap();
+        LoraFixtureTask { folder, adapter, model, batches, next: 0 }
+    }
+}
+
+impl Task for LoraFixtureTask {
+    fn params(&self) -> &Params {
+        &self.adapter.params
+    }
+    fn next_loss(&mut self) -> Result<StepLoss> {
+        self.next += 1;
+        next_token_loss(&self.model, &self.batches.i(self.next - 1)?)
+    }
+    fn evaluate(&mut self) -> Result<Option<Evaluation>> {
+        Ok(None)
+    }
+    fn save_model(&self, dir: &Path) -> Result<()> {
+        self.adapter.save(dir, &self.folder.config)
+    }
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.adapter.params.load_values(&dir.join(crate::model::lora::ADAPTER_WEIGHTS))
+    }
+    fn data_state(&self) -> Value {
+        json!({"next": self.next})
+    }
+    fn restore_data_state(&mut self, state: &Value) -> Result<()> {
+        self.next = state["next"].as_u64().unwrap() as usize;
+        Ok(())
+    }
+    fn signature(&self) -> Value {
+        json!({"fixture": "peft"})
+    }
+}
+
+/// Ten LoRA steps from PEFT's own initialisation give PEFT + torch's losses, pre-clip gradient
+/// norms and adapter weights; with gradient checkpointing too.
+#[test]
+fn ten_lora_steps_match_peft() {
+    let peft = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/peft");
+    let training: Value = serde_json::from_str(&std::fs::read_to_string(peft.join("training.json")).unwrap()).unwrap();
+    let want = candle_core::safetensors::load(peft.join("weights_after_10_steps.safetensors"), &Device::Cpu).unwrap();
+    for checkpointing in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut task = LoraFixtureTask::new(&peft.join("train-init"), checkpointing);
+        train(&mut task, &fixture_args(10), &setup(dir.path())).unwrap();
+        for (i, record) in metrics(dir.path()).iter().enumerate() {
+            let (loss, want_loss) = (record["loss"].as_f64().unwrap(), training["losses"][i].as_f64().unwrap());
+            let (norm, want_norm) = (record["grad_norm"].as_f64().unwrap(), training["grad_norms_before_clip"][i].as_f64().unwrap());
+            assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "step {}: loss {loss} vs {want_loss}", i + 1);
+            assert!((norm - want_norm).abs() <= 1e-4 * want_norm.abs(), "step {}: grad norm {norm} vs {want_norm}", i + 1);
+        }
+        let ours = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(ours.len(), want.len());
+        for (name, tensor) in &want {
+            let diff: f32 = (&ours[name] - tensor).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(diff <= 1e-5, "checkpointing {checkpointing}: {name} differs by {diff}");
+        }
+    }
+}
+
 /// The optimizer of expected.json: AdamW lr 1e-3 (constant), betas (0.9, 0.95), eps 1e-8,
 /// weight decay 0.1 on ≥2-dim tensors, clip 1.0.
 fn fixture_args(steps: u64) -> TrainArgs {
@@ -111,6 +198,7 @@ fn fixture_args(steps: u64) -> TrainArgs {
         outlier_window: 64,
         resume: false,
         device: "cpu".into(),
+        gradient_checkpointing: false,
     }
 }
 
@@ -124,32 +212,55 @@ fn metrics(dir: &Path) -> Vec<Value> {
 
 #[test]
 fn ten_adamw_steps_match_pytorch() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut task = FixtureTask::new();
-    train(&mut task, &fixture_args(10), &setup(dir.path())).unwrap();
-
     let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture("expected.json")).unwrap()).unwrap();
-    let training = &expected["training"];
+    ten_steps_match(&fixture("causal-lm"), &expected["training"], &fixture("weights_after_10_steps.safetensors"));
+}
+
+/// The same ten steps on the Qwen2 and Gemma 2 fixtures (testdata/families/F/training.json):
+/// q/k/v biases, (1 + w) norms, sandwich norms, soft-caps, sliding windows and tied
+/// embeddings all train as torch trains them.
+#[test]
+fn ten_adamw_steps_match_pytorch_for_qwen2_and_gemma2() {
+    for family in ["qwen2", "gemma2"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/families").join(family);
+        let training: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("training.json")).unwrap()).unwrap();
+        ten_steps_match(&dir.join("causal-lm"), &training, &dir.join("weights_after_10_steps.safetensors"));
+    }
+}
+
+fn ten_steps_match(model: &Path, training: &Value, weights_after: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut task = FixtureTask::of(model);
+    train(&mut task, &fixture_args(10), &setup(dir.path())).unwrap();
     let records = metrics(dir.path());
     assert_eq!(records.len(), 10);
     for (i, record) in records.iter().enumerate() {
         let (loss, want_loss) = (record["loss"].as_f64().unwrap(), training["losses"][i].as_f64().unwrap());
         let (norm, want_norm) =
             (record["grad_norm"].as_f64().unwrap(), training["grad_norms_before_clip"][i].as_f64().unwrap());
-        assert!((loss - want_loss).abs() <= 1e-4 * want_loss.abs(), "step {}: loss {loss} vs {want_loss}", i + 1);
-        assert!((norm - want_norm).abs() <= 1e-3 * want_norm.abs(), "step {}: grad norm {norm} vs {want_norm}", i + 1);
+        let model = model.display();
+        assert!((loss - want_loss).abs() <= 1e-4 * want_loss.abs(), "{model} step {}: loss {loss} vs {want_loss}", i + 1);
+        assert!((norm - want_norm).abs() <= 1e-3 * want_norm.abs(), "{model} step {}: grad norm {norm} vs {want_norm}", i + 1);
     }
 
-    let want = candle_core::safetensors::load(fixture("weights_after_10_steps.safetensors"), &Device::Cpu).unwrap();
+    let want = candle_core::safetensors::load(weights_after, &Device::Cpu).unwrap();
     let ours = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     let mut worst = (0f32, String::new());
     for (name, tensor) in &want {
         let diff: f32 = (&ours[name] - tensor).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        // A key bias's lowest-frequency rotary components barely change any score (a constant
+        // added to every key cancels in the softmax): their gradients are rounding noise that
+        // Adam's normalised step turns into moves of up to lr. One lr step bounds them.
+        if name.ends_with("k_proj.bias") {
+            assert!(diff <= 1e-3, "{}: {name} differs by {diff}", model.display());
+            continue;
+        }
         if diff > worst.0 {
             worst = (diff, name.clone());
         }
     }
-    assert!(worst.0 <= 1e-4, "weights differ by {} in {}", worst.0, worst.1);
+    assert_eq!(want.len(), ours.len(), "{}: tensors saved", model.display());
+    assert!(worst.0 <= 1e-4, "{}: weights differ by {} in {}", model.display(), worst.0, worst.1);
     for file in ["config.json", "model.safetensors", "tokenizer.json", "config.toml", "curves.svg", "eval.json"] {
         assert!(dir.path().join(file).exists(), "{file} missing");
     }

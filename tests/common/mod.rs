@@ -1,10 +1,12 @@
 //! Helpers the binary tests share: running a stage, checking refusals, test data.
 #![allow(dead_code)]
 
+pub mod web;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use lathe::data::records::{Record, RecordReader, RecordWriter, TextRecord};
+use lathe::data::records::{Record, RecordReader, RecordWriter, ResponseRecord, TextRecord};
 
 pub fn stage(name: &str) -> Command {
     let path = match name {
@@ -19,6 +21,8 @@ pub fn stage(name: &str) -> Command {
         "dpo" => env!("CARGO_BIN_EXE_dpo"),
         "redteam" => env!("CARGO_BIN_EXE_redteam"),
         "serve-guard" => env!("CARGO_BIN_EXE_serve-guard"),
+        "annotate" => env!("CARGO_BIN_EXE_annotate"),
+        "adapter" => env!("CARGO_BIN_EXE_adapter"),
         other => panic!("no stage {other}"),
     };
     Command::new(path)
@@ -61,6 +65,7 @@ pub fn assert_refused(name: &str, args: &[&str], needle: &str, dir: &Path, keep:
         .filter(|l| l.contains("error") || !(l.starts_with(&format!("{name}: ")) || l.starts_with("note: ") || l.starts_with("warning: ")))
         .collect();
     assert_eq!(lines.len(), 1, "not one line: {stderr}");
+    assert!(lines[0].starts_with(&format!("{name}: error: ")), "not `{name}: error: …`: {stderr}");
     assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     let mut expected: Vec<String> = keep.iter().map(|k| k.to_string()).collect();
@@ -117,4 +122,18 @@ pub fn metric_rows(run: &Path, key: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|r| r.get(key).is_some())
         .collect()
+}
+
+/// Response `sample` to prompt `p{prompt}`, with made-up text.
+pub fn response(prompt: usize, sample: i32) -> ResponseRecord {
+    ResponseRecord {
+        prompt_id: format!("p{prompt}"),
+        prompt: format!("Question {prompt}?"),
+        response: format!("Answer {sample} to question {prompt}."),
+        sample,
+        model: "fixture".into(),
+        finish_reason: "stop".into(),
+        num_tokens: 5,
+        logprob: -1.0,
+    }
 }

@@ -23,7 +23,7 @@ fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("expected.json")).unwrap()).unwrap()
 }
 
-fn causal_lm() -> Llama {
+fn causal_lm() -> Decoder {
     let folder = ModelFolder::open(fixture("causal-lm").to_str().unwrap()).unwrap();
     folder.load_model(&Device::Cpu).unwrap().0
 }
@@ -41,7 +41,7 @@ fn row(tokens: &[u32]) -> Tensor {
 }
 
 /// Greedy decoding through the KV cache: the new tokens and the sum of their log-probabilities.
-fn greedy(model: &Llama, prompt: &[u32], steps: usize) -> (Vec<u32>, f32) {
+fn greedy(model: &Decoder, prompt: &[u32], steps: usize) -> (Vec<u32>, f32) {
     let mut cache = model.new_cache();
     let (_, logits) = model.forward_logits(&row(prompt), ForwardOptions::default(), Some(&mut cache)).unwrap();
     let mut last = logits.i((0, prompt.len() - 1)).unwrap();
