@@ -203,10 +203,9 @@ impl PretrainTask {
         }
         let b = which.len();
         let inputs = Tensor::from_vec(inputs, (b, s), &self.device)?;
-        let targets = Tensor::from_vec(targets, b * s, &self.device)?;
         let hidden = self.model.forward(&inputs, ForwardOptions::default(), None)?;
-        let logits = self.model.lm_logits(&hidden)?.reshape((b * s, self.config.vocab_size))?;
-        Ok(crate::model::ops::cross_entropy_rows(&logits, &targets)?.mean_all()?)
+        let (losses, _) = self.model.lm_cross_entropy(&hidden.reshape((b * s, ()))?, &targets, false)?;
+        Ok(losses.mean_all()?)
     }
 }
 

@@ -8,7 +8,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use serde_json::{Map, Value, json};
 
@@ -356,9 +356,18 @@ pub struct CountedLogits {
     pub tokens: usize,
 }
 
-/// One forward over rows of examples; only counted positions go through the LM head, since
-/// the prompt's logits are never needed.
-pub fn counted_logits(model: &Decoder, examples: &[Example], rows: &[Row], pad: u32) -> Result<CountedLogits> {
+/// The final hidden state `[targets, hidden]` (in the graph) of every counted target of some
+/// rows, in row order, with the target ids and the examples they belong to.
+struct CountedHidden {
+    hidden: Tensor,
+    target_ids: Vec<u32>,
+    owners: Vec<usize>,
+    tokens: usize,
+}
+
+/// One forward over rows of examples, keeping the counted positions only: the prompt's
+/// logits are never needed.
+fn counted_hidden(model: &Decoder, examples: &[Example], rows: &[Row], pad: u32) -> Result<CountedHidden> {
     let device = model.device();
     let batch = RowBatch::build(examples, rows, pad, device)?;
     let options = ForwardOptions {
@@ -371,18 +380,23 @@ pub fn counted_logits(model: &Decoder, examples: &[Example], rows: &[Row], pad: 
     let index: Vec<u32> = batch.targeted.iter().map(|&(row, pos)| (row * t + pos) as u32).collect();
     let index = Tensor::from_vec(index, batch.targeted.len(), device)?;
     let picked = hidden.reshape((b * t, h))?.index_select(&index, 0)?;
-    let logits = model.lm_logits(&picked.unsqueeze(0)?)?.squeeze(0)?;
-    let targets = Tensor::from_vec(batch.targets.clone(), batch.targets.len(), device)?;
-    Ok(CountedLogits { logits, targets, target_ids: batch.targets, owners: batch.owners, tokens: batch.tokens })
+    Ok(CountedHidden { hidden: picked, target_ids: batch.targets, owners: batch.owners, tokens: batch.tokens })
+}
+
+/// The LM-head logits of the counted targets of some rows (see [`CountedLogits`]).
+pub fn counted_logits(model: &Decoder, examples: &[Example], rows: &[Row], pad: u32) -> Result<CountedLogits> {
+    let counted = counted_hidden(model, examples, rows, pad)?;
+    let logits = model.lm_logits(&counted.hidden.unsqueeze(0)?)?.squeeze(0)?;
+    let targets = Tensor::from_slice(&counted.target_ids, counted.target_ids.len(), model.device())?;
+    Ok(CountedLogits { logits, targets, target_ids: counted.target_ids, owners: counted.owners, tokens: counted.tokens })
 }
 
 /// Summed loss, counted targets and correct argmax predictions over rows of examples.
 pub fn sequence_loss(model: &Decoder, examples: &[Example], rows: &[Row], pad: u32) -> Result<RowsLoss> {
-    let counted = counted_logits(model, examples, rows, pad)?;
-    let sum = crate::model::ops::cross_entropy_rows(&counted.logits, &counted.targets)?.sum_all()?;
-    let predicted: Vec<u32> = counted.logits.detach().argmax(D::Minus1)?.to_vec1()?;
+    let counted = counted_hidden(model, examples, rows, pad)?;
+    let (losses, predicted) = model.lm_cross_entropy(&counted.hidden, &counted.target_ids, true)?;
     let correct = predicted.iter().zip(&counted.target_ids).filter(|(p, t)| p == t).count();
-    Ok(RowsLoss { sum, count: counted.target_ids.len(), correct, tokens: counted.tokens })
+    Ok(RowsLoss { sum: losses.sum_all()?, count: counted.target_ids.len(), correct, tokens: counted.tokens })
 }
 
 pub struct RowsLoss {

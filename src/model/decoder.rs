@@ -13,6 +13,7 @@ use candle_core::{D, DType, Device, Result, Tensor, TensorId, Var};
 
 use super::config::ModelConfig;
 use super::family::Activation;
+use super::fused;
 use super::lora::{self, Adapter};
 use super::ops::{attention_softmax, gated_activation, rms_norm, rope_heads_first, softcap};
 use super::recompute::{self, Backward};
@@ -661,6 +662,25 @@ impl Decoder {
         }
     }
 
+    /// The LM head's cross-entropy `[N]` (in the graph) against `targets` for rows `hidden`
+    /// `[N, H]`, and each row's argmax (empty unless `argmax`). A large head runs over chunks
+    /// of rows ([`fused::linear_cross_entropy`]) so the `[N, V]` logits are never held at once.
+    pub fn lm_cross_entropy(&self, hidden: &Tensor, targets: &[u32], argmax: bool) -> Result<(Tensor, Vec<u32>)> {
+        let weight_t = self
+            .lm_head_t
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("this model has no language-model head".into()))?;
+        let (n, vocab) = (targets.len(), weight_t.dim(1)?);
+        if n * vocab >= CHUNKED_HEAD_ELEMENTS && fused::supported(hidden) && fused::supported(weight_t) {
+            let softcap = self.config.arch.final_logit_softcapping.map(|c| c as f32);
+            return fused::linear_cross_entropy(hidden, weight_t, targets.to_vec(), softcap, !self.frozen_base);
+        }
+        let logits = self.lm_logits(&hidden.unsqueeze(0)?)?.squeeze(0)?;
+        let losses = super::ops::cross_entropy_rows(&logits, &Tensor::from_slice(targets, n, hidden.device())?)?;
+        let predicted = if argmax { logits.detach().argmax(D::Minus1)?.to_vec1()? } else { Vec::new() };
+        Ok((losses, predicted))
+    }
+
     /// Classification scores `[B, T, num_labels]` from hidden states (`score` head).
     pub fn class_scores(&self, hidden: &Tensor) -> Result<Tensor> {
         let weight_t = self
@@ -691,6 +711,10 @@ fn frozen_or_matmul(x: &Tensor, weight_t: &Tensor, frozen: bool) -> Result<Tenso
         x.matmul(weight_t)
     }
 }
+
+/// Rows × vocabulary from which the LM head's loss runs chunked: 128 MB of f32 logits (the
+/// bench-tiny step's 8M stay whole).
+pub const CHUNKED_HEAD_ELEMENTS: usize = 32 << 20;
 
 /// The additive mask `[1 or B, T, T_cached + T]`: causal, within the sliding window if any,
 /// minus padding, minus other samples of a packed row. `None` when every new token may see

@@ -550,34 +550,83 @@ pub fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tenso
 /// the backward's arithmetic. This one gives `x` its gradient, `dx = dy W`, and `Wᵀ` none.
 struct FrozenMatmul;
 
+/// A CPU f32 matrix as gemm reads it: its data from the first element, and row and column
+/// strides (a transposed view is read in place, never copied).
+#[derive(Clone, Copy)]
+struct Strided {
+    ptr: *const f32,
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl Strided {
+    fn of(data: &[f32], layout: &Layout, op: &str) -> Result<Self> {
+        let &[rows, cols] = layout.dims() else { bail!("{op}: expected a matrix, got {:?}", layout.dims()) };
+        let (row_stride, col_stride) = (layout.stride()[0], layout.stride()[1]);
+        let last = layout.start_offset() + (rows.max(1) - 1) * row_stride + (cols.max(1) - 1) * col_stride;
+        if rows > 0 && cols > 0 && last >= data.len() {
+            bail!("{op}: the layout reaches past the storage")
+        }
+        Ok(Strided { ptr: data[layout.start_offset()..].as_ptr(), rows, cols, row_stride: row_stride as isize, col_stride: col_stride as isize })
+    }
+
+    /// Rows `start..start + n`.
+    fn rows(self, start: usize, n: usize) -> Self {
+        // SAFETY: `start + n <= rows`, so the pointer stays inside the matrix.
+        assert!(start + n <= self.rows);
+        Strided { ptr: unsafe { self.ptr.offset(start as isize * self.row_stride) }, rows: n, ..self }
+    }
+
+    fn t(self) -> Self {
+        Strided { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+}
+
+/// `dst [M, N] = a [M, K] · b [K, N]` (`accumulate`: `dst +=`), dst row-major.
+fn gemm_into(dst: &mut [f32], a: Strided, b: Strided, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(b.rows == k && dst.len() == m * n, "gemm_into: shapes do not fit");
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: `a` and `b` were checked against their storage by `Strided::of` (and `rows`
+    // stays within), `dst` holds M×N elements.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst.as_mut_ptr(), 1, n as isize, accumulate,
+            a.ptr, a.col_stride, a.row_stride,
+            b.ptr, b.col_stride, b.row_stride,
+            1f32, 1f32, false, false, false, parallelism,
+        );
+    }
+}
+
+/// Run `f` on a CPU f32 matrix as it lies in memory (no copy).
+fn with_strided<R>(t: &Tensor, op: &str, f: impl FnOnce(Strided) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(data)) => f(Strided::of(data, layout, op)?),
+        _ => bail!("{op}: expected an f32 CPU tensor"),
+    }
+}
+
 impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, self.name())?;
+        let CpuStorage::F32(x) = s1 else { bail!("frozen-matmul: expected f32 rows") };
         let CpuStorage::F32(w) = s2 else { bail!("frozen-matmul: expected an f32 weight") };
-        let (&[m, k], &[k2, n]) = (l1.dims(), l2.dims()) else { bail!("frozen-matmul: expected x [M, K] and Wᵀ [K, N]") };
-        if k != k2 {
+        let (x, w_t) = (Strided::of(x, l1, self.name())?, Strided::of(w, l2, self.name())?);
+        if x.cols != w_t.rows {
             bail!("frozen-matmul: x {:?} and Wᵀ {:?} do not fit", l1.dims(), l2.dims())
         }
-        let w = &w[l2.start_offset()..];
-        let (w_rs, w_cs) = (l2.stride()[0] as isize, l2.stride()[1] as isize);
-        let mut y = vec![0f32; m * n];
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        // SAFETY: the slices hold M×K, K×N (by the layout's strides) and M×N elements.
-        unsafe {
-            gemm::gemm(
-                m, n, k,
-                y.as_mut_ptr(), 1, n as isize, false,
-                x.as_ptr(), 1, k as isize,
-                w.as_ptr(), w_cs, w_rs,
-                0f32, 1f32, false, false, false, parallelism,
-            );
-        }
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        let mut y = vec![0f32; x.rows * w_t.cols];
+        gemm_into(&mut y, x, w_t, false);
+        Ok((CpuStorage::F32(y), Shape::from((x.rows, w_t.cols))))
     }
 
     fn bwd(&self, _x: &Tensor, w_t: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -588,6 +637,133 @@ impl CustomOp2 for FrozenMatmul {
 /// `x Wᵀ` for rows `x` `[M, K]` and a frozen `Wᵀ` `[K, N]`: the gradient reaches `x` only.
 pub fn frozen_matmul(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(w_t, FrozenMatmul)
+}
+
+// ---------------------------------------------------------------- LM head + cross-entropy
+
+/// The LM head and the cross-entropy of each row in one op, over chunks of rows, so the
+/// `[N, V]` logits (850 MB for 1,400 answer tokens of a 152k vocabulary) never exist at once:
+/// the backward recomputes each chunk's logits. Output `[N, 2]`: the loss and the argmax.
+struct LinearCrossEntropy {
+    targets: Vec<u32>,
+    /// Gemma 2's final logit soft-cap: logits are `cap · tanh(z / cap)`.
+    softcap: Option<f32>,
+    /// The head trains too (full fine-tuning), so its gradient is computed.
+    head_trains: bool,
+    chunk_rows: usize,
+}
+
+impl LinearCrossEntropy {
+    /// Each chunk's logits, soft-capped, handed to `f(first_row, logits)`.
+    fn chunks(&self, x: Strided, w_t: Strided, mut f: impl FnMut(usize, &mut [f32]) -> Result<()>) -> Result<()> {
+        let vocab = w_t.cols;
+        let mut logits = vec![0f32; self.chunk_rows.min(x.rows) * vocab];
+        for start in (0..x.rows).step_by(self.chunk_rows) {
+            let n = self.chunk_rows.min(x.rows - start);
+            let chunk = &mut logits[..n * vocab];
+            gemm_into(chunk, x.rows(start, n), w_t, false);
+            if let Some(cap) = self.softcap {
+                chunk.par_iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
+            }
+            f(start, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn check(&self, x: Strided, w_t: Strided) -> Result<()> {
+        if x.cols != w_t.rows || x.rows != self.targets.len() {
+            bail!("linear-cross-entropy: rows [{}, {}], head [{}, {}] and {} targets do not fit", x.rows, x.cols, w_t.rows, w_t.cols, self.targets.len())
+        }
+        if let Some(&bad) = self.targets.iter().find(|&&t| t != IGNORE_INDEX && t as usize >= w_t.cols) {
+            bail!("cross-entropy: target {bad} outside a vocabulary of {}", w_t.cols)
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp2 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else { bail!("linear-cross-entropy: expected f32") };
+        let (x, w_t) = (Strided::of(x, l1, self.name())?, Strided::of(w, l2, self.name())?);
+        self.check(x, w_t)?;
+        let vocab = w_t.cols;
+        let mut out = vec![0f32; 2 * x.rows];
+        self.chunks(x, w_t, |start, logits| {
+            let rows = logits.len() / vocab;
+            out[2 * start..2 * (start + rows)].par_chunks_mut(2).zip(logits.par_chunks(vocab)).zip(&self.targets[start..start + rows]).for_each(
+                |((o, row), &target)| {
+                    let (argmax, _) = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (j, &z)| if z > best.1 { (j, z) } else { best });
+                    o[1] = argmax as f32;
+                    if target != IGNORE_INDEX {
+                        o[0] = log_sum_exp(row) - row[target as usize];
+                    }
+                },
+            );
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from((x.rows, 2))))
+    }
+
+    /// Per chunk: `dz = (softmax − onehot) · dloss` (times `1 − tanh²` under a soft-cap), then
+    /// `dx = dz W` and, when the head trains, `dWᵀ += xᵀ dz`.
+    fn bwd(&self, x_t: &Tensor, w_t_t: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dloss: Vec<f32> = grad.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
+        let (rows, hidden) = x_t.dims2()?;
+        let vocab = w_t_t.dim(1)?;
+        let mut dx = vec![0f32; rows * hidden];
+        let mut dw_t = if self.head_trains { vec![0f32; hidden * vocab] } else { Vec::new() };
+        with_strided(x_t, self.name(), |x| {
+            with_strided(w_t_t, self.name(), |w_t| {
+                self.chunks(x, w_t, |start, logits| {
+                    let n = logits.len() / vocab;
+                    logits.par_chunks_mut(vocab).zip(&self.targets[start..start + n]).zip(&dloss[start..start + n]).for_each(|((row, &target), &scale)| {
+                        if target == IGNORE_INDEX || scale == 0.0 {
+                            row.fill(0.0);
+                            return;
+                        }
+                        let lse = log_sum_exp(row);
+                        let target = target as usize;
+                        for (j, c) in row.iter_mut().enumerate() {
+                            let dc = ((*c - lse).exp() - if j == target { 1.0 } else { 0.0 }) * scale;
+                            // Under a soft-cap `c = cap·tanh(z / cap)`: dc/dz = 1 − (c / cap)².
+                            *c = match self.softcap {
+                                Some(cap) => dc * (1.0 - (*c / cap) * (*c / cap)),
+                                None => dc,
+                            };
+                        }
+                    });
+                    let dz = Strided { ptr: logits.as_ptr(), rows: n, cols: vocab, row_stride: vocab as isize, col_stride: 1 };
+                    gemm_into(&mut dx[start * hidden..(start + n) * hidden], dz, w_t.t(), false);
+                    if self.head_trains {
+                        gemm_into(&mut dw_t, x.rows(start, n).t(), dz, true);
+                    }
+                    Ok(())
+                })
+            })
+        })?;
+        let dx = Tensor::from_vec(dx, (rows, hidden), x_t.device())?;
+        let dw_t = self.head_trains.then(|| Tensor::from_vec(dw_t, (hidden, vocab), x_t.device())).transpose()?;
+        Ok((Some(dx), dw_t))
+    }
+}
+
+/// Cross-entropy `[N]` (in the graph) of the LM head `w_t` `[H, V]` over rows `x` `[N, H]`
+/// against `targets` ([`IGNORE_INDEX`] gives 0), and each row's argmax; logits are made
+/// (and remade in the backward) 64 MB at a time. `head_trains`: `w_t` gets a gradient.
+pub fn linear_cross_entropy(x: &Tensor, w_t: &Tensor, targets: Vec<u32>, softcap: Option<f32>, head_trains: bool) -> Result<(Tensor, Vec<u32>)> {
+    let chunk_rows = ((16 << 20) / w_t.dim(1)?.max(1)).clamp(1, 4096);
+    linear_cross_entropy_in_chunks(x, w_t, targets, softcap, head_trains, chunk_rows)
+}
+
+fn linear_cross_entropy_in_chunks(x: &Tensor, w_t: &Tensor, targets: Vec<u32>, softcap: Option<f32>, head_trains: bool, chunk_rows: usize) -> Result<(Tensor, Vec<u32>)> {
+    let op = LinearCrossEntropy { targets, softcap, head_trains, chunk_rows };
+    let out = x.contiguous()?.apply_op2(w_t, op)?;
+    let predicted = out.narrow(1, 1, 1)?.detach().flatten_all()?.to_vec1::<f32>()?.into_iter().map(|p| p as u32).collect();
+    Ok((out.narrow(1, 0, 1)?.squeeze(1)?, predicted))
 }
 
 #[cfg(test)]
@@ -708,6 +884,53 @@ mod tests {
                 1e-5,
             );
         }
+    }
+
+    #[test]
+    fn linear_cross_entropy_in_chunks_matches_logits_then_cross_entropy() {
+        let (n, h, v) = (37, 24, 50);
+        let x = Var::from_tensor(&random(&[n, h], 21)).unwrap();
+        let w = Var::from_tensor(&(random(&[v, h], 22) * 0.5).unwrap()).unwrap();
+        let mut targets: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
+        targets[3] = IGNORE_INDEX;
+        targets[20] = IGNORE_INDEX;
+        let probe = random(&[n], 23);
+        for softcap in [None, Some(3.0f32)] {
+            for head_trains in [true, false] {
+                // A frozen head is detached, as the decoder holds it.
+                let w_t = if head_trains { w.as_tensor().t().unwrap() } else { w.as_tensor().detach().t().unwrap() };
+                let (ours, predicted) = linear_cross_entropy_in_chunks(x.as_tensor(), &w_t, targets.clone(), softcap, head_trains, 8).unwrap();
+                let mut logits = x.as_tensor().matmul(&w_t).unwrap();
+                if let Some(cap) = softcap {
+                    logits = ((logits / cap as f64).unwrap().tanh().unwrap() * cap as f64).unwrap();
+                }
+                let theirs = composite_cross_entropy(&logits, &targets);
+                assert!(max_diff(&ours, &theirs) <= 1e-5, "losses differ by {}", max_diff(&ours, &theirs));
+                let argmax: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
+                assert_eq!(predicted, argmax);
+                let g_ours = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let g_theirs = (&theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let dx = max_diff(g_ours.get(x.as_tensor()).unwrap(), g_theirs.get(x.as_tensor()).unwrap());
+                assert!(dx <= 1e-5, "dx differs by {dx}");
+                match g_ours.get(w.as_tensor()) {
+                    Some(dw) => {
+                        assert!(head_trains, "a frozen head got a gradient");
+                        let diff = max_diff(dw, g_theirs.get(w.as_tensor()).unwrap());
+                        assert!(diff <= 1e-5, "dW differs by {diff}");
+                    }
+                    None => assert!(!head_trains, "the head got no gradient"),
+                }
+            }
+        }
+    }
+
+    /// Log-softmax and gather, the plain candle way.
+    fn composite_cross_entropy(logits: &Tensor, targets: &[u32]) -> Tensor {
+        let keep: Vec<f32> = targets.iter().map(|&t| if t == IGNORE_INDEX { 0.0 } else { 1.0 }).collect();
+        let safe: Vec<u32> = targets.iter().map(|&t| if t == IGNORE_INDEX { 0 } else { t }).collect();
+        let n = targets.len();
+        let picked = composite::log_softmax_last_dim(logits).unwrap().gather(&Tensor::from_vec(safe, (n, 1), &Device::Cpu).unwrap(), 1).unwrap().squeeze(1).unwrap();
+        (picked.neg().unwrap() * Tensor::from_vec(keep, n, &Device::Cpu).unwrap()).unwrap()
     }
 
     #[test]
