@@ -4,7 +4,7 @@ BIN := target/release
 DEMO := demo-out
 PYTHON ?= python3
 
-.PHONY: build test browser demo bench bench-large clean
+.PHONY: build test browser demo bench bench-large bench-lora clean
 
 build:
 	$(CARGO) build --release --locked
@@ -37,6 +37,13 @@ demo: build
 	rm -rf $(DEMO)/sft
 	$(BIN)/sft testdata/sft_alpaca_messages.parquet --model $(DEMO)/tiny --config recipes/sft-tiny.toml -o $(DEMO)/sft
 	$(BIN)/generate testdata/demo_chat_prompts.jsonl --model $(DEMO)/sft -n 1 --max-new-tokens 60 --temperature 0.7 --top-p 0.95 --show 4 -o $(DEMO)/chat_samples.parquet
+	@echo "== sft with LoRA: a rank-8 adapter (PEFT's format) on the sft model, gradient checkpointing; inspect, merge, chat"
+	rm -rf $(DEMO)/lora $(DEMO)/lora-merged
+	$(BIN)/sft testdata/sft_alpaca_messages.parquet --model $(DEMO)/sft --config recipes/sft-tiny.toml --lora-r 8 --gradient-checkpointing --steps 100 --lr 3e-3 -o $(DEMO)/lora
+	@grep -E '"(eval_loss|parameters|peak_rss_mb)"' $(DEMO)/lora/eval.json
+	$(BIN)/adapter inspect $(DEMO)/lora
+	$(BIN)/adapter merge $(DEMO)/lora -o $(DEMO)/lora-merged
+	$(BIN)/generate testdata/demo_chat_prompts.jsonl --model $(DEMO)/lora -n 1 --max-new-tokens 40 --temperature 0 --show 2 -o $(DEMO)/lora_samples.parquet
 	@echo "== rm-train: a reward model on hh-rlhf harmless-base pairs (Bradley-Terry)"
 	rm -rf $(DEMO)/rm
 	$(BIN)/rm-train testdata/pref_hh_rlhf_harmless_base.parquet --model $(DEMO)/sft --config recipes/rm-tiny.toml -o $(DEMO)/rm
@@ -103,6 +110,11 @@ bench: build
 	$(PYTHON) bench/bench_train_generate.py $(REFERENCE_FLAG) $(REFERENCE_DIR_FLAG)
 	$(PYTHON) bench/bench_redteam.py
 	$(PYTHON) bench/bench_serve_guard.py
+
+# LoRA sft on the Qwen2.5-0.5B shape beside TRL + PEFT (sft_ref.py --lora-r 16): about 25 minutes,
+# and REFERENCE_PYTHON must be set (its shapes.py writes the model once under bench-out/).
+bench-lora: build
+	$(PYTHON) bench/bench_train_generate.py --only sft-lora $(REFERENCE_FLAG) $(REFERENCE_DIR_FLAG)
 
 # Also encode a ~1 GB text to show memory stays bounded (writes ~2 GB under bench-out/).
 bench-large: build

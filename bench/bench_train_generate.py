@@ -26,6 +26,12 @@
             log-probabilities precomputed, 40 steps; pairs/s after 3 warm-up steps (the reference
             pass not counted, as the reference times it), held-out rewards/accuracies, peak RSS.
             The reference runs on the same model folder (same tokenizer and initial weights).
+  sft-lora  (only with --only sft-lora: ~25 minutes with the reference) sft_ref.py --lora-r 16's workload:
+            the Qwen2.5-0.5B shape (random weights, `shapes.py qwen2.5-0.5b`, made once with
+            REFERENCE_PYTHON under bench-out/), the Alpaca prompt/completion rows of ../shared/data,
+            batch 4, max length 512, no packing, LoRA r 16 (alpha 32) on all linear layers, AdamW
+            lr 2e-4 constant, 8 steps, with --gradient-checkpointing; tokens/s over steps 3-8 (as
+            the reference times them), peak RSS.
   generate  the model that run wrote: 16-ish-token prompts, 128 new tokens each (EOS ignored, as the
             reference sets min_new_tokens), batch 1 (64 prompts one at a time) and batch 8 (64
             prompts, 8 at a time), greedy and plain sampling (temperature 1, no top-k/top-p).
@@ -118,6 +124,47 @@ def pairs_per_second(run_dir, batch):
         previous = step["tokens_seen"]
     timed = len([s for s in steps if s["step"] > 3])
     return len(steps), batch * timed / seconds
+
+
+def tokens_per_second(run_dir, skip):
+    """Non-padding tokens per second over the optimizer steps after the first `skip`."""
+    steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
+    seconds, tokens, previous = 0.0, 0, 0
+    for step in steps:
+        if step["step"] > skip:
+            seconds += (step["tokens_seen"] - previous) / step["tokens_per_second"]
+            tokens += step["tokens_seen"] - previous
+        previous = step["tokens_seen"]
+    return len(steps), tokens / seconds
+
+
+def sft_lora_model(python, reference):
+    model = os.path.join(OUT, "qwen2.5-0.5b")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        if not python:
+            sys.exit("bench sft-lora: set REFERENCE_PYTHON (it writes the Qwen2.5-0.5B shape with shapes.py)")
+        subprocess.run([python, os.path.join(reference, "shapes.py"), "qwen2.5-0.5b", model], check=True, stdout=subprocess.DEVNULL)
+    return model
+
+
+def bench_sft_lora(python, reference, threads):
+    model = sft_lora_model(python, reference)
+    data = os.path.join(reference, "..", "data", "sft_alpaca_prompt_completion.parquet")
+    run_dir = os.path.join(OUT, "bench_sft_lora_run")
+    subprocess.run(["rm", "-rf", run_dir], check=True)
+    _, rss, _ = run([f"{BIN}/sft", data, "--model", model, "-o", run_dir, "--lora-r", "16", "--batch-size", "4",
+                     "--max-length", "512", "--steps", "8", "--lr", "2e-4", "--schedule", "constant",
+                     "--gradient-checkpointing", "--eval-every", "0", "--checkpoint-every", "0", "--threads", str(threads), "-q"])
+    steps, per_s = tokens_per_second(run_dir, 2)
+    emit({"bench": "sft", "model": "qwen2.5-0.5b", "lora_r": 16, "batch": 4, "max_length": 512, "gradient_checkpointing": True,
+          "threads": threads, "steps": steps, "tokens_per_s": round(per_s, 1), "peak_rss_mb": round(rss, 1)})
+    if python:
+        out = os.path.join(OUT, "reference_sft_lora.json")
+        subprocess.run([python, os.path.join(reference, "sft_ref.py"), "--model", model, "--data", data, "--lora-r", "16",
+                        "--threads", str(threads), "--json", out], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = json.load(open(out))
+        emit({"bench": "reference_sft", "impl": result["impl"], "model": "qwen2.5-0.5b", "lora_r": 16, "threads": threads,
+              "steps": result["steps"], "tokens_per_s": result["tokens_per_s"], "peak_rss_mb": result["peak_rss_mb"]})
 
 
 def bench_reward(tokenizer, tokens, threads):
@@ -241,10 +288,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference-python", default=None, help="python with torch + transformers for ../shared/bench")
-    ap.add_argument("--only", choices=["pretrain", "generate", "rm-train", "ppo", "dpo"], default=None, help="one workload (and its reference)")
+    ap.add_argument("--only", choices=["pretrain", "generate", "rm-train", "ppo", "dpo", "sft-lora"], default=None, help="one workload (and its reference)")
     ap.add_argument("--reference-dir", default=REFERENCE, help="../shared/bench, or a writable copy of it with its venv")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
+    if args.only == "sft-lora":
+        bench_sft_lora(args.reference_python, args.reference_dir, args.threads)
+        return
     tokenizer, tokens = prepare(args.threads)
     if args.only in (None, "pretrain", "generate"):
         model = bench_pretrain(tokenizer, tokens, args.threads)

@@ -631,9 +631,13 @@ impl Decoder {
             }
         }
         // Checkpointing needs a graph to cut (training) and a CPU device (see `recompute`). A
-        // frozen base's first layer sees an input without a graph: it runs as it is, and its
-        // output (tracked through the adapter) starts the graph the later layers cut.
+        // frozen base's embeddings have no graph, so a checkpointed first layer would never
+        // see its backward (nor hand on its adapter's gradients): they are anchored to a zero
+        // that has one. Layers without a graph at all (no adapter gradients) run as they are.
         let checkpoint = self.checkpointing && cache.is_none() && x.device().is_cpu();
+        if checkpoint && !x.track_op() && self.frozen_base && self.switch.grad.load(Ordering::Relaxed) {
+            x = x.broadcast_add(Var::zeros(1, x.dtype(), x.device())?.as_tensor())?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let mask = masks[&layer.window].as_ref();
             x = if checkpoint && x.track_op() {

@@ -642,8 +642,10 @@ pub fn frozen_matmul(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
 // ---------------------------------------------------------------- LM head + cross-entropy
 
 /// The LM head and the cross-entropy of each row in one op, over chunks of rows, so the
-/// `[N, V]` logits (850 MB for 1,400 answer tokens of a 152k vocabulary) never exist at once:
-/// the backward recomputes each chunk's logits. Output `[N, 2]`: the loss and the argmax.
+/// `[N, V]` logits (850 MB for 1,400 answer tokens of a 152k vocabulary) never exist at once.
+/// Output `[N, 2]`: the loss and the argmax. A frozen head's input gradient is a per-row
+/// multiple of `(softmax − onehot) W`, so that is made in the forward pass with the logits at
+/// hand; a head that trains needs each row's upstream gradient, so its backward remakes them.
 struct LinearCrossEntropy {
     targets: Vec<u32>,
     /// Gemma 2's final logit soft-cap: logits are `cap · tanh(z / cap)`.
@@ -651,6 +653,8 @@ struct LinearCrossEntropy {
     /// The head trains too (full fine-tuning), so its gradient is computed.
     head_trains: bool,
     chunk_rows: usize,
+    /// `(softmax − onehot) W` `[N, H]`, made in the forward pass (frozen head, training).
+    unit_input_grad: Option<std::sync::Mutex<Vec<f32>>>,
 }
 
 impl LinearCrossEntropy {
@@ -679,6 +683,32 @@ impl LinearCrossEntropy {
         }
         Ok(())
     }
+
+    /// Turn a chunk of logits into their gradient, `(softmax − onehot) · scale` per row (times
+    /// `1 − tanh²` under a soft-cap), and return `dz W` into `dx` (the chunk's rows of `[N, H]`).
+    fn logit_gradient(&self, logits: &mut [f32], targets: &[u32], scales: impl Fn(usize) -> f32 + Sync, w_t: Strided, dx: &mut [f32]) -> Strided {
+        let vocab = w_t.cols;
+        logits.par_chunks_mut(vocab).zip(targets).enumerate().for_each(|(i, (row, &target))| {
+            let scale = scales(i);
+            if target == IGNORE_INDEX || scale == 0.0 {
+                row.fill(0.0);
+                return;
+            }
+            let lse = log_sum_exp(row);
+            let target = target as usize;
+            for (j, c) in row.iter_mut().enumerate() {
+                let dc = ((*c - lse).exp() - if j == target { 1.0 } else { 0.0 }) * scale;
+                // Under a soft-cap `c = cap·tanh(z / cap)`: dc/dz = 1 − (c / cap)².
+                *c = match self.softcap {
+                    Some(cap) => dc * (1.0 - (*c / cap) * (*c / cap)),
+                    None => dc,
+                };
+            }
+        });
+        let dz = Strided { ptr: logits.as_ptr(), rows: targets.len(), cols: vocab, row_stride: vocab as isize, col_stride: 1 };
+        gemm_into(dx, dz, w_t.t(), false);
+        dz
+    }
 }
 
 impl CustomOp2 for LinearCrossEntropy {
@@ -690,54 +720,53 @@ impl CustomOp2 for LinearCrossEntropy {
         let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else { bail!("linear-cross-entropy: expected f32") };
         let (x, w_t) = (Strided::of(x, l1, self.name())?, Strided::of(w, l2, self.name())?);
         self.check(x, w_t)?;
-        let vocab = w_t.cols;
+        let (vocab, hidden) = (w_t.cols, x.cols);
         let mut out = vec![0f32; 2 * x.rows];
+        let mut unit_grad = match self.unit_input_grad {
+            Some(_) => vec![0f32; x.rows * hidden],
+            None => Vec::new(),
+        };
         self.chunks(x, w_t, |start, logits| {
             let rows = logits.len() / vocab;
-            out[2 * start..2 * (start + rows)].par_chunks_mut(2).zip(logits.par_chunks(vocab)).zip(&self.targets[start..start + rows]).for_each(
-                |((o, row), &target)| {
-                    let (argmax, _) = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (j, &z)| if z > best.1 { (j, z) } else { best });
-                    o[1] = argmax as f32;
-                    if target != IGNORE_INDEX {
-                        o[0] = log_sum_exp(row) - row[target as usize];
-                    }
-                },
-            );
+            let targets = &self.targets[start..start + rows];
+            out[2 * start..2 * (start + rows)].par_chunks_mut(2).zip(logits.par_chunks(vocab)).zip(targets).for_each(|((o, row), &target)| {
+                let (argmax, _) = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (j, &z)| if z > best.1 { (j, z) } else { best });
+                o[1] = argmax as f32;
+                if target != IGNORE_INDEX {
+                    o[0] = log_sum_exp(row) - row[target as usize];
+                }
+            });
+            if self.unit_input_grad.is_some() {
+                self.logit_gradient(logits, targets, |_| 1.0, w_t, &mut unit_grad[start * hidden..(start + rows) * hidden]);
+            }
             Ok(())
         })?;
+        if let Some(slot) = &self.unit_input_grad {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = unit_grad;
+        }
         Ok((CpuStorage::F32(out), Shape::from((x.rows, 2))))
     }
 
-    /// Per chunk: `dz = (softmax − onehot) · dloss` (times `1 − tanh²` under a soft-cap), then
-    /// `dx = dz W` and, when the head trains, `dWᵀ += xᵀ dz`.
+    /// `dx = dloss · (softmax − onehot) W` per row and, when the head trains, `dWᵀ += xᵀ dz`.
     fn bwd(&self, x_t: &Tensor, w_t_t: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dloss: Vec<f32> = grad.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
         let (rows, hidden) = x_t.dims2()?;
         let vocab = w_t_t.dim(1)?;
+        if let Some(slot) = &self.unit_input_grad {
+            let mut dx = std::mem::take(&mut *slot.lock().unwrap_or_else(|e| e.into_inner()));
+            if dx.len() == rows * hidden {
+                dx.par_chunks_mut(hidden).zip(&dloss).for_each(|(row, &scale)| row.iter_mut().for_each(|g| *g *= scale));
+                return Ok((Some(Tensor::from_vec(dx, (rows, hidden), x_t.device())?), None));
+            }
+        }
         let mut dx = vec![0f32; rows * hidden];
         let mut dw_t = if self.head_trains { vec![0f32; hidden * vocab] } else { Vec::new() };
         with_strided(x_t, self.name(), |x| {
             with_strided(w_t_t, self.name(), |w_t| {
                 self.chunks(x, w_t, |start, logits| {
                     let n = logits.len() / vocab;
-                    logits.par_chunks_mut(vocab).zip(&self.targets[start..start + n]).zip(&dloss[start..start + n]).for_each(|((row, &target), &scale)| {
-                        if target == IGNORE_INDEX || scale == 0.0 {
-                            row.fill(0.0);
-                            return;
-                        }
-                        let lse = log_sum_exp(row);
-                        let target = target as usize;
-                        for (j, c) in row.iter_mut().enumerate() {
-                            let dc = ((*c - lse).exp() - if j == target { 1.0 } else { 0.0 }) * scale;
-                            // Under a soft-cap `c = cap·tanh(z / cap)`: dc/dz = 1 − (c / cap)².
-                            *c = match self.softcap {
-                                Some(cap) => dc * (1.0 - (*c / cap) * (*c / cap)),
-                                None => dc,
-                            };
-                        }
-                    });
-                    let dz = Strided { ptr: logits.as_ptr(), rows: n, cols: vocab, row_stride: vocab as isize, col_stride: 1 };
-                    gemm_into(&mut dx[start * hidden..(start + n) * hidden], dz, w_t.t(), false);
+                    let scales = |i: usize| dloss[start + i];
+                    let dz = self.logit_gradient(logits, &self.targets[start..start + n], scales, w_t, &mut dx[start * hidden..(start + n) * hidden]);
                     if self.head_trains {
                         gemm_into(&mut dw_t, x.rows(start, n).t(), dz, true);
                     }
@@ -760,7 +789,9 @@ pub fn linear_cross_entropy(x: &Tensor, w_t: &Tensor, targets: Vec<u32>, softcap
 }
 
 fn linear_cross_entropy_in_chunks(x: &Tensor, w_t: &Tensor, targets: Vec<u32>, softcap: Option<f32>, head_trains: bool, chunk_rows: usize) -> Result<(Tensor, Vec<u32>)> {
-    let op = LinearCrossEntropy { targets, softcap, head_trains, chunk_rows };
+    let precompute = !head_trains && x.track_op();
+    let unit_input_grad = precompute.then(|| std::sync::Mutex::new(Vec::new()));
+    let op = LinearCrossEntropy { targets, softcap, head_trains, chunk_rows, unit_input_grad };
     let out = x.contiguous()?.apply_op2(w_t, op)?;
     let predicted = out.narrow(1, 1, 1)?.detach().flatten_all()?.to_vec1::<f32>()?.into_iter().map(|p| p as u32).collect();
     Ok((out.narrow(1, 0, 1)?.squeeze(1)?, predicted))
