@@ -40,7 +40,7 @@ demo: build
 	@echo "== sft with LoRA: a rank-8 adapter (PEFT's format) on the sft model, gradient checkpointing; inspect, merge, chat"
 	rm -rf $(DEMO)/lora $(DEMO)/lora-merged
 	$(BIN)/sft testdata/sft_alpaca_messages.parquet --model $(DEMO)/sft --config recipes/sft-tiny.toml --lora-r 8 --gradient-checkpointing --steps 100 --lr 3e-3 -o $(DEMO)/lora
-	@grep -E '"(eval_loss|parameters|peak_rss_mb)"' $(DEMO)/lora/eval.json
+	@grep -E '^  "(eval_loss|parameters|peak_rss_mb)"' $(DEMO)/lora/eval.json
 	$(BIN)/adapter inspect $(DEMO)/lora
 	$(BIN)/adapter merge $(DEMO)/lora -o $(DEMO)/lora-merged
 	$(BIN)/generate testdata/demo_chat_prompts.jsonl --model $(DEMO)/lora -n 1 --max-new-tokens 40 --temperature 0 --show 2 -o $(DEMO)/lora_samples.parquet
