@@ -227,7 +227,7 @@ impl Adapter {
         if !file.exists() {
             return Err(bad_input(dir, format!("no {ADAPTER_WEIGHTS}: not a LoRA adapter folder")));
         }
-        let mut params = Params::load(&[file.clone()], device)?;
+        let mut params = Params::load(std::slice::from_ref(&file), device)?;
         // PEFT names some tensors with the adapter's name (`lora_A.default.weight`) when saved
         // from inside a model; read those as the plain names.
         let renamed: Vec<(String, String)> = params

@@ -627,7 +627,7 @@ fn label_set(
     model_labels: Option<&[String]>,
     rows: &[(PathBuf, Vec<String>, LabeledTextRecord)],
 ) -> Result<Vec<String>> {
-    if let Some(labels) = options.labels.as_ref().map(Vec::as_slice).or(known).or(model_labels) {
+    if let Some(labels) = options.labels.as_deref().or(known).or(model_labels) {
         return Ok(labels.to_vec());
     }
     let mut labels: Vec<String> = Vec::new();
