@@ -106,6 +106,7 @@ REFERENCE_FLAG = $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON)
 REFERENCE_DIR_FLAG = $(if $(REFERENCE_DIR),--reference-dir $(REFERENCE_DIR),)
 
 bench: build
+	$(CARGO) build --release --locked --example matmul_peak
 	$(PYTHON) bench/bench_tokenize.py $(REFERENCE_FLAG)
 	$(PYTHON) bench/bench_train_generate.py $(REFERENCE_FLAG) $(REFERENCE_DIR_FLAG)
 	$(PYTHON) bench/bench_redteam.py

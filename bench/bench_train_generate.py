@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark `pretrain` and `generate` on the shapes of ../shared/bench/; one JSON object per line.
 
+  peak      the sitting's f32 matmul peak through candle/gemm on the bench-tiny step's shapes
+            (examples/matmul_peak.rs, best of 20 per shape); the pretrain row gives its GFLOP/s
+            (58.2 GFLOP a step) and their fraction of that peak.
   pretrain  recipes/bench-tiny.toml (vocab 4096, hidden 256, intermediate 688, 4 layers, 4 heads,
             tied embeddings, seq 256, batch 8, AdamW lr 3e-4 (0.9, 0.95), wd 0.1, no clipping):
             3 warm-up steps, then tokens/s over 20 timed steps (the reference's workload), and the
@@ -70,7 +73,26 @@ def prepare(threads):
     return tokenizer, tokens
 
 
-def bench_pretrain(tokenizer, tokens, threads):
+def bench_peak(threads):
+    """The sitting's f32 matmul peak on the bench-tiny step's shapes (examples/matmul_peak.rs)."""
+    out = subprocess.run([os.path.join(ROOT, "target", "release", "examples", "matmul_peak"), str(threads)],
+                         capture_output=True, check=True, text=True)
+    record = json.loads(out.stdout)
+    emit(record)
+    return record["gflops"]
+
+
+def bench_tiny_step_gflop():
+    """FLOPs of one bench-tiny training step: 6 × matmul parameters × tokens (forward and
+    backward), plus attention scores and values counted in full (not halved for the causal
+    mask), 3 × 4·b·s²·h per layer: 58.2 GFLOP."""
+    hidden, inter, layers, vocab, seq, batch = 256, 688, 4, 4096, 256, 8
+    params = layers * (4 * hidden * hidden + 3 * hidden * inter) + vocab * hidden
+    attention = layers * 3 * 4 * batch * seq * seq * hidden
+    return (6 * params * batch * seq + attention) / 1e9
+
+
+def bench_pretrain(tokenizer, tokens, threads, peak=None):
     run_dir = os.path.join(OUT, "bench_tiny_run")
     subprocess.run(["rm", "-rf", run_dir], check=True)
     _, rss, _ = run([f"{BIN}/pretrain", tokens, "--tokenizer", tokenizer, "--config", os.path.join(ROOT, "recipes", "bench-tiny.toml"),
@@ -79,9 +101,13 @@ def bench_pretrain(tokenizer, tokens, threads):
     timed = steps[3:23]
     tokens_total = 8 * 256 * len(timed)
     seconds = sum(8 * 256 / s["tokens_per_second"] for s in timed)
-    emit({"bench": "pretrain", "recipe": "bench-tiny", "threads": threads, "timed_steps": len(timed),
-          "tokens_per_s": round(tokens_total / seconds, 1), "ms_per_step": round(1000 * seconds / len(timed), 1),
-          "peak_rss_mb": round(rss, 1)})
+    gflops = bench_tiny_step_gflop() * len(timed) / seconds
+    record = {"bench": "pretrain", "recipe": "bench-tiny", "threads": threads, "timed_steps": len(timed),
+              "tokens_per_s": round(tokens_total / seconds, 1), "ms_per_step": round(1000 * seconds / len(timed), 1),
+              "gflops": round(gflops, 1), "peak_rss_mb": round(rss, 1)}
+    if peak:
+        record["fraction_of_peak"] = round(gflops / peak, 3)
+    emit(record)
     return run_dir
 
 
@@ -297,7 +323,8 @@ def main():
         return
     tokenizer, tokens = prepare(args.threads)
     if args.only in (None, "pretrain", "generate"):
-        model = bench_pretrain(tokenizer, tokens, args.threads)
+        peak = bench_peak(args.threads)
+        model = bench_pretrain(tokenizer, tokens, args.threads, peak)
         bench_generate(model, args.threads)
         if args.reference_python:
             bench_reference(args.reference_python, args.threads)
