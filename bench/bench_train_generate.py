@@ -140,28 +140,30 @@ def bench_tiny_init(tokenizer, tokens):
     return base
 
 
-def pairs_per_second(run_dir, batch):
-    """Optimizer steps logged in a run's metrics.jsonl, and pairs/s over the steps after the first 3."""
+def timed_steps(run_dir, skip):
+    """Optimizer steps logged in a run's metrics.jsonl, and the steps after the first `skip`:
+    how many, their seconds and their tokens."""
     steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
-    seconds, previous = 0.0, 0
-    for step in steps:
-        if step["step"] > 3:
-            seconds += (step["tokens_seen"] - previous) / step["tokens_per_second"]
-        previous = step["tokens_seen"]
-    timed = len([s for s in steps if s["step"] > 3])
-    return len(steps), batch * timed / seconds
-
-
-def tokens_per_second(run_dir, skip):
-    """Non-padding tokens per second over the optimizer steps after the first `skip`."""
-    steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
-    seconds, tokens, previous = 0.0, 0, 0
+    timed, seconds, tokens, previous = 0, 0.0, 0, 0
     for step in steps:
         if step["step"] > skip:
+            timed += 1
             seconds += (step["tokens_seen"] - previous) / step["tokens_per_second"]
             tokens += step["tokens_seen"] - previous
         previous = step["tokens_seen"]
-    return len(steps), tokens / seconds
+    return len(steps), timed, seconds, tokens
+
+
+def pairs_per_second(run_dir, batch):
+    """Optimizer steps logged in a run's metrics.jsonl, and pairs/s over the steps after the first 3."""
+    steps, timed, seconds, _ = timed_steps(run_dir, 3)
+    return steps, batch * timed / seconds
+
+
+def tokens_per_second(run_dir, skip):
+    """Optimizer steps logged, and non-padding tokens per second over the steps after the first `skip`."""
+    steps, _, seconds, tokens = timed_steps(run_dir, skip)
+    return steps, tokens / seconds
 
 
 def sft_lora_model(python, reference):

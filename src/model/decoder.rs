@@ -655,10 +655,7 @@ impl Decoder {
 
     /// Next-token logits `[B, T, vocab]` from hidden states (soft-capped where the family caps).
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let weight_t = self
-            .lm_head_t
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("this model has no language-model head".into()))?;
+        let weight_t = self.lm_head()?;
         let logits = project(hidden, weight_t, self.frozen_base)?;
         match self.config.arch.final_logit_softcapping {
             Some(cap) => softcap(&logits, cap),
@@ -666,14 +663,16 @@ impl Decoder {
         }
     }
 
+    /// `Wᵀ` of the LM head.
+    fn lm_head(&self) -> Result<&Tensor> {
+        self.lm_head_t.as_ref().ok_or_else(|| candle_core::Error::Msg("this model has no language-model head".into()))
+    }
+
     /// The LM head's cross-entropy `[N]` (in the graph) against `targets` for rows `hidden`
     /// `[N, H]`, and each row's argmax (empty unless `argmax`). A large head runs over chunks
     /// of rows ([`fused::linear_cross_entropy`]) so the `[N, V]` logits are never held at once.
     pub fn lm_cross_entropy(&self, hidden: &Tensor, targets: &[u32], argmax: bool) -> Result<(Tensor, Vec<u32>)> {
-        let weight_t = self
-            .lm_head_t
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("this model has no language-model head".into()))?;
+        let weight_t = self.lm_head()?;
         let (n, vocab) = (targets.len(), weight_t.dim(1)?);
         if n * vocab >= CHUNKED_HEAD_ELEMENTS && fused::supported(hidden) && fused::supported(weight_t) {
             let softcap = self.config.arch.final_logit_softcapping.map(|c| c as f32);

@@ -11,7 +11,7 @@ use super::chat::ChatTemplate;
 use super::config::{Head, ModelConfig};
 use super::decoder::Decoder;
 use super::lora::{self, Adapter};
-use super::weights::Params;
+use super::weights::{Params, open_safetensors, unreadable_safetensors};
 use crate::error::{Result, bad_input, usage};
 use crate::output::write_atomic;
 use crate::tokenizer::LoadedTokenizer;
@@ -337,18 +337,8 @@ fn adapter_head_config(dir: &Path, base: &ModelConfig) -> Result<ModelConfig> {
 /// A safetensors file's JSON header (name → dtype, shape, offsets), read without the tensors:
 /// an 8-byte little-endian length, then that many bytes of JSON.
 fn safetensors_header(file: &Path) -> Result<Map<String, Value>> {
-    use std::io::Read;
-    let unreadable = |why: String| bad_input(file, format!("not a readable safetensors file ({why})"));
-    let mut reader = std::fs::File::open(file).map_err(|e| bad_input(file, format!("cannot read: {e}")))?;
-    let mut length = [0u8; 8];
-    reader.read_exact(&mut length).map_err(|e| unreadable(e.to_string()))?;
-    let length = u64::from_le_bytes(length);
-    if length > 100_000_000 {
-        return Err(unreadable(format!("a header of {length} bytes")));
-    }
-    let mut header = vec![0u8; length as usize];
-    reader.read_exact(&mut header).map_err(|e| unreadable(e.to_string()))?;
-    serde_json::from_slice(&header).map_err(|e| unreadable(e.to_string()))
+    let header = open_safetensors(file)?;
+    serde_json::from_slice(&header.json).map_err(|e| unreadable_safetensors(file, e))
 }
 
 /// Tensor names and shapes of a safetensors file, without reading the tensors.

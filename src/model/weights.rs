@@ -151,23 +151,43 @@ impl Params {
     }
 }
 
-/// Each tensor of a safetensors file as an f32 `Var`, read from its place in the file (the
-/// header, parsed by the safetensors crate, gives names, dtypes, shapes and offsets).
-fn read_safetensors(file: &Path, device: &Device, mut each: impl FnMut(String, Var)) -> Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    let unreadable = |why: String| bad_input(file, format!("not a readable safetensors file ({why})"));
-    let mut reader = std::fs::File::open(file).map_err(|e| bad_input(file, format!("cannot read: {e}")))?;
-    let size = reader.metadata().map_err(|e| unreadable(e.to_string()))?.len();
+/// A safetensors file opened at its header: the header's JSON bytes (names, dtypes, shapes,
+/// offsets), the file's size and where its tensor data starts; no tensor is read.
+pub(crate) struct SafetensorsHeader {
+    pub file: std::fs::File,
+    pub json: Vec<u8>,
+    pub size: u64,
+    pub data_start: u64,
+}
+
+/// The error for a file that is not a readable safetensors file, and why.
+pub(crate) fn unreadable_safetensors(file: &Path, why: impl std::fmt::Display) -> crate::Error {
+    bad_input(file, format!("not a readable safetensors file ({why})"))
+}
+
+pub(crate) fn open_safetensors(path: &Path) -> Result<SafetensorsHeader> {
+    use std::io::Read;
+    let unreadable = |why: String| unreadable_safetensors(path, why);
+    let mut file = std::fs::File::open(path).map_err(|e| bad_input(path, format!("cannot read: {e}")))?;
+    let size = file.metadata().map_err(|e| unreadable(e.to_string()))?.len();
     let mut length = [0u8; 8];
-    reader.read_exact(&mut length).map_err(|e| unreadable(e.to_string()))?;
+    file.read_exact(&mut length).map_err(|e| unreadable(e.to_string()))?;
     let header_len = u64::from_le_bytes(length);
     if header_len > 100_000_000 || 8 + header_len > size {
         return Err(unreadable(format!("a header of {header_len} bytes in a file of {size}")));
     }
-    let mut header = vec![0u8; header_len as usize];
-    reader.read_exact(&mut header).map_err(|e| unreadable(e.to_string()))?;
-    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| unreadable(e.to_string()))?;
-    let data_start = 8 + header_len;
+    let mut json = vec![0u8; header_len as usize];
+    file.read_exact(&mut json).map_err(|e| unreadable(e.to_string()))?;
+    Ok(SafetensorsHeader { file, json, size, data_start: 8 + header_len })
+}
+
+/// Each tensor of a safetensors file as an f32 `Var`, read from its place in the file (the
+/// header, parsed by the safetensors crate, gives names, dtypes, shapes and offsets).
+fn read_safetensors(file: &Path, device: &Device, mut each: impl FnMut(String, Var)) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let unreadable = |why: String| unreadable_safetensors(file, why);
+    let SafetensorsHeader { file: mut reader, json, size, data_start } = open_safetensors(file)?;
+    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&json).map_err(|e| unreadable(e.to_string()))?;
     let mut tensors: Vec<(String, &safetensors::tensor::TensorInfo)> = metadata.tensors().into_iter().collect();
     tensors.sort_by_key(|(_, info)| info.data_offsets.0);
     for (name, info) in tensors {

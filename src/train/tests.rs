@@ -32,9 +32,7 @@ impl FixtureTask {
     fn of(dir: &Path) -> Self {
         let folder = ModelFolder::open(dir.to_str().unwrap()).unwrap();
         let (model, params) = folder.load_model(&Device::Cpu).unwrap();
-        let batches = candle_core::safetensors::load(fixture("train_batches.safetensors"), &Device::Cpu).unwrap()["batches"]
-            .to_dtype(DType::U32)
-            .unwrap();
+        let batches = fixture_batches();
         FixtureTask { folder, params, model, batches, next: 0 }
     }
 }
@@ -82,6 +80,11 @@ impl Task for FixtureTask {
     }
 }
 
+/// The token batches the fixture's training steps ran on, `[steps, batch, tokens]`.
+fn fixture_batches() -> Tensor {
+    candle_core::safetensors::load(fixture("train_batches.safetensors"), &Device::Cpu).unwrap()["batches"].to_dtype(DType::U32).unwrap()
+}
+
 /// Mean next-token cross-entropy of one fixture batch.
 fn next_token_loss(model: &Decoder, batch: &Tensor) -> Result<StepLoss> {
     let (b, t) = batch.dims2()?;
@@ -108,9 +111,7 @@ impl LoraFixtureTask {
         let base = folder.load_base_params(&Device::Cpu).unwrap();
         let mut model = Decoder::with_adapter(&folder.config, &base, &adapter).unwrap();
         model.set_gradient_checkpointing(checkpointing);
-        let batches = candle_core::safetensors::load(fixture("train_batches.safetensors"), &Device::Cpu).unwrap()["batches"]
-            .to_dtype(DType::U32)
-            .unwrap();
+        let batches = fixture_batches();
         LoraFixtureTask { folder, adapter, model, batches, next: 0 }
     }
 }

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::*;
+use super::tests::{cached_logits, greedy, ids, max_abs_diff, row};
 use crate::model::config::Head;
 use crate::model::folder::{self, ModelFiles, ModelFolder};
-use crate::model::ops::log_softmax_last_dim;
 
 fn family_dir(family: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/families").join(family)
@@ -25,18 +25,6 @@ fn open(family: &str, kind: &str) -> ModelFolder {
 
 fn causal_lm(family: &str) -> Decoder {
     open(family, "causal-lm").load_model(&Device::Cpu).unwrap().0
-}
-
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-}
-
-fn row(tokens: &[u32]) -> Tensor {
-    Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
 }
 
 fn logits_match(family: &str) {
@@ -56,18 +44,7 @@ fn greedy_matches(family: &str) {
     let tensors = expected(family);
     for probe in 0..2 {
         let prompt = ids(&tensors[&format!("input_ids.{probe}")]);
-        let mut cache = model.new_cache();
-        let (_, logits) = model.forward_logits(&row(&prompt), ForwardOptions::default(), Some(&mut cache)).unwrap();
-        let mut last = logits.i((0, prompt.len() - 1)).unwrap();
-        let (mut tokens, mut logprob) = (Vec::new(), 0f32);
-        for _ in 0..16 {
-            let logp = log_softmax_last_dim(&last).unwrap();
-            let next = logp.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-            logprob += logp.i(next as usize).unwrap().to_scalar::<f32>().unwrap();
-            tokens.push(next);
-            let (_, logits) = model.forward_logits(&row(&[next]), ForwardOptions::default(), Some(&mut cache)).unwrap();
-            last = logits.i((0, 0)).unwrap();
-        }
+        let (tokens, logprob) = greedy(&model, &prompt, 16);
         assert_eq!(tokens, ids(&tensors[&format!("greedy.{probe}")]), "{family} probe {probe}");
         let want: f32 = tensors[&format!("greedy_logprob.{probe}")].i(0).unwrap().to_scalar().unwrap();
         assert!((logprob - want).abs() < 1e-3, "{family} probe {probe}: logprob {logprob} vs {want}");
@@ -83,14 +60,7 @@ fn kv_cache_matches_full_forward(family: &str) {
     let probe = if family == "phi3" { "input_ids.1" } else { "input_ids.0" };
     let input = ids(&expected(family)[probe]);
     let (_, full) = model.forward_logits(&row(&input), ForwardOptions::default(), None).unwrap();
-    let mut cache = model.new_cache();
-    let split = 5;
-    let (_, first) = model.forward_logits(&row(&input[..split]), ForwardOptions::default(), Some(&mut cache)).unwrap();
-    let mut pieces = vec![first];
-    for &token in &input[split..] {
-        pieces.push(model.forward_logits(&row(&[token]), ForwardOptions::default(), Some(&mut cache)).unwrap().1);
-    }
-    let incremental = Tensor::cat(&pieces, 1).unwrap();
+    let (incremental, _) = cached_logits(&model, &input, 5);
     let scale = full.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
     let diff = max_abs_diff(&incremental, &full);
     assert!(diff <= 1e-5 * scale, "{family}: cached decoding differs by {diff} (logits up to {scale})");

@@ -28,20 +28,20 @@ fn causal_lm() -> Decoder {
     folder.load_model(&Device::Cpu).unwrap().0
 }
 
-fn ids(t: &Tensor) -> Vec<u32> {
+pub(super) fn ids(t: &Tensor) -> Vec<u32> {
     t.to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+pub(super) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
 
-fn row(tokens: &[u32]) -> Tensor {
+pub(super) fn row(tokens: &[u32]) -> Tensor {
     Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
 }
 
 /// Greedy decoding through the KV cache: the new tokens and the sum of their log-probabilities.
-fn greedy(model: &Decoder, prompt: &[u32], steps: usize) -> (Vec<u32>, f32) {
+pub(super) fn greedy(model: &Decoder, prompt: &[u32], steps: usize) -> (Vec<u32>, f32) {
     let mut cache = model.new_cache();
     let (_, logits) = model.forward_logits(&row(prompt), ForwardOptions::default(), Some(&mut cache)).unwrap();
     let mut last = logits.i((0, prompt.len() - 1)).unwrap();
@@ -82,20 +82,25 @@ fn greedy_continuations_match_transformers() {
     }
 }
 
-#[test]
-fn kv_cache_gives_the_full_forward_logits() {
-    let model = causal_lm();
-    let input = ids(&load("expected_logits.safetensors")["input_ids.0"]);
-    let (_, full) = model.forward_logits(&row(&input), ForwardOptions::default(), None).unwrap();
+/// The logits of `input` through the KV cache: its first `split` tokens in one forward, then
+/// one token at a time; and the cache they filled.
+pub(super) fn cached_logits(model: &Decoder, input: &[u32], split: usize) -> (Tensor, KvCache) {
     let mut cache = model.new_cache();
-    let split = 20;
     let (_, first) = model.forward_logits(&row(&input[..split]), ForwardOptions::default(), Some(&mut cache)).unwrap();
     let mut pieces = vec![first];
     for &token in &input[split..] {
         pieces.push(model.forward_logits(&row(&[token]), ForwardOptions::default(), Some(&mut cache)).unwrap().1);
     }
+    (Tensor::cat(&pieces, 1).unwrap(), cache)
+}
+
+#[test]
+fn kv_cache_gives_the_full_forward_logits() {
+    let model = causal_lm();
+    let input = ids(&load("expected_logits.safetensors")["input_ids.0"]);
+    let (_, full) = model.forward_logits(&row(&input), ForwardOptions::default(), None).unwrap();
+    let (incremental, cache) = cached_logits(&model, &input, 20);
     assert_eq!(cache.len(), input.len());
-    let incremental = Tensor::cat(&pieces, 1).unwrap();
     assert!(max_abs_diff(&incremental, &full) <= 1e-5);
 }
 
