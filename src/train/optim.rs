@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, failed};
@@ -58,12 +59,14 @@ impl AdamW {
                 None => Moments { exp_avg: param.zeros_like()?, exp_avg_sq: param.zeros_like()? },
             };
             let update = Update { lr, decay, step_size: lr / bias1, bias2_sqrt, config: c };
-            let (new_param, moments) = if param.device().is_cpu() && param.dtype() == DType::F32 {
-                update.on_cpu(param, grad, moments)?
+            let moments = if param.device().is_cpu() && param.dtype() == DType::F32 && param.is_contiguous() {
+                update.in_place(param, grad, &moments)?;
+                moments
             } else {
-                update.with_tensor_ops(param, grad, moments)?
+                let (new_param, moments) = update.with_tensor_ops(param, grad, moments)?;
+                var.set(&new_param)?;
+                moments
             };
-            var.set(&new_param)?;
             self.moments.insert(name.to_string(), moments);
         }
         Ok(())
@@ -108,28 +111,26 @@ struct Update {
 }
 
 impl Update {
-    fn on_cpu(&self, param: &Tensor, grad: &Tensor, m: Moments) -> Result<(Tensor, Moments)> {
-        let p: Vec<f32> = param.flatten_all()?.to_vec1()?;
-        let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
-        let mut exp_avg: Vec<f32> = m.exp_avg.flatten_all()?.to_vec1()?;
-        let mut exp_avg_sq: Vec<f32> = m.exp_avg_sq.flatten_all()?.to_vec1()?;
+    /// The step in place over the storages: no copy of a parameter, its gradient or its moments,
+    /// so the optimizer needs no memory beyond what it holds.
+    fn in_place(&self, param: &Tensor, grad: &Tensor, m: &Moments) -> Result<()> {
+        let grad = grad.contiguous()?;
         let (b1, b2) = (self.config.beta1 as f32, self.config.beta2 as f32);
         let keep = (1.0 - self.lr * self.decay) as f32;
         let (step_size, bias2_sqrt, eps) = (self.step_size as f32, self.bias2_sqrt as f32, self.config.eps as f32);
-        let mut out = p;
-        for i in 0..out.len() {
-            out[i] *= keep;
-            exp_avg[i] += (g[i] - exp_avg[i]) * (1.0 - b1);
-            exp_avg_sq[i] = exp_avg_sq[i] * b2 + (1.0 - b2) * g[i] * g[i];
-            let denom = exp_avg_sq[i].sqrt() / bias2_sqrt + eps;
-            out[i] -= step_size * exp_avg[i] / denom;
-        }
-        let shape = param.shape();
-        let device = param.device();
-        Ok((
-            Tensor::from_vec(out, shape, device)?,
-            Moments { exp_avg: Tensor::from_vec(exp_avg, shape, device)?, exp_avg_sq: Tensor::from_vec(exp_avg_sq, shape, device)? },
-        ))
+        m.exp_avg.inplace_op2(&grad, &InPlace(move |avg: &mut f32, [g]: [f32; 1]| *avg += (g - *avg) * (1.0 - b1)))?;
+        m.exp_avg_sq
+            .inplace_op2(&grad, &InPlace(move |sq: &mut f32, [g]: [f32; 1]| *sq = *sq * b2 + (1.0 - b2) * g * g))?;
+        param.inplace_op3(
+            &m.exp_avg,
+            &m.exp_avg_sq,
+            &InPlace(move |p: &mut f32, [avg, sq]: [f32; 2]| {
+                let denom = sq.sqrt() / bias2_sqrt + eps;
+                *p *= keep;
+                *p -= step_size * avg / denom;
+            }),
+        )?;
+        Ok(())
     }
 
     fn with_tensor_ops(&self, param: &Tensor, grad: &Tensor, m: Moments) -> Result<(Tensor, Moments)> {
@@ -140,6 +141,66 @@ impl Update {
         let denom = ((exp_avg_sq.sqrt()? / self.bias2_sqrt)? + c.eps)?;
         let new_param = (decayed - ((&exp_avg / denom)? * self.step_size)?)?;
         Ok((new_param, Moments { exp_avg, exp_avg_sq }))
+    }
+}
+
+/// An element-wise update of a contiguous f32 CPU tensor from N others of its shape, in place
+/// and over both cores (the optimizer is bound by memory bandwidth).
+struct InPlace<F>(F);
+
+const IN_PLACE_CHUNK: usize = 1 << 16;
+
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(values), Some((start, end))) => Ok(&values[start..end]),
+        _ => candle_core::bail!("adamw: expected a contiguous f32 tensor"),
+    }
+}
+
+/// Runs `f` on each element of `dst` with the matching elements of `sources`.
+fn update_each<const N: usize>(
+    dst: &mut CpuStorage,
+    dst_layout: &Layout,
+    sources: [(&CpuStorage, &Layout); N],
+    f: &(impl Fn(&mut f32, [f32; N]) + Sync),
+) -> candle_core::Result<()> {
+    let (CpuStorage::F32(values), Some((start, end))) = (dst, dst_layout.contiguous_offsets()) else {
+        candle_core::bail!("adamw: expected a contiguous f32 parameter")
+    };
+    let dst = &mut values[start..end];
+    let mut slices = [&[][..]; N];
+    for (slice, (storage, layout)) in slices.iter_mut().zip(sources) {
+        *slice = contiguous_f32(storage, layout)?;
+        if slice.len() != dst.len() {
+            candle_core::bail!("adamw: a state tensor has {} elements, its parameter {}", slice.len(), dst.len())
+        }
+    }
+    dst.par_chunks_mut(IN_PLACE_CHUNK).enumerate().for_each(|(chunk, values)| {
+        let offset = chunk * IN_PLACE_CHUNK;
+        for (i, value) in values.iter_mut().enumerate() {
+            f(value, std::array::from_fn(|s| slices[s][offset + i]));
+        }
+    });
+    Ok(())
+}
+
+impl<F: Fn(&mut f32, [f32; 1]) + Sync> InplaceOp2 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_layout: &Layout, s: &CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        update_each(dst, dst_layout, [(s, l)], &self.0)
+    }
+}
+
+impl<F: Fn(&mut f32, [f32; 2]) + Sync> InplaceOp3 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "adamw-param"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_layout: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<()> {
+        update_each(dst, dst_layout, [(s2, l2), (s3, l3)], &self.0)
     }
 }
 
