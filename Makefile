@@ -4,7 +4,7 @@ BIN := target/release
 DEMO := demo-out
 PYTHON ?= python3
 
-.PHONY: build test browser demo bench bench-large bench-lora clean
+.PHONY: build test browser demo bench bench-large bench-lora profile clean
 
 build:
 	$(CARGO) build --release --locked
@@ -106,7 +106,7 @@ REFERENCE_FLAG = $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON)
 REFERENCE_DIR_FLAG = $(if $(REFERENCE_DIR),--reference-dir $(REFERENCE_DIR),)
 
 bench: build
-	$(CARGO) build --release --locked --example matmul_peak
+	$(CARGO) build --release --locked --example matmul_peak --example memory_bandwidth
 	$(PYTHON) bench/bench_tokenize.py $(REFERENCE_FLAG)
 	$(PYTHON) bench/bench_train_generate.py $(REFERENCE_FLAG) $(REFERENCE_DIR_FLAG)
 	$(PYTHON) bench/bench_redteam.py
@@ -116,6 +116,12 @@ bench: build
 # and REFERENCE_PYTHON must be set (its shapes.py writes the model once under bench-out/).
 bench-lora: build
 	$(PYTHON) bench/bench_train_generate.py --only sft-lora $(REFERENCE_FLAG) $(REFERENCE_DIR_FLAG)
+
+# Where a training step's time goes (bench-tiny pretrain; the SmolLM2-135M shape's sft with
+# REFERENCE_PYTHON), sampled with perf, beside the sitting's matmul peak and memory bandwidth.
+profile: build
+	$(CARGO) build --release --locked --example matmul_peak --example memory_bandwidth
+	$(PYTHON) bench/profile.py $(REFERENCE_FLAG)
 
 # Also encode a ~1 GB text to show memory stays bounded (writes ~2 GB under bench-out/).
 bench-large: build

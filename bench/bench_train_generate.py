@@ -166,17 +166,19 @@ def tokens_per_second(run_dir, skip):
     return steps, tokens / seconds
 
 
-def sft_lora_model(python, reference):
-    model = os.path.join(OUT, "qwen2.5-0.5b")
+def shape_model(python, reference, shape, who):
+    """A random model folder of a real checkpoint's shape, written once under bench-out/ by
+    ../shared/bench/shapes.py (which needs REFERENCE_PYTHON's transformers)."""
+    model = os.path.join(OUT, shape)
     if not os.path.exists(os.path.join(model, "config.json")):
         if not python:
-            sys.exit("bench sft-lora: set REFERENCE_PYTHON (it writes the Qwen2.5-0.5B shape with shapes.py)")
-        subprocess.run([python, os.path.join(reference, "shapes.py"), "qwen2.5-0.5b", model], check=True, stdout=subprocess.DEVNULL)
+            sys.exit(f"{who}: set REFERENCE_PYTHON (it writes the {shape} shape with shapes.py)")
+        subprocess.run([python, os.path.join(reference, "shapes.py"), shape, model], check=True, stdout=subprocess.DEVNULL)
     return model
 
 
 def bench_sft_lora(python, reference, threads):
-    model = sft_lora_model(python, reference)
+    model = shape_model(python, reference, "qwen2.5-0.5b", "bench sft-lora")
     data = os.path.join(reference, "..", "data", "sft_alpaca_prompt_completion.parquet")
     run_dir = os.path.join(OUT, "bench_sft_lora_run")
     subprocess.run(["rm", "-rf", run_dir], check=True)
