@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Re
 use rayon::prelude::*;
 
 use super::family::Activation;
+use super::fastexp;
 
 /// Fused kernels run on CPU f32 tensors; other devices use the composite ops.
 pub fn supported(t: &Tensor) -> bool {
@@ -68,12 +69,8 @@ fn softmax_row(x: &[f32], mask: Option<&[f32]>, scale: f32, y: &mut [f32]) {
         *yj = scale * xj + mask.map_or(0.0, |m| m[j]);
         max = max.max(*yj);
     }
-    let mut sum = 0f32;
-    for yj in y.iter_mut() {
-        *yj = (*yj - max).exp();
-        sum += *yj;
-    }
-    let inverse = 1.0 / sum;
+    fastexp::exp_shifted_in_place(y, max);
+    let inverse = 1.0 / fastexp::sum(y);
     y.iter_mut().for_each(|yj| *yj *= inverse);
 }
 
@@ -195,7 +192,7 @@ struct CrossEntropy;
 
 fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln()
+    max + fastexp::sum_exp_shifted(row, max).ln()
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -240,7 +237,7 @@ impl CustomOp2 for CrossEntropy {
                         }
                         let lse = log_sum_exp(row);
                         for (dj, &xj) in d.iter_mut().zip(row) {
-                            *dj = (xj - lse).exp() * scale;
+                            *dj = fastexp::exp(xj - lse) * scale;
                         }
                         d[target as usize] -= scale;
                     });
@@ -458,15 +455,17 @@ pub fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
 /// `act(gate) ⊙ up` for SwiGLU (`silu`) and GeGLU (tanh-approximated GELU).
 struct Gated(Activation);
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + fastexp::exp(-x))
 }
 
 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044_715;
 
 impl Gated {
-    /// `act(g)`.
+    /// `act(g)`. Inlined so that the loops over elements are split by activation and vectorised.
+    #[inline(always)]
     fn value(&self, g: f32) -> f32 {
         match self.0 {
             Activation::Silu => g * sigmoid(g),
@@ -478,6 +477,7 @@ impl Gated {
     }
 
     /// `(dgate, dup) = (dy·up·act'(g), dy·act(g))`.
+    #[inline(always)]
     fn backward(&self, g: f32, u: f32, dy: f32) -> (f32, f32) {
         match self.0 {
             Activation::Silu => {
@@ -697,7 +697,7 @@ impl LinearCrossEntropy {
             let lse = log_sum_exp(row);
             let target = target as usize;
             for (j, c) in row.iter_mut().enumerate() {
-                let dc = ((*c - lse).exp() - if j == target { 1.0 } else { 0.0 }) * scale;
+                let dc = (fastexp::exp(*c - lse) - if j == target { 1.0 } else { 0.0 }) * scale;
                 // Under a soft-cap `c = cap·tanh(z / cap)`: dc/dz = 1 − (c / cap)².
                 *c = match self.softcap {
                     Some(cap) => dc * (1.0 - (*c / cap) * (*c / cap)),

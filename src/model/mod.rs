@@ -8,6 +8,7 @@ pub mod lora;
 pub mod fused;
 pub mod decoder;
 pub mod family;
+pub mod fastexp;
 pub mod ops;
 pub mod recompute;
 pub mod rope;
