@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use serde_json::Value;
 
 use crate::cli;
+use crate::model::fastexp;
 use crate::data::records::{Prompt, PromptRecord, Record, ResponseRecord};
 use crate::data::{ColumnMap, Kind, Message, ParquetSink, ParquetSource, meta};
 use crate::data::parquet_io::lathe_metadata;
@@ -55,7 +56,7 @@ impl Sampling {
         let max = candidates.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0f32;
         for candidate in &mut candidates {
-            candidate.1 = (candidate.1 - max).exp();
+            candidate.1 = fastexp::exp(candidate.1 - max);
             total += candidate.1;
         }
         if self.top_p < 1.0 {
@@ -96,7 +97,7 @@ fn argmax(values: &[f32]) -> u32 {
 /// `log softmax(logits)[token]`: f32 exponentials, summed in f64.
 fn log_prob(logits: &[f32], token: u32) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| (l - max).exp() as f64).sum();
+    let sum: f64 = logits.iter().map(|&l| fastexp::exp(l - max) as f64).sum();
     (logits[token as usize] - max) as f64 - sum.ln()
 }
 
