@@ -4,7 +4,7 @@ BIN := target/release
 DEMO := demo-out
 PYTHON ?= python3
 
-.PHONY: build test browser demo bench bench-large bench-lora profile clean
+.PHONY: build test browser demo bench bench-large bench-lora bench-sft profile clean
 
 build:
 	$(CARGO) build --release --locked
@@ -122,6 +122,11 @@ bench-lora: build
 profile: build
 	$(CARGO) build --release --locked --example matmul_peak --example memory_bandwidth
 	$(PYTHON) bench/profile.py $(REFERENCE_FLAG)
+
+# Full fine-tuning sft on the SmolLM2-135M shape, without and with checkpointing, beside TRL's
+# SFTTrainer (about 8 minutes; REFERENCE_PYTHON writes the shape once under bench-out/).
+bench-sft: build
+	$(PYTHON) bench/bench_train_generate.py --only sft $(REFERENCE_FLAG) $(REFERENCE_DIR_FLAG)
 
 # Also encode a ~1 GB text to show memory stays bounded (writes ~2 GB under bench-out/).
 bench-large: build

@@ -29,6 +29,10 @@
             log-probabilities precomputed, 40 steps; pairs/s after 3 warm-up steps (the reference
             pass not counted, as the reference times it), held-out rewards/accuracies, peak RSS.
             The reference runs on the same model folder (same tokenizer and initial weights).
+  sft       (only with --only sft: ~8 minutes with the reference, which writes the shape) full fine-tuning
+            on the SmolLM2-135M shape (`shapes.py smollm2-135m`), the Alpaca prompt/completion rows, batch 4,
+            max length 512, AdamW lr 2e-5 constant, 8 steps, without and with --gradient-checkpointing;
+            tokens/s over steps 3-8 and peak RSS, beside sft_ref.py (TRL SFTTrainer, f32).
   sft-lora  (only with --only sft-lora: ~25 minutes with the reference) sft_ref.py --lora-r 16's workload:
             the Qwen2.5-0.5B shape (random weights, `shapes.py qwen2.5-0.5b`, made once with
             REFERENCE_PYTHON under bench-out/), the Alpaca prompt/completion rows of ../shared/data,
@@ -197,6 +201,29 @@ def bench_sft_lora(python, reference, threads):
               "steps": result["steps"], "tokens_per_s": result["tokens_per_s"], "peak_rss_mb": result["peak_rss_mb"]})
 
 
+def bench_sft_135m(python, reference, threads):
+    """Full fine-tuning on the SmolLM2-135M shape, without and with checkpointing, beside
+    sft_ref.py (TRL SFTTrainer, f32)."""
+    model = shape_model(python, reference, "smollm2-135m", "bench sft")
+    data = os.path.join(reference, "..", "data", "sft_alpaca_prompt_completion.parquet")
+    run_dir = os.path.join(OUT, "bench_sft_135m_run")
+    for checkpointing in (False, True):
+        subprocess.run(["rm", "-rf", run_dir], check=True)
+        _, rss, _ = run([f"{BIN}/sft", data, "--model", model, "-o", run_dir, "--batch-size", "4", "--max-length", "512",
+                         "--steps", "8", "--lr", "2e-5", "--schedule", "constant", "--eval-every", "0", "--checkpoint-every", "0",
+                         "--threads", str(threads), "-q"] + (["--gradient-checkpointing"] if checkpointing else []))
+        steps, per_s = tokens_per_second(run_dir, 2)
+        emit({"bench": "sft", "model": "smollm2-135m", "batch": 4, "max_length": 512, "gradient_checkpointing": checkpointing,
+              "threads": threads, "steps": steps, "tokens_per_s": round(per_s, 1), "peak_rss_mb": round(rss, 1)})
+    if python:
+        out = os.path.join(OUT, "reference_sft_135m.json")
+        subprocess.run([python, os.path.join(reference, "sft_ref.py"), "--model", model, "--data", data,
+                        "--threads", str(threads), "--json", out], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = json.load(open(out))
+        emit({"bench": "reference_sft", "impl": result["impl"], "model": "smollm2-135m", "threads": threads,
+              "steps": result["steps"], "tokens_per_s": result["tokens_per_s"], "peak_rss_mb": result["peak_rss_mb"]})
+
+
 def bench_reward(tokenizer, tokens, threads):
     base = bench_tiny_init(tokenizer, tokens)
     run_dir = os.path.join(OUT, "bench_reward_run")
@@ -318,12 +345,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference-python", default=None, help="python with torch + transformers for ../shared/bench")
-    ap.add_argument("--only", choices=["pretrain", "generate", "rm-train", "ppo", "dpo", "sft-lora"], default=None, help="one workload (and its reference)")
+    ap.add_argument("--only", choices=["pretrain", "generate", "rm-train", "ppo", "dpo", "sft", "sft-lora"], default=None, help="one workload (and its reference)")
     ap.add_argument("--reference-dir", default=REFERENCE, help="../shared/bench, or a writable copy of it with its venv")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     if args.only == "sft-lora":
         bench_sft_lora(args.reference_python, args.reference_dir, args.threads)
+        return
+    if args.only == "sft":
+        bench_sft_135m(args.reference_python, args.reference_dir, args.threads)
         return
     tokenizer, tokens = prepare(args.threads)
     if args.only in (None, "pretrain", "generate"):
