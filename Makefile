@@ -4,7 +4,7 @@ BIN := target/release
 DEMO := demo-out
 PYTHON ?= python3
 
-.PHONY: build test browser demo bench bench-large bench-lora bench-sft profile clean
+.PHONY: build test browser demo bench bench-large bench-lora bench-sft profile examples clean
 
 build:
 	$(CARGO) build --release --locked
@@ -105,8 +105,11 @@ demo: build
 REFERENCE_FLAG = $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON),)
 REFERENCE_DIR_FLAG = $(if $(REFERENCE_DIR),--reference-dir $(REFERENCE_DIR),)
 
-bench: build
+# The sitting's matmul peak and memory bandwidth, which bench and profile print.
+examples:
 	$(CARGO) build --release --locked --example matmul_peak --example memory_bandwidth
+
+bench: build examples
 	$(PYTHON) bench/bench_tokenize.py $(REFERENCE_FLAG)
 	$(PYTHON) bench/bench_train_generate.py $(REFERENCE_FLAG) $(REFERENCE_DIR_FLAG)
 	$(PYTHON) bench/bench_redteam.py
@@ -119,8 +122,7 @@ bench-lora: build
 
 # Where a training step's time goes (bench-tiny pretrain; the SmolLM2-135M shape's sft with
 # REFERENCE_PYTHON), sampled with perf, beside the sitting's matmul peak and memory bandwidth.
-profile: build
-	$(CARGO) build --release --locked --example matmul_peak --example memory_bandwidth
+profile: build examples
 	$(PYTHON) bench/profile.py $(REFERENCE_FLAG)
 
 # Full fine-tuning sft on the SmolLM2-135M shape, without and with checkpointing, beside TRL's

@@ -77,13 +77,18 @@ def prepare(threads):
     return tokenizer, tokens
 
 
-def bench_peak(threads):
-    """The sitting's f32 matmul peak on the bench-tiny step's shapes (examples/matmul_peak.rs)."""
-    out = subprocess.run([os.path.join(ROOT, "target", "release", "examples", "matmul_peak"), str(threads)],
+def example_figure(name, threads, key):
+    """Run examples/NAME.rs (one JSON line), print its line and return its `key`."""
+    out = subprocess.run([os.path.join(ROOT, "target", "release", "examples", name), str(threads)],
                          capture_output=True, check=True, text=True)
     record = json.loads(out.stdout)
     emit(record)
-    return record["gflops"]
+    return record[key]
+
+
+def bench_peak(threads):
+    """The sitting's f32 matmul peak on the bench-tiny step's shapes (examples/matmul_peak.rs)."""
+    return example_figure("matmul_peak", threads, "gflops")
 
 
 def bench_tiny_step_gflop():
@@ -101,8 +106,7 @@ def bench_pretrain(tokenizer, tokens, threads, peak=None):
     subprocess.run(["rm", "-rf", run_dir], check=True)
     _, rss, _ = run([f"{BIN}/pretrain", tokens, "--tokenizer", tokenizer, "--config", os.path.join(ROOT, "recipes", "bench-tiny.toml"),
                      "-o", run_dir, "--threads", str(threads), "-q"])
-    steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
-    timed = steps[3:23]
+    timed = logged_steps(run_dir)[3:23]
     tokens_total = 8 * 256 * len(timed)
     seconds = sum(8 * 256 / s["tokens_per_second"] for s in timed)
     gflops = bench_tiny_step_gflop() * len(timed) / seconds
@@ -144,13 +148,21 @@ def bench_tiny_init(tokenizer, tokens):
     return base
 
 
-def timed_steps(run_dir, skip):
-    """Optimizer steps logged in a run's metrics.jsonl, and the steps after the first `skip`:
-    how many, their seconds and their tokens."""
-    steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
+def logged_steps(run_dir):
+    """The optimizer steps a run has logged so far in its metrics.jsonl."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path) if '"loss"' in line]
+
+
+def timed_steps(run_dir, skip, until=None):
+    """Optimizer steps logged in a run's metrics.jsonl, and the steps after the first `skip`
+    (up to step `until`, when given): how many, their seconds and their tokens."""
+    steps = logged_steps(run_dir)
     timed, seconds, tokens, previous = 0, 0.0, 0, 0
     for step in steps:
-        if step["step"] > skip:
+        if step["step"] > skip and (until is None or step["step"] <= until):
             timed += 1
             seconds += (step["tokens_seen"] - previous) / step["tokens_per_second"]
             tokens += step["tokens_seen"] - previous

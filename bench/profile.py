@@ -34,7 +34,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train_generate import BIN, OUT, REFERENCE, ROOT, bench_tiny_step_gflop, emit, prepare, shape_model  # noqa: E402
+from bench_train_generate import (BIN, OUT, REFERENCE, ROOT, bench_peak, bench_tiny_step_gflop, emit,  # noqa: E402
+                                  example_figure, logged_steps, prepare, shape_model, timed_steps)
 
 # First match from the leaf up decides. Kernel categories come first: a sample in the kernel
 # names the user frame that faulted further up.
@@ -108,13 +109,6 @@ def breakdown(data):
     return total, fractions, round(unnamed / max(total, 1), 4)
 
 
-def logged_steps(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    return [json.loads(line) for line in open(path) if '"loss"' in line]
-
-
 def sampled(command, run_dir, warmup, steps, frequency, scratch):
     """Run `command` (a training run writing `run_dir`) under perf, sampling only the steps
     warmup+1 ..= warmup+steps; returns (perf data path, milliseconds per sampled step)."""
@@ -147,13 +141,8 @@ def sampled(command, run_dir, warmup, steps, frequency, scratch):
     _, stderr = perf.communicate()
     if perf.returncode != 0 or state != "done":
         sys.exit(f"profile: {' '.join(command)} ended before its sampled steps (perf exit {perf.returncode})\n{stderr.decode()[-2000:]}")
-    window = [s for s in logged_steps(run_dir) if warmup < s["step"] <= warmup + steps]
-    seconds, previous = 0.0, None
-    for s in logged_steps(run_dir):
-        if previous is not None and s in window:
-            seconds += (s["tokens_seen"] - previous) / s["tokens_per_second"]
-        previous = s["tokens_seen"]
-    return data, 1000 * seconds / len(window)
+    _, timed, seconds, _ = timed_steps(run_dir, warmup, until=warmup + steps)
+    return data, 1000 * seconds / timed
 
 
 def report(workload, data, ms_per_step, steps, extra):
@@ -192,14 +181,6 @@ def parameters_of(run_dir):
     return evaluation.get("trainable_parameters", evaluation.get("parameters"))
 
 
-def example(name, threads):
-    out = subprocess.run([os.path.join(ROOT, "target", "release", "examples", name), str(threads)],
-                         capture_output=True, check=True, text=True)
-    record = json.loads(out.stdout)
-    emit(record)
-    return record["gflops" if name == "matmul_peak" else "gb_per_s"]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-python", help="a python with transformers, to write the SmolLM2-135M shape")
@@ -209,8 +190,8 @@ def main():
         print("profile: `perf` is not installed (Debian: apt-get install linux-perf)", file=sys.stderr)
         sys.exit(2)
     os.makedirs(OUT, exist_ok=True)
-    peak = example("matmul_peak", args.threads)
-    bandwidth = example("memory_bandwidth", args.threads)
+    peak = bench_peak(args.threads)
+    bandwidth = example_figure("memory_bandwidth", args.threads, "gb_per_s")
     threads = ["--threads", str(args.threads), "-q"]
 
     tokenizer, tokens = prepare(args.threads)

@@ -15,12 +15,11 @@ use rand::rngs::StdRng;
 use serde_json::Value;
 
 use crate::cli;
-use crate::model::fastexp;
 use crate::data::records::{Prompt, PromptRecord, Record, ResponseRecord};
 use crate::data::{ColumnMap, Kind, Message, ParquetSink, ParquetSource, meta};
 use crate::data::parquet_io::lathe_metadata;
 use crate::error::{Result, bad_input, usage};
-use crate::model::{ChatTemplate, ForwardOptions, KvCache, Decoder, ModelFolder};
+use crate::model::{ChatTemplate, ForwardOptions, KvCache, Decoder, ModelFolder, fastexp};
 use crate::output;
 use crate::progress::{Progress, Unit};
 use crate::tokenizer::LoadedTokenizer;
