@@ -367,6 +367,10 @@ impl Attention {
         if let Some((cache, capacity_hint)) = cache {
             (k, v) = cache.append(&k, &v, capacity_hint)?;
         }
+        if self.softcap.is_none() && super::decode::attention_applies(&q, &k) {
+            let out = super::decode::attention(&q, &k, &v, mask, self.scale)?;
+            return self.o_proj.forward(&out.reshape((b, t, heads * d))?);
+        }
         let keys = k.dim(2)?;
         // Query heads sharing a key/value head are stacked along the row axis, so one matmul
         // per kv head serves the whole group without copying keys and values.

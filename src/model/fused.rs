@@ -63,7 +63,7 @@ struct AttentionSoftmax {
     mask_batches: usize,
 }
 
-fn softmax_row(x: &[f32], mask: Option<&[f32]>, scale: f32, y: &mut [f32]) {
+pub(super) fn softmax_row(x: &[f32], mask: Option<&[f32]>, scale: f32, y: &mut [f32]) {
     let mut max = f32::NEG_INFINITY;
     for (j, (yj, &xj)) in y.iter_mut().zip(x).enumerate() {
         *yj = scale * xj + mask.map_or(0.0, |m| m[j]);
@@ -403,8 +403,9 @@ impl CustomOp3 for Rope {
         let (x, cos, sin) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
         let s = RopeShape::new(l1.dims(), l2.dims())?;
         let mut y = vec![0f32; x.len()];
-        // Output is [B, H, T, D]: each (b, h) block of T rows is written by one task.
-        y.par_chunks_mut(s.t * s.d).enumerate().for_each(|(bh, block)| {
+        // Output is [B, H, T, D]: each (b, h) block of T rows is written by one task (a
+        // decoding step's one-row blocks together: waking a thread costs more).
+        y.par_chunks_mut(s.t * s.d).enumerate().with_min_len(rows_per_task(s.t * s.d)).for_each(|(bh, block)| {
             let (b, h) = (bh / s.h, bh % s.h);
             for (t, out) in block.chunks_mut(s.d).enumerate() {
                 let at = ((b * s.t + t) * s.h + h) * s.d;
@@ -429,7 +430,7 @@ impl CustomOp3 for Rope {
                 with_data(sin, "rope backward", |sin| {
                     let mut dx = vec![0f32; dy.len()];
                     // dx is [B, T, H, D]: each (b, t) row of H heads is written by one task.
-                    dx.par_chunks_mut(s.h * s.d).enumerate().for_each(|(bt, row)| {
+                    dx.par_chunks_mut(s.h * s.d).enumerate().with_min_len(rows_per_task(s.h * s.d)).for_each(|(bt, row)| {
                         let (b, t) = (bt / s.t, bt % s.t);
                         let table = s.table_row(b, t);
                         for (h, out) in row.chunks_mut(s.d).enumerate() {

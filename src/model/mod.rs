@@ -12,6 +12,7 @@ pub mod fastexp;
 pub mod ops;
 pub mod recompute;
 pub mod rope;
+pub mod decode;
 pub mod weights;
 
 pub use chat::ChatTemplate;

@@ -1480,7 +1480,10 @@ impl Map2 for MatMul {
 
         let mut dst = vec![T::zero(); b * m * n];
         let num_threads = crate::utils::get_num_threads();
-        let parallelism = if num_threads > 1 {
+        // lathe: below about 4M multiply-adds (decoding's few rows) waking a second thread and
+        // splitting the tiles costs more than the thread gives back.
+        const PARALLEL_MATMUL_MACS: usize = 1 << 22;
+        let parallelism = if num_threads > 1 && b * m * n * k >= PARALLEL_MATMUL_MACS {
             Parallelism::Rayon(num_threads)
         } else {
             Parallelism::None
