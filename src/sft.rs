@@ -25,7 +25,7 @@ use crate::train::tuned::{Start, TunedModel};
 use crate::progress;
 use crate::tokenizer::{IM_END_TOKEN, IM_START_TOKEN, LoadedTokenizer, PAD_TOKEN};
 use crate::train::cursor::{EpochCursor, epoch_rng, shuffled};
-use crate::train::sequences::{LengthReport, Truncation, kept_range};
+use crate::train::sequences::{LengthReport, PackedRows, Truncation, kept_range};
 use crate::train::{Evaluation, StepLoss, Task};
 
 /// Batches are formed from windows of this many batches' worth of examples sorted by length,
@@ -85,8 +85,7 @@ impl Example {
     }
 }
 
-/// A training row: one example, or several packed together.
-pub type Row = Vec<usize>;
+pub use crate::train::sequences::{Row, pack};
 
 /// How conversations become text: the template, and how the answer tokens are found.
 pub struct Renderer {
@@ -408,7 +407,7 @@ pub struct RowsLoss {
     pub tokens: usize,
 }
 
-/// Tensors for a batch of rows, right-padded; packed rows carry positions and segments.
+/// Tensors for a batch of rows (see [`PackedRows`]) and the targets they count.
 struct RowBatch {
     input_ids: Tensor,
     position_ids: Option<Tensor>,
@@ -423,42 +422,27 @@ struct RowBatch {
 
 impl RowBatch {
     fn build(examples: &[Example], rows: &[Row], pad: u32, device: &Device) -> Result<Self> {
-        let lengths: Vec<usize> = rows.iter().map(|r| r.iter().map(|&i| examples[i].ids.len()).sum()).collect();
-        let longest = lengths.iter().copied().max().unwrap_or(1).max(1);
-        let packed = rows.iter().any(|r| r.len() > 1);
-        let (mut ids, mut positions, mut segments) = (Vec::new(), Vec::new(), Vec::new());
+        let sequences: Vec<&[u32]> = examples.iter().map(|e| e.ids.as_slice()).collect();
+        let packed = PackedRows::build(&sequences, rows, pad, device)?;
         let (mut targeted, mut targets, mut owners) = (Vec::new(), Vec::new(), Vec::new());
-        for (r, row) in rows.iter().enumerate() {
-            let mut at = 0;
-            for (segment, &i) in row.iter().enumerate() {
-                let example = &examples[i];
-                for (p, &id) in example.ids.iter().enumerate() {
-                    ids.push(id);
-                    positions.push(p as u32);
-                    segments.push(segment as u32);
-                    if example.counted[p] {
-                        targeted.push((r, at + p));
-                        targets.push(example.targets[p]);
-                        owners.push(i);
-                    }
-                }
-                at += example.ids.len();
+        for &i in rows.iter().flatten() {
+            let (row, start) = packed.places[i];
+            let example = &examples[i];
+            for p in (0..example.ids.len()).filter(|&p| example.counted[p]) {
+                targeted.push((row, start + p));
+                targets.push(example.targets[p]);
+                owners.push(i);
             }
-            let padding = longest - lengths[r];
-            ids.extend(std::iter::repeat_n(pad, padding));
-            positions.extend(std::iter::repeat_n(0, padding));
-            segments.extend(std::iter::repeat_n(u32::MAX, padding));
         }
         debug_assert!(targets.iter().all(|&t| t != IGNORE_INDEX));
-        let shape = (rows.len(), longest);
         Ok(RowBatch {
-            input_ids: Tensor::from_vec(ids, shape, device)?,
-            position_ids: packed.then(|| Tensor::from_vec(positions, shape, device)).transpose()?,
-            segment_ids: packed.then(|| Tensor::from_vec(segments, shape, device)).transpose()?,
+            input_ids: packed.input_ids,
+            position_ids: packed.position_ids,
+            segment_ids: packed.segment_ids,
             targeted,
             targets,
             owners,
-            tokens: lengths.iter().sum(),
+            tokens: packed.tokens,
         })
     }
 }
@@ -669,27 +653,6 @@ fn length_grouped_batches(lengths: &[usize], batch_size: usize, seed: u64, epoch
     }
     batches.shuffle(&mut epoch_rng(seed.wrapping_add(1), epoch));
     batches
-}
-
-/// Best-fit decreasing: examples (longest first) go into the fullest row they fit in.
-pub fn pack(lengths: &[usize], capacity: usize) -> Vec<Row> {
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i]), i));
-    let mut rows: Vec<(usize, Row)> = Vec::new();
-    for i in order {
-        let best = rows
-            .iter_mut()
-            .filter(|(used, _)| used + lengths[i] <= capacity)
-            .max_by_key(|(used, _)| *used);
-        match best {
-            Some((used, row)) => {
-                *used += lengths[i];
-                row.push(i);
-            }
-            None => rows.push((lengths[i], vec![i])),
-        }
-    }
-    rows.into_iter().map(|(_, row)| row).collect()
 }
 
 #[cfg(test)]

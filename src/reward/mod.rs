@@ -24,7 +24,7 @@ use crate::limits::Tuning;
 use crate::progress;
 use crate::tokenizer::{LoadedTokenizer, PAD_TOKEN};
 use crate::train::cursor::{EpochCursor, shuffled};
-use crate::train::sequences::{LengthReport, Truncation, gather_positions, kept_range, pad_right};
+use crate::train::sequences::{LengthReport, PackedRows, Truncation, gather_places, gather_positions, kept_range, pack, pad_right};
 use crate::train::{Evaluation, StepLoss, Task};
 use metrics::{Confusion, accuracy_by_length_diff, auroc, choose_threshold, mean_std, pearson, spearman};
 
@@ -451,12 +451,25 @@ impl Task for RewardTask {
     }
 }
 
-/// Scores `[rows, num_labels]` at each row's last token. Rows are right-padded with `pad`.
+/// Scores `[rows, num_labels]` at each row's last token. Short rows are packed together up to
+/// the longest one's length (each sees only itself), so a batch of mixed lengths runs fewer
+/// rows than padding each to the longest; the rest are right-padded with `pad`.
 pub fn score_rows(model: &Decoder, rows: &[&[u32]], pad: u32) -> Result<Tensor> {
-    let ids = pad_right(rows, pad, model.device())?;
-    let hidden = model.forward(&ids, ForwardOptions::default(), None)?;
-    let last: Vec<usize> = rows.iter().map(|r| r.len().max(1) - 1).collect();
-    let picked = gather_positions(&hidden, &last)?;
+    let lengths: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+    let longest = lengths.iter().copied().max().unwrap_or(0);
+    let packed = pack(&lengths, longest);
+    if lengths.contains(&0) || packed.len() == rows.len() {
+        let ids = pad_right(rows, pad, model.device())?;
+        let hidden = model.forward(&ids, ForwardOptions::default(), None)?;
+        let last: Vec<usize> = rows.iter().map(|r| r.len().max(1) - 1).collect();
+        let picked = gather_positions(&hidden, &last)?;
+        return Ok(model.class_scores(&picked.unsqueeze(1)?)?.squeeze(1)?);
+    }
+    let batch = PackedRows::build(rows, &packed, pad, model.device())?;
+    let options = ForwardOptions { attention_mask: None, position_ids: batch.position_ids.as_ref(), segment_ids: batch.segment_ids.as_ref() };
+    let hidden = model.forward(&batch.input_ids, options, None)?;
+    let last: Vec<(usize, usize)> = batch.places.iter().zip(&lengths).map(|(&(row, start), &len)| (row, start + len - 1)).collect();
+    let picked = gather_places(&hidden, &last)?;
     Ok(model.class_scores(&picked.unsqueeze(1)?)?.squeeze(1)?)
 }
 
