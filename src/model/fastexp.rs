@@ -35,6 +35,7 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// Σ `values`, in eight interleaved partial sums the compiler keeps in one vector register.
+#[inline(always)]
 pub fn sum(values: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = values.chunks_exact(8);
@@ -48,6 +49,7 @@ pub fn sum(values: &[f32]) -> f32 {
 }
 
 /// `out[i] = e^(x[i] − shift)`.
+#[inline(always)]
 pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = exp(v - shift);
@@ -55,6 +57,7 @@ pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) {
 }
 
 /// `values[i] = e^(values[i] − shift)`.
+#[inline(always)]
 pub fn exp_shifted_in_place(values: &mut [f32], shift: f32) {
     for v in values.iter_mut() {
         *v = exp(*v - shift);
@@ -62,6 +65,7 @@ pub fn exp_shifted_in_place(values: &mut [f32], shift: f32) {
 }
 
 /// Σ e^(x[i] − shift), without a buffer the size of `x`.
+#[inline(always)]
 pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
     let mut buffer = [0f32; 256];
     x.chunks(buffer.len())

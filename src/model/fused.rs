@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Re
 use rayon::prelude::*;
 
 use super::family::Activation;
-use super::fastexp;
+use super::{fastexp, simd};
 
 /// Fused kernels run on CPU f32 tensors; other devices use the composite ops.
 pub fn supported(t: &Tensor) -> bool {
@@ -63,6 +63,7 @@ struct AttentionSoftmax {
     mask_batches: usize,
 }
 
+#[inline(always)]
 pub(super) fn softmax_row(x: &[f32], mask: Option<&[f32]>, scale: f32, y: &mut [f32]) {
     let mut max = f32::NEG_INFINITY;
     for (j, (yj, &xj)) in y.iter_mut().zip(x).enumerate() {
@@ -75,6 +76,7 @@ pub(super) fn softmax_row(x: &[f32], mask: Option<&[f32]>, scale: f32, y: &mut [
 }
 
 /// `dx = scale · y ⊙ (dy − Σ dy⊙y)`
+#[inline(always)]
 fn softmax_row_backward(y: &[f32], dy: &[f32], scale: f32, dx: &mut [f32]) {
     let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
     for ((dxj, &yj), &dyj) in dx.iter_mut().zip(y).zip(dy) {
@@ -89,7 +91,7 @@ impl AttentionSoftmax {
         y.par_chunks_mut(keys * per_task)
             .zip(x.par_chunks(keys * per_task))
             .enumerate()
-            .for_each(|(task, (y, x))| {
+            .for_each(|(task, (y, x))| simd::widest!({
                 for (i, (y, x)) in y.chunks_mut(keys).zip(x.chunks(keys)).enumerate() {
                     let row = task * per_task + i;
                     let mask_row = mask.map(|m| {
@@ -99,7 +101,7 @@ impl AttentionSoftmax {
                     });
                     softmax_row(x, mask_row, self.scale, y);
                 }
-            });
+            }));
         y
     }
 
@@ -111,11 +113,11 @@ impl AttentionSoftmax {
                 let per_task = rows_per_task(keys);
                 dx.par_chunks_mut(keys * per_task)
                     .zip(y.par_chunks(keys * per_task).zip(dy.par_chunks(keys * per_task)))
-                    .for_each(|(dx, (y, dy))| {
+                    .for_each(|(dx, (y, dy))| simd::widest!({
                         for ((dx, y), dy) in dx.chunks_mut(keys).zip(y.chunks(keys)).zip(dy.chunks(keys)) {
                             softmax_row_backward(y, dy, self.scale, dx);
                         }
-                    });
+                    }));
                 tensor(dx, res.shape(), res)
             })
         })
@@ -190,6 +192,7 @@ pub const IGNORE_INDEX: u32 = u32::MAX;
 /// Per-row cross-entropy `logsumexp(logits) − logits[target]` for logits `[N, V]`.
 struct CrossEntropy;
 
+#[inline(always)]
 fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     max + fastexp::sum_exp_shifted(row, max).ln()
@@ -213,7 +216,7 @@ impl CustomOp2 for CrossEntropy {
                 let Some(&picked) = row.get(target as usize) else {
                     bail!("cross-entropy: target {target} outside a vocabulary of {vocab}")
                 };
-                *loss = log_sum_exp(row) - picked;
+                *loss = simd::widest!({ log_sum_exp(row) }) - picked;
                 Ok(())
             },
         )?;
@@ -235,10 +238,12 @@ impl CustomOp2 for CrossEntropy {
                         if target == IGNORE_INDEX {
                             return;
                         }
-                        let lse = log_sum_exp(row);
-                        for (dj, &xj) in d.iter_mut().zip(row) {
-                            *dj = fastexp::exp(xj - lse) * scale;
-                        }
+                        simd::widest!({
+                            let lse = log_sum_exp(row);
+                            for (dj, &xj) in d.iter_mut().zip(row) {
+                                *dj = fastexp::exp(xj - lse) * scale;
+                            }
+                        });
                         d[target as usize] -= scale;
                     });
                 tensor(dlogits, logits.shape(), logits)
@@ -261,6 +266,7 @@ struct RmsNorm {
     eps: f32,
 }
 
+#[inline(always)]
 fn inverse_rms(row: &[f32], eps: f32) -> f32 {
     let mean_square = row.iter().map(|x| x * x).sum::<f32>() / row.len() as f32;
     1.0 / (mean_square + eps).sqrt()
@@ -277,14 +283,14 @@ impl CustomOp2 for RmsNorm {
         let d = w.len();
         let mut y = vec![0f32; x.len()];
         let per_task = rows_per_task(d);
-        y.par_chunks_mut(d * per_task).zip(x.par_chunks(d * per_task)).for_each(|(y, x)| {
+        y.par_chunks_mut(d * per_task).zip(x.par_chunks(d * per_task)).for_each(|(y, x)| simd::widest!({
             for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
                 let r = inverse_rms(x, self.eps);
                 for ((yj, &xj), &wj) in y.iter_mut().zip(x).zip(w) {
                     *yj = xj * r * wj;
                 }
             }
-        });
+        }));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -301,7 +307,7 @@ impl CustomOp2 for RmsNorm {
                     let partials: Vec<Vec<f32>> = dx
                         .par_chunks_mut(d * rows_per_chunk)
                         .zip(x.par_chunks(d * rows_per_chunk).zip(dy.par_chunks(d * rows_per_chunk)))
-                        .map(|(dx, (x, dy))| {
+                        .map(|(dx, (x, dy))| simd::widest!({
                             let mut dw = vec![0f32; d];
                             for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
                                 let r = inverse_rms(x, self.eps);
@@ -314,7 +320,7 @@ impl CustomOp2 for RmsNorm {
                                 }
                             }
                             dw
-                        })
+                        }))
                         .collect();
                     let mut dw = vec![0f32; d];
                     for partial in partials {
@@ -367,6 +373,7 @@ impl RopeShape {
 
 /// y1 = x1·c1 − x2·s1, y2 = x2·c2 + x1·s2 (halves of the rotary part of one head vector);
 /// the dimensions past the tables pass through.
+#[inline(always)]
 fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
     let half = cos.len() / 2;
     for j in 0..half {
@@ -377,6 +384,7 @@ fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
 }
 
 /// The transpose of [`rope_row`]: dx1 = dy1·c1 + dy2·s2, dx2 = dy2·c2 − dy1·s1.
+#[inline(always)]
 fn rope_row_backward(dy: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
     let half = cos.len() / 2;
     for j in 0..half {
@@ -407,11 +415,13 @@ impl CustomOp3 for Rope {
         // decoding step's one-row blocks together: waking a thread costs more).
         y.par_chunks_mut(s.t * s.d).enumerate().with_min_len(rows_per_task(s.t * s.d)).for_each(|(bh, block)| {
             let (b, h) = (bh / s.h, bh % s.h);
-            for (t, out) in block.chunks_mut(s.d).enumerate() {
-                let at = ((b * s.t + t) * s.h + h) * s.d;
-                let table = s.table_row(b, t);
-                rope_row(&x[at..at + s.d], &cos[table..table + s.r], &sin[table..table + s.r], out);
-            }
+            simd::widest!({
+                for (t, out) in block.chunks_mut(s.d).enumerate() {
+                    let at = ((b * s.t + t) * s.h + h) * s.d;
+                    let table = s.table_row(b, t);
+                    rope_row(&x[at..at + s.d], &cos[table..table + s.r], &sin[table..table + s.r], out);
+                }
+            })
         });
         Ok((CpuStorage::F32(y), Shape::from((s.b, s.h, s.t, s.d))))
     }
@@ -433,10 +443,12 @@ impl CustomOp3 for Rope {
                     dx.par_chunks_mut(s.h * s.d).enumerate().with_min_len(rows_per_task(s.h * s.d)).for_each(|(bt, row)| {
                         let (b, t) = (bt / s.t, bt % s.t);
                         let table = s.table_row(b, t);
-                        for (h, out) in row.chunks_mut(s.d).enumerate() {
-                            let at = ((b * s.h + h) * s.t + t) * s.d;
-                            rope_row_backward(&dy[at..at + s.d], &cos[table..table + s.r], &sin[table..table + s.r], out);
-                        }
+                        simd::widest!({
+                            for (h, out) in row.chunks_mut(s.d).enumerate() {
+                                let at = ((b * s.h + h) * s.t + t) * s.d;
+                                rope_row_backward(&dy[at..at + s.d], &cos[table..table + s.r], &sin[table..table + s.r], out);
+                            }
+                        })
                     });
                     tensor(dx, x.shape(), x)
                 })
@@ -507,9 +519,11 @@ impl CustomOp2 for Gated {
         }
         let mut y = vec![0f32; gate.len()];
         y.par_chunks_mut(16_384).zip(gate.par_chunks(16_384).zip(up.par_chunks(16_384))).for_each(|(y, (g, u))| {
-            for ((yj, &gj), &uj) in y.iter_mut().zip(g).zip(u) {
-                *yj = self.value(gj) * uj;
-            }
+            simd::widest!({
+                for ((yj, &gj), &uj) in y.iter_mut().zip(g).zip(u) {
+                    *yj = self.value(gj) * uj;
+                }
+            })
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -526,9 +540,11 @@ impl CustomOp2 for Gated {
                         .zip(dup.par_chunks_mut(16_384))
                         .zip(g.par_chunks(16_384).zip(u.par_chunks(16_384)).zip(dy.par_chunks(16_384)))
                         .for_each(|((dg, du), ((g, u), dy))| {
-                            for j in 0..g.len() {
-                                (dg[j], du[j]) = self.backward(g[j], u[j], dy[j]);
-                            }
+                            simd::widest!({
+                                for ((dg, du), ((&g, &u), &dy)) in dg.iter_mut().zip(du.iter_mut()).zip(g.iter().zip(u).zip(dy)) {
+                                    (*dg, *du) = self.backward(g, u, dy);
+                                }
+                            })
                         });
                     Ok((dgate, dup))
                 })
@@ -695,16 +711,18 @@ impl LinearCrossEntropy {
                 row.fill(0.0);
                 return;
             }
-            let lse = log_sum_exp(row);
-            let target = target as usize;
-            for (j, c) in row.iter_mut().enumerate() {
-                let dc = (fastexp::exp(*c - lse) - if j == target { 1.0 } else { 0.0 }) * scale;
-                // Under a soft-cap `c = cap·tanh(z / cap)`: dc/dz = 1 − (c / cap)².
-                *c = match self.softcap {
-                    Some(cap) => dc * (1.0 - (*c / cap) * (*c / cap)),
-                    None => dc,
-                };
-            }
+            simd::widest!({
+                let lse = log_sum_exp(row);
+                let target = target as usize;
+                for (j, c) in row.iter_mut().enumerate() {
+                    let dc = (fastexp::exp(*c - lse) - if j == target { 1.0 } else { 0.0 }) * scale;
+                    // Under a soft-cap `c = cap·tanh(z / cap)`: dc/dz = 1 − (c / cap)².
+                    *c = match self.softcap {
+                        Some(cap) => dc * (1.0 - (*c / cap) * (*c / cap)),
+                        None => dc,
+                    };
+                }
+            })
         });
         let dz = Strided { ptr: logits.as_ptr(), rows: targets.len(), cols: vocab, row_stride: vocab as isize, col_stride: 1 };
         gemm_into(dx, dz, w_t.t(), false);
@@ -734,7 +752,7 @@ impl CustomOp2 for LinearCrossEntropy {
                 let (argmax, _) = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (j, &z)| if z > best.1 { (j, z) } else { best });
                 o[1] = argmax as f32;
                 if target != IGNORE_INDEX {
-                    o[0] = log_sum_exp(row) - row[target as usize];
+                    o[0] = simd::widest!({ log_sum_exp(row) }) - row[target as usize];
                 }
             });
             if self.unit_input_grad.is_some() {

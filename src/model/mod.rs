@@ -12,6 +12,7 @@ pub mod fastexp;
 pub mod ops;
 pub mod recompute;
 pub mod rope;
+pub mod simd;
 pub mod decode;
 pub mod weights;
 

@@ -118,13 +118,13 @@ impl Update {
         let (b1, b2) = (self.config.beta1 as f32, self.config.beta2 as f32);
         let keep = (1.0 - self.lr * self.decay) as f32;
         let (step_size, bias2_sqrt, eps) = (self.step_size as f32, self.bias2_sqrt as f32, self.config.eps as f32);
-        m.exp_avg.inplace_op2(&grad, &InPlace(move |avg: &mut f32, [g]: [f32; 1]| *avg += (g - *avg) * (1.0 - b1)))?;
+        m.exp_avg.inplace_op2(&grad, &InPlace(#[inline(always)] move |avg: &mut f32, [g]: [f32; 1]| *avg += (g - *avg) * (1.0 - b1)))?;
         m.exp_avg_sq
-            .inplace_op2(&grad, &InPlace(move |sq: &mut f32, [g]: [f32; 1]| *sq = *sq * b2 + (1.0 - b2) * g * g))?;
+            .inplace_op2(&grad, &InPlace(#[inline(always)] move |sq: &mut f32, [g]: [f32; 1]| *sq = *sq * b2 + (1.0 - b2) * g * g))?;
         param.inplace_op3(
             &m.exp_avg,
             &m.exp_avg_sq,
-            &InPlace(move |p: &mut f32, [avg, sq]: [f32; 2]| {
+            &InPlace(#[inline(always)] move |p: &mut f32, [avg, sq]: [f32; 2]| {
                 let denom = sq.sqrt() / bias2_sqrt + eps;
                 *p *= keep;
                 *p -= step_size * avg / denom;
@@ -177,9 +177,12 @@ fn update_each<const N: usize>(
     }
     dst.par_chunks_mut(IN_PLACE_CHUNK).enumerate().for_each(|(chunk, values)| {
         let offset = chunk * IN_PLACE_CHUNK;
-        for (i, value) in values.iter_mut().enumerate() {
-            f(value, std::array::from_fn(|s| slices[s][offset + i]));
-        }
+        let sources: [&[f32]; N] = std::array::from_fn(|s| &slices[s][offset..offset + values.len()]);
+        crate::model::simd::widest!({
+            for (i, value) in values.iter_mut().enumerate() {
+                f(value, std::array::from_fn(|s| sources[s][i]));
+            }
+        })
     });
     Ok(())
 }
