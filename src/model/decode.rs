@@ -7,6 +7,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use super::simd;
+
 /// Query rows per KV head (the group's heads × new tokens) up to which [`attention`] runs;
 /// a prompt's prefill goes to the batched matmuls.
 pub const MAX_QUERY_ROWS: usize = 16;
@@ -101,11 +103,13 @@ impl CustomOp3 for CachedAttention {
             mask: self.mask.as_deref(),
         };
         let tasks = b * kv_heads;
-        let simd = Simd::detect();
+        let group = |index: usize| {
+            simd::widest!({ if simd::has_fma() { problem.group::<true>(index) } else { problem.group::<false>(index) } })
+        };
         let parts: Vec<Vec<f32>> = if tasks > 1 && b * heads * t * keys * d >= SERIAL_ATTENTION {
-            (0..tasks).into_par_iter().map(|index| simd.group(&problem, index)).collect()
+            (0..tasks).into_par_iter().map(group).collect()
         } else {
-            (0..tasks).map(|index| simd.group(&problem, index)).collect()
+            (0..tasks).map(group).collect()
         };
         let groups = heads / kv_heads;
         let mut y = vec![0f32; b * t * heads * d];
@@ -166,54 +170,6 @@ impl Problem<'_> {
         }
         out
     }
-}
-
-/// The instruction set the kernel runs with, chosen at run time (the build targets plain x86-64).
-#[derive(Clone, Copy)]
-enum Simd {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
-}
-
-impl Simd {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
-                return Simd::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                return Simd::Avx2;
-            }
-        }
-        Simd::Portable
-    }
-
-    fn group(self, problem: &Problem, index: usize) -> Vec<f32> {
-        match self {
-            // SAFETY: `detect` saw the features these functions are compiled for.
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => unsafe { group_avx512(problem, index) },
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { group_avx2(problem, index) },
-            Simd::Portable => problem.group::<false>(index),
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-fn group_avx512(problem: &Problem, index: usize) -> Vec<f32> {
-    problem.group::<true>(index)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn group_avx2(problem: &Problem, index: usize) -> Vec<f32> {
-    problem.group::<true>(index)
 }
 
 /// `a·b + c`, fused where the instruction set has it (elsewhere `mul_add` is a libm call).
