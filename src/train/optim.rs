@@ -179,8 +179,12 @@ fn update_each<const N: usize>(
         let offset = chunk * IN_PLACE_CHUNK;
         let sources: [&[f32]; N] = std::array::from_fn(|s| &slices[s][offset..offset + values.len()]);
         crate::model::simd::widest!({
+            // A local copy: the compiler need not reload the slices after every store.
+            let sources = sources;
             for (i, value) in values.iter_mut().enumerate() {
-                f(value, std::array::from_fn(|s| sources[s][i]));
+                // SAFETY: every source was cut to `values.len()` elements just above; without
+                // the bounds checks the loop vectorises.
+                f(value, std::array::from_fn(|s| unsafe { *sources[s].get_unchecked(i) }));
             }
         })
     });
