@@ -1483,7 +1483,9 @@ impl Map2 for MatMul {
         // lathe: below about 4M multiply-adds (decoding's few rows) waking a second thread and
         // splitting the tiles costs more than the thread gives back.
         const PARALLEL_MATMUL_MACS: usize = 1 << 22;
-        let parallelism = if num_threads > 1 && b * m * n * k >= PARALLEL_MATMUL_MACS {
+        // A one-row product streams its weight from memory: a large one goes faster on two cores.
+        const PARALLEL_MATMUL_WEIGHT: usize = 1 << 18;
+        let parallelism = if num_threads > 1 && (b * m * n * k >= PARALLEL_MATMUL_MACS || (m <= 8 && k * n >= PARALLEL_MATMUL_WEIGHT)) {
             Parallelism::Rayon(num_threads)
         } else {
             Parallelism::None
