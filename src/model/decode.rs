@@ -103,9 +103,7 @@ impl CustomOp3 for CachedAttention {
             mask: self.mask.as_deref(),
         };
         let tasks = b * kv_heads;
-        let group = |index: usize| {
-            simd::widest!({ if simd::has_fma() { problem.group::<true>(index) } else { problem.group::<false>(index) } })
-        };
+        let group = |index: usize| simd::widest!({ problem.group(index) });
         let parts: Vec<Vec<f32>> = if tasks > 1 && b * heads * t * keys * d >= SERIAL_ATTENTION {
             (0..tasks).into_par_iter().map(group).collect()
         } else {
@@ -145,7 +143,7 @@ impl Problem<'_> {
     /// The outputs `[groups · T, D]` of the query heads that share KV head `index % kv_heads`
     /// of sequence `index / kv_heads`.
     #[inline(always)]
-    fn group<const FMA: bool>(&self, index: usize) -> Vec<f32> {
+    fn group(&self, index: usize) -> Vec<f32> {
         let (batch, kv) = (index / self.kv_heads, index % self.kv_heads);
         let (t, d, keys) = (self.t, self.d, self.keys);
         let groups = self.heads / self.kv_heads;
@@ -156,7 +154,7 @@ impl Problem<'_> {
             let (head, token) = (kv * groups + row / t, row % t);
             let query = &self.q[((batch * self.heads + head) * t + token) * d..][..d];
             for (j, score) in scores.iter_mut().enumerate() {
-                *score = dot::<FMA>(query, &self.k[self.k_rows.at(batch, kv, j)..][..d]);
+                *score = simd::dot(query, &self.k[self.k_rows.at(batch, kv, j)..][..d]);
             }
             let mask = self.mask.map(|m| {
                 let mask_batch = if m.len() == t * keys { 0 } else { batch };
@@ -165,32 +163,11 @@ impl Problem<'_> {
             super::fused::softmax_row(&scores, mask, self.scale, &mut probs);
             for (j, &p) in probs.iter().enumerate() {
                 let value = &self.v[self.v_rows.at(batch, kv, j)..][..d];
-                out.iter_mut().zip(value).for_each(|(o, &x)| *o = fma::<FMA>(p, x, *o));
+                out.iter_mut().zip(value).for_each(|(o, &x)| *o += p * x);
             }
         }
         out
     }
-}
-
-/// `a·b + c`, fused where the instruction set has it (elsewhere `mul_add` is a libm call).
-#[inline(always)]
-fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA { a.mul_add(b, c) } else { a * b + c }
-}
-
-/// `Σ a·b` in sixteen running lanes (one AVX-512 register), added up in a fixed order.
-#[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut lanes = [0f32; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for l in 0..LANES {
-            lanes[l] = fma::<FMA>(x[l], y[l], lanes[l]);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -35,11 +35,6 @@ pub fn level() -> Level {
     })
 }
 
-/// Whether `f32::mul_add` is one instruction (elsewhere it is a call into libm).
-pub fn has_fma() -> bool {
-    level() != Level::Baseline
-}
-
 /// Evaluate a block inside a function compiled for [`level`]: `widest!({ loop… })`. Use it
 /// inside a parallel task, not around one (a closure rayon runs on another thread is compiled
 /// on its own). A macro rather than a function taking a closure: each copy of the block is its

@@ -36,6 +36,27 @@ fn scores_and_bradley_terry_loss_match_transformers() {
 }
 
 #[test]
+fn packed_rows_score_as_each_row_alone() {
+    let folder = ModelFolder::open(fixture().join("reward-model").to_str().unwrap()).unwrap();
+    let (model, _) = folder.load_model(&Device::Cpu).unwrap();
+    let pad = folder.config.pad_token_id.unwrap();
+    // One long row and short ones that fit two or three to a row of its length.
+    let rows: Vec<Vec<u32>> = [12usize, 3, 5, 4, 7, 2, 9]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| (0..len as u32).map(|j| 5 + (i as u32 * 7 + j * 3) % 40).collect())
+        .collect();
+    let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
+    assert!(pack(&lengths, 12).len() < rows.len(), "the rows pack");
+    let together: Vec<f32> = score_rows(&model, &refs, pad).unwrap().squeeze(1).unwrap().to_vec1().unwrap();
+    for (i, row) in refs.iter().enumerate() {
+        let alone: Vec<f32> = score_rows(&model, std::slice::from_ref(row), pad).unwrap().squeeze(1).unwrap().to_vec1().unwrap();
+        assert!((together[i] - alone[0]).abs() <= 1e-5, "row {i}: {} packed vs {} alone", together[i], alone[0]);
+    }
+}
+
+#[test]
 fn scoring_format_appends_eos_and_keeps_the_end() {
     let folder = ModelFolder::open(fixture().join("reward-model").to_str().unwrap()).unwrap();
     let tokenizer = folder.load_tokenizer().unwrap();
