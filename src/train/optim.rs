@@ -179,12 +179,12 @@ fn update_each<const N: usize>(
         let offset = chunk * IN_PLACE_CHUNK;
         let sources: [&[f32]; N] = std::array::from_fn(|s| &slices[s][offset..offset + values.len()]);
         crate::model::simd::widest!({
-            // A local copy: the compiler need not reload the slices after every store.
-            let sources = sources;
+            // A copy local to the compiled copy: the slices need not be reloaded after every store.
+            let local: [&[f32]; N] = sources;
             for (i, value) in values.iter_mut().enumerate() {
                 // SAFETY: every source was cut to `values.len()` elements just above; without
                 // the bounds checks the loop vectorises.
-                f(value, std::array::from_fn(|s| unsafe { *sources[s].get_unchecked(i) }));
+                f(value, std::array::from_fn(|s| unsafe { *local[s].get_unchecked(i) }));
             }
         })
     });
