@@ -19,7 +19,7 @@ use crate::data::records::{Prompt, PromptRecord, Record, ResponseRecord};
 use crate::data::{ColumnMap, Kind, Message, ParquetSink, ParquetSource, meta};
 use crate::data::parquet_io::lathe_metadata;
 use crate::error::{Result, bad_input, usage};
-use crate::model::{ChatTemplate, ForwardOptions, KvCache, Decoder, ModelFolder, fastexp};
+use crate::model::{ChatTemplate, ForwardOptions, KvCache, Decoder, ModelFolder, fastexp, simd};
 use crate::output;
 use crate::progress::{Progress, Unit};
 use crate::tokenizer::LoadedTokenizer;
@@ -45,6 +45,9 @@ impl Sampling {
             return argmax(logits);
         }
         let inverse_t = 1.0 / self.temperature as f32;
+        if self.top_k == 0 && self.top_p >= 1.0 {
+            return sample_all(logits, inverse_t, rng);
+        }
         let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inverse_t)).collect();
         if self.top_k > 0 && self.top_k < candidates.len() {
             // The k-th largest value in linear time; ties with it are kept, as transformers does.
@@ -83,21 +86,46 @@ impl Sampling {
     }
 }
 
-fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
+/// A draw from `softmax(logits / t)` over the whole vocabulary, in the order of the ids.
+fn sample_all(logits: &[f32], inverse_t: f32, rng: &mut StdRng) -> u32 {
+    let mut weights: Vec<f32> = logits.iter().map(|&l| l * inverse_t).collect();
+    let total = simd::widest!({
+        let max = simd::max(&weights);
+        fastexp::exp_shifted_in_place(&mut weights, max);
+        fastexp::sum(&weights)
+    });
+    let mut draw = rng.random::<f32>() * total;
+    for (id, &weight) in weights.iter().enumerate() {
+        if draw < weight {
+            return id as u32;
         }
+        draw -= weight;
     }
-    best as u32
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32
 }
 
-/// `log softmax(logits)[token]`: f32 exponentials, summed in f64.
+/// The first index of the largest value (0 when there is none but NaN).
+fn argmax(values: &[f32]) -> u32 {
+    let max = simd::widest!({ simd::max(values) });
+    values.iter().position(|&v| v == max).unwrap_or(0) as u32
+}
+
+/// `log softmax(logits)[token]`: f32 exponentials, summed in f64 (in lanes of 16, the
+/// order fixed whatever the vector width).
 fn log_prob(logits: &[f32], token: u32) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| fastexp::exp(l - max) as f64).sum();
-    (logits[token as usize] - max) as f64 - sum.ln()
+    simd::widest!({
+        let max = simd::max(logits);
+        let mut lanes = [0f64; 16];
+        let chunks = logits.chunks_exact(16);
+        let tail: f64 = chunks.remainder().iter().map(|&l| fastexp::exp(l - max) as f64).sum();
+        for chunk in chunks {
+            for (lane, &l) in lanes.iter_mut().zip(chunk) {
+                *lane += fastexp::exp(l - max) as f64;
+            }
+        }
+        let sum = lanes.iter().sum::<f64>() + tail;
+        (logits[token as usize] - max) as f64 - sum.ln()
+    })
 }
 
 /// The random stream of one (prompt, sample): independent of batching.

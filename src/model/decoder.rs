@@ -710,9 +710,12 @@ fn project(hidden: &Tensor, weight_t: &Tensor, frozen: bool) -> Result<Tensor> {
     frozen_or_matmul(&hidden.reshape((b * t, h))?, weight_t, frozen)?.reshape((b, t, weight_t.dim(1)?))
 }
 
-/// `x Wᵀ`; for a frozen weight that `x` needs a gradient through, without one for the weight.
+/// `x Wᵀ`; for a frozen weight that `x` needs a gradient through, without one for the weight;
+/// for a decoding step's few rows, by the kernel made for them.
 fn frozen_or_matmul(x: &Tensor, weight_t: &Tensor, frozen: bool) -> Result<Tensor> {
-    if frozen && x.track_op() && super::fused::supported(x) && super::fused::supported(weight_t) {
+    if super::few_rows::applies(x, weight_t) {
+        super::few_rows::product(x, weight_t)
+    } else if frozen && x.track_op() && super::fused::supported(x) && super::fused::supported(weight_t) {
         super::fused::frozen_matmul(x, weight_t)
     } else {
         x.matmul(weight_t)

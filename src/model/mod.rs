@@ -14,6 +14,7 @@ pub mod recompute;
 pub mod rope;
 pub mod simd;
 pub mod decode;
+pub mod few_rows;
 pub mod weights;
 
 pub use chat::ChatTemplate;
