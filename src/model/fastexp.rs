@@ -67,14 +67,16 @@ pub fn exp_shifted_in_place(values: &mut [f32], shift: f32) {
 /// Σ e^(x[i] − shift), without a buffer the size of `x`.
 #[inline(always)]
 pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
+    // A plain loop, not an iterator's `map(…).sum()`: that fold is a function of its own,
+    // which is not inlined into the caller's wider instructions (`simd::widest!`).
     let mut buffer = [0f32; 256];
-    x.chunks(buffer.len())
-        .map(|chunk| {
-            let out = &mut buffer[..chunk.len()];
-            exp_shifted(chunk, shift, out);
-            sum(out)
-        })
-        .sum()
+    let mut total = 0f32;
+    for chunk in x.chunks(buffer.len()) {
+        let out = &mut buffer[..chunk.len()];
+        exp_shifted(chunk, shift, out);
+        total += sum(out);
+    }
+    total
 }
 
 #[cfg(test)]
