@@ -147,12 +147,36 @@ impl Projections {
                 linear: Linear::load(params, &format!("{prefix}.{name}"), bias)?,
                 sizes: sizes.to_vec(),
             }),
-            None => names
-                .iter()
-                .map(|name| Linear::load(params, &format!("{prefix}.{name}"), bias))
-                .collect::<Result<Vec<_>>>()
-                .map(Projections::Separate),
+            None => {
+                let layers = names
+                    .iter()
+                    .map(|name| Linear::load(params, &format!("{prefix}.{name}"), bias))
+                    .collect::<Result<Vec<_>>>()?;
+                match params.mode {
+                    Mode::Inference => Self::joined(layers, sizes),
+                    _ => Ok(Projections::Separate(layers)),
+                }
+            }
         }
+    }
+
+    /// For inference, separate projections as one product of their weights side by side
+    /// (`[in, q + k + v]`, `[in, 2 · intermediate]`): a decoding step makes one call instead
+    /// of three or two, large enough to share between the cores. Not with LoRA pairs, which
+    /// act on each layer alone.
+    fn joined(layers: Vec<Linear>, sizes: &[usize]) -> Result<Self> {
+        if layers.len() < 2 || layers.iter().any(|l| l.lora.is_some()) {
+            return Ok(Projections::Separate(layers));
+        }
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight_t).collect();
+        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
+        let linear = Linear {
+            weight_t: Tensor::cat(&weights, 1)?,
+            bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
+            lora: None,
+            frozen: false,
+        };
+        Ok(Projections::Fused { linear, sizes: sizes.to_vec() })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
