@@ -77,18 +77,34 @@ def prepare(threads):
     return tokenizer, tokens
 
 
-def example_figure(name, threads, key):
-    """Run examples/NAME.rs (one JSON line), print its line and return its `key`."""
+def example_figure(name, threads, key, **extra):
+    """Run examples/NAME.rs (one JSON line), print its line (with `extra`) and return its `key`."""
     out = subprocess.run([os.path.join(ROOT, "target", "release", "examples", name), str(threads)],
                          capture_output=True, check=True, text=True)
     record = json.loads(out.stdout)
+    record.update(extra)
     emit(record)
     return record[key]
 
 
+def cpu_model():
+    """The CPU as /proc/cpuinfo names it ("AMD EPYC family 25 model 17"), so that sittings on
+    different hosts can be told apart: on family 25 (Zen 4, whose AVX-512 runs on 256-bit units)
+    gemm's peak was 197 GFLOP/s on 2 cores, about MKL's; other sittings, whose CPU was not
+    recorded, reached 405-441."""
+    fields = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return None
+    return f"{fields.get('model name', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+
+
 def bench_peak(threads):
     """The sitting's f32 matmul peak on the bench-tiny step's shapes (examples/matmul_peak.rs)."""
-    return example_figure("matmul_peak", threads, "gflops")
+    return example_figure("matmul_peak", threads, "gflops", cpu=cpu_model())
 
 
 def bench_tiny_step_gflop():
