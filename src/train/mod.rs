@@ -29,7 +29,7 @@ use crate::output::write_atomic;
 use crate::progress::{self, Progress, Unit};
 use checkpoint::{BestEval, Checkpoints, TrainerState};
 use guard::{OutlierGuard, Verdict};
-use optim::{AdamW, AdamWConfig, Grads, clip_grad_norm};
+use optim::{AdamW, AdamWConfig, Grads, clip_coefficient, grad_norm};
 use schedule::{Schedule, ScheduleKind};
 
 /// Flags every training stage shares.
@@ -346,7 +346,7 @@ pub fn train<T: Task>(task: &mut T, args: &TrainArgs, setup: &RunSetup) -> Resul
         // A signal inside a long accumulation stops it: the step is abandoned and the data
         // goes back to where the step began, so the checkpoint resumes exactly.
         let data_before = (args.grad_accum > 1).then(|| task.data_state());
-        let Some((loss, tokens, mut grads, extra)) = accumulate(task, args.grad_accum)? else {
+        let Some((loss, tokens, grads, extra)) = accumulate(task, args.grad_accum)? else {
             if let Some(before) = &data_before {
                 task.restore_data_state(before)?;
             }
@@ -357,13 +357,13 @@ pub fn train<T: Task>(task: &mut T, args: &TrainArgs, setup: &RunSetup) -> Resul
             return Err(non_finite(&checkpoints, state.step + 1, "loss", loss));
         }
         let grad_clip = (args.grad_clip > 0.0).then_some(args.grad_clip);
-        let grad_norm = clip_grad_norm(&mut grads, grad_clip)?;
+        let grad_norm = grad_norm(&grads)?;
         if !grad_norm.is_finite() {
             return Err(non_finite(&checkpoints, state.step + 1, "gradient norm", grad_norm));
         }
         let verdict = state.guard.judge(loss, grad_norm, args.skip_outliers, args.outlier_window);
         if verdict == Verdict::Keep {
-            optimizer.step(task.params(), &grads, lr)?;
+            optimizer.step(task.params(), &grads, clip_coefficient(grad_norm, grad_clip), lr)?;
         }
         drop(grads);
         state.step += 1;

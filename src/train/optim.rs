@@ -44,8 +44,9 @@ impl AdamW {
         self.steps
     }
 
-    /// One update of every parameter that has a gradient, at learning rate `lr`.
-    pub fn step(&mut self, params: &Params, grads: &Grads, lr: f64) -> Result<()> {
+    /// One update of every parameter that has a gradient times `grad_scale` (gradient
+    /// clipping's [`clip_coefficient`]), at learning rate `lr`.
+    pub fn step(&mut self, params: &Params, grads: &Grads, grad_scale: f64, lr: f64) -> Result<()> {
         self.steps += 1;
         let c = self.config;
         let bias1 = 1.0 - c.beta1.powi(self.steps as i32);
@@ -58,7 +59,7 @@ impl AdamW {
                 Some(m) => m,
                 None => Moments { exp_avg: param.zeros_like()?, exp_avg_sq: param.zeros_like()? },
             };
-            let update = Update { lr, decay, step_size: lr / bias1, bias2_sqrt, config: c };
+            let update = Update { lr, decay, step_size: lr / bias1, bias2_sqrt, grad_scale, config: c };
             let moments = if param.device().is_cpu() && param.dtype() == DType::F32 && param.is_contiguous() {
                 update.in_place(param, grad, &moments)?;
                 moments
@@ -107,6 +108,7 @@ struct Update {
     decay: f64,
     step_size: f64,
     bias2_sqrt: f64,
+    grad_scale: f64,
     config: AdamWConfig,
 }
 
@@ -118,9 +120,16 @@ impl Update {
         let (b1, b2) = (self.config.beta1 as f32, self.config.beta2 as f32);
         let keep = (1.0 - self.lr * self.decay) as f32;
         let (step_size, bias2_sqrt, eps) = (self.step_size as f32, self.bias2_sqrt as f32, self.config.eps as f32);
-        m.exp_avg.inplace_op2(&grad, &InPlace(#[inline(always)] move |avg: &mut f32, [g]: [f32; 1]| *avg += (g - *avg) * (1.0 - b1)))?;
-        m.exp_avg_sq
-            .inplace_op2(&grad, &InPlace(#[inline(always)] move |sq: &mut f32, [g]: [f32; 1]| *sq = *sq * b2 + (1.0 - b2) * g * g))?;
+        // The clipped gradient, as `g · coefficient` in f32 (what scaling the tensor gave).
+        let scale = self.grad_scale as f32;
+        m.exp_avg.inplace_op2(&grad, &InPlace(#[inline(always)] move |avg: &mut f32, [g]: [f32; 1]| *avg += (g * scale - *avg) * (1.0 - b1)))?;
+        m.exp_avg_sq.inplace_op2(
+            &grad,
+            &InPlace(#[inline(always)] move |sq: &mut f32, [g]: [f32; 1]| {
+                let g = g * scale;
+                *sq = *sq * b2 + (1.0 - b2) * g * g
+            }),
+        )?;
         param.inplace_op3(
             &m.exp_avg,
             &m.exp_avg_sq,
@@ -135,6 +144,7 @@ impl Update {
 
     fn with_tensor_ops(&self, param: &Tensor, grad: &Tensor, m: Moments) -> Result<(Tensor, Moments)> {
         let c = self.config;
+        let grad = &if self.grad_scale < 1.0 { (grad * self.grad_scale)? } else { grad.clone() };
         let decayed = (param * (1.0 - self.lr * self.decay))?;
         let exp_avg = (&m.exp_avg + ((grad - &m.exp_avg)? * (1.0 - c.beta1))?)?;
         let exp_avg_sq = ((&m.exp_avg_sq * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
@@ -211,21 +221,79 @@ impl<F: Fn(&mut f32, [f32; 2]) + Sync> InplaceOp3 for InPlace<F> {
     }
 }
 
-/// Scale gradients so their global L2 norm is at most `max_norm` (as
-/// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut Grads, max_norm: Option<f64>) -> Result<f64> {
+/// The global L2 norm of the gradients, as `torch.nn.utils.clip_grad_norm_` measures it.
+pub fn grad_norm(grads: &Grads) -> Result<f64> {
     let mut squared = 0f64;
     for grad in grads.values() {
-        squared += grad.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        squared += match sum_of_squares(grad)? {
+            Some(sum) => sum,
+            None => grad.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        };
     }
-    let norm = squared.sqrt();
-    if let Some(max_norm) = max_norm {
-        let coefficient = (max_norm / (norm + 1e-6)).min(1.0);
-        if coefficient < 1.0 {
-            for grad in grads.values_mut() {
-                *grad = (&*grad * coefficient)?;
-            }
-        }
+    Ok(squared.sqrt())
+}
+
+/// The factor that brings a gradient norm down to `max_norm` (1 below it, or with no limit).
+/// [`AdamW::step`] applies it as it reads the gradients: no scaled copy of them is made.
+pub fn clip_coefficient(norm: f64, max_norm: Option<f64>) -> f64 {
+    max_norm.map_or(1.0, |max| (max / (norm + 1e-6)).min(1.0))
+}
+
+/// Σ g² of a CPU f32 tensor over both cores, without a squared copy; `None` elsewhere. Chunks'
+/// sums are added in order, so the result does not depend on the thread count.
+fn sum_of_squares(t: &Tensor) -> Result<Option<f64>> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return Ok(None);
     }
-    Ok(norm)
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let chunks: Vec<f64> = values[start..end]
+        .par_chunks(IN_PLACE_CHUNK)
+        .map(|chunk| crate::model::simd::widest!({ crate::model::simd::dot(chunk, chunk) }) as f64)
+        .collect();
+    Ok(Some(chunks.iter().sum()))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len as u32).map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn grad_norm_is_the_f64_norm_and_clipping_scales_the_update() {
+        // One gradient over several chunks, one strided (a transposed view).
+        let big = values(3 * IN_PLACE_CHUNK + 17, 1);
+        let small = Tensor::from_vec(values(12, 2), (3, 4), &Device::Cpu).unwrap().t().unwrap();
+        let exact: f64 = big.iter().chain(&small.t().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()).map(|&g| (g as f64).powi(2)).sum::<f64>().sqrt();
+        let grads: Grads = [("a".to_string(), Tensor::from_vec(big.clone(), big.len(), &Device::Cpu).unwrap()), ("b".to_string(), small)].into();
+        let norm = grad_norm(&grads).unwrap();
+        assert!((norm - exact).abs() / exact < 1e-6, "{norm} vs {exact}");
+        assert_eq!(clip_coefficient(norm, None), 1.0);
+        assert_eq!(clip_coefficient(norm, Some(norm * 2.0)), 1.0);
+        let coefficient = clip_coefficient(norm, Some(1.0));
+        assert!((coefficient - 1.0 / (norm + 1e-6)).abs() < 1e-12);
+
+        // A step with the coefficient is the step on the gradients scaled as f32 tensors.
+        let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let start = Tensor::from_vec(values(64, 3), (8, 8), &Device::Cpu).unwrap();
+        let grad = Tensor::from_vec(values(64, 4), (8, 8), &Device::Cpu).unwrap();
+        let run = |grads: Grads, scale: f64| -> Vec<f32> {
+            let mut params = Params::default();
+            params.insert("w", start.copy().unwrap()).unwrap();
+            let mut optimizer = AdamW::new(config);
+            optimizer.step(&params, &grads, scale, 1e-2).unwrap();
+            optimizer.step(&params, &grads, scale, 1e-2).unwrap();
+            params.iter().next().unwrap().1.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let scaled = run([("w".to_string(), (&grad * 0.25).unwrap())].into(), 1.0);
+        assert_eq!(run([("w".to_string(), grad.clone())].into(), 0.25), scaled);
+    }
 }
