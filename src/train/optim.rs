@@ -247,10 +247,8 @@ fn sum_of_squares(t: &Tensor) -> Result<Option<f64>> {
     }
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
-    let (candle_core::Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
-        return Ok(None);
-    };
-    let chunks: Vec<f64> = values[start..end]
+    let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
+    let chunks: Vec<f64> = contiguous_f32(cpu, layout)?
         .par_chunks(IN_PLACE_CHUNK)
         .map(|chunk| crate::model::simd::widest!({ crate::model::simd::dot(chunk, chunk) }) as f64)
         .collect();
