@@ -42,6 +42,18 @@ fn with_data<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
     }
 }
 
+/// `n` floats from `write`, which must set every one. They are not zero-filled first: on a
+/// reused allocation that `memset` was about 3% of the bench-tiny training step.
+fn written(n: usize, write: impl FnOnce(&mut [f32])) -> Vec<f32> {
+    let mut buffer = Vec::with_capacity(n);
+    // SAFETY: the capacity is `n` floats, handed to `write` before anything reads them (as
+    // candle's own `unary_map` hands out its spare capacity); any bit pattern is an f32.
+    write(unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr(), n) });
+    // SAFETY: `write` set all `n`.
+    unsafe { buffer.set_len(n) };
+    buffer
+}
+
 fn tensor(values: Vec<f32>, shape: &Shape, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(values, shape.clone(), like.device())
 }
@@ -86,38 +98,39 @@ fn softmax_row_backward(y: &[f32], dy: &[f32], scale: f32, dx: &mut [f32]) {
 
 impl AttentionSoftmax {
     fn forward(&self, x: &[f32], mask: Option<&[f32]>, keys: usize) -> Vec<f32> {
-        let mut y = vec![0f32; x.len()];
         let per_task = rows_per_task(keys);
-        y.par_chunks_mut(keys * per_task)
-            .zip(x.par_chunks(keys * per_task))
-            .enumerate()
-            .for_each(|(task, (y, x))| simd::widest!({
-                for (i, (y, x)) in y.chunks_mut(keys).zip(x.chunks(keys)).enumerate() {
-                    let row = task * per_task + i;
-                    let mask_row = mask.map(|m| {
-                        let batch = if self.mask_batches == 1 { 0 } else { row / self.rows_per_batch };
-                        let at = (batch * self.t + row % self.t) * keys;
-                        &m[at..at + keys]
-                    });
-                    softmax_row(x, mask_row, self.scale, y);
-                }
-            }));
-        y
+        written(x.len(), |y| {
+            y.par_chunks_mut(keys * per_task)
+                .zip(x.par_chunks(keys * per_task))
+                .enumerate()
+                .for_each(|(task, (y, x))| simd::widest!({
+                    for (i, (y, x)) in y.chunks_mut(keys).zip(x.chunks(keys)).enumerate() {
+                        let row = task * per_task + i;
+                        let mask_row = mask.map(|m| {
+                            let batch = if self.mask_batches == 1 { 0 } else { row / self.rows_per_batch };
+                            let at = (batch * self.t + row % self.t) * keys;
+                            &m[at..at + keys]
+                        });
+                        softmax_row(x, mask_row, self.scale, y);
+                    }
+                }))
+        })
     }
 
     fn backward(&self, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let keys = res.dim(candle_core::D::Minus1)?;
         with_data(res, "softmax backward", |y| {
             with_data(grad, "softmax backward", |dy| {
-                let mut dx = vec![0f32; y.len()];
                 let per_task = rows_per_task(keys);
-                dx.par_chunks_mut(keys * per_task)
-                    .zip(y.par_chunks(keys * per_task).zip(dy.par_chunks(keys * per_task)))
-                    .for_each(|(dx, (y, dy))| simd::widest!({
-                        for ((dx, y), dy) in dx.chunks_mut(keys).zip(y.chunks(keys)).zip(dy.chunks(keys)) {
-                            softmax_row_backward(y, dy, self.scale, dx);
-                        }
-                    }));
+                let dx = written(y.len(), |dx| {
+                    dx.par_chunks_mut(keys * per_task)
+                        .zip(y.par_chunks(keys * per_task).zip(dy.par_chunks(keys * per_task)))
+                        .for_each(|(dx, (y, dy))| simd::widest!({
+                            for ((dx, y), dy) in dx.chunks_mut(keys).zip(y.chunks(keys)).zip(dy.chunks(keys)) {
+                                softmax_row_backward(y, dy, self.scale, dx);
+                            }
+                        }))
+                });
                 tensor(dx, res.shape(), res)
             })
         })
@@ -229,23 +242,25 @@ impl CustomOp2 for CrossEntropy {
         let targets: Vec<u32> = targets.to_vec1()?;
         let dlogits = with_data(logits, "cross-entropy backward", |values| {
             with_data(grad, "cross-entropy backward", |dloss| {
-                let mut dlogits = vec![0f32; values.len()];
-                dlogits
-                    .par_chunks_mut(vocab)
-                    .zip(values.par_chunks(vocab))
-                    .zip(targets.par_iter().zip(dloss.par_iter()))
-                    .for_each(|((d, row), (&target, &scale))| {
-                        if target == IGNORE_INDEX {
-                            return;
-                        }
-                        simd::widest!({
-                            let lse = log_sum_exp(row);
-                            for (dj, &xj) in d.iter_mut().zip(row) {
-                                *dj = fastexp::exp(xj - lse) * scale;
+                let dlogits = written(values.len(), |dlogits| {
+                    dlogits
+                        .par_chunks_mut(vocab)
+                        .zip(values.par_chunks(vocab))
+                        .zip(targets.par_iter().zip(dloss.par_iter()))
+                        .for_each(|((d, row), (&target, &scale))| {
+                            if target == IGNORE_INDEX {
+                                d.fill(0.0);
+                                return;
                             }
-                        });
-                        d[target as usize] -= scale;
-                    });
+                            simd::widest!({
+                                let lse = log_sum_exp(row);
+                                for (dj, &xj) in d.iter_mut().zip(row) {
+                                    *dj = fastexp::exp(xj - lse) * scale;
+                                }
+                            });
+                            d[target as usize] -= scale;
+                        })
+                });
                 tensor(dlogits, logits.shape(), logits)
             })
         })?;
@@ -281,16 +296,17 @@ impl CustomOp2 for RmsNorm {
         let x = slice(s1, l1, self.name())?;
         let w = slice(s2, l2, self.name())?;
         let d = w.len();
-        let mut y = vec![0f32; x.len()];
         let per_task = rows_per_task(d);
-        y.par_chunks_mut(d * per_task).zip(x.par_chunks(d * per_task)).for_each(|(y, x)| simd::widest!({
-            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                let r = inverse_rms(x, self.eps);
-                for ((yj, &xj), &wj) in y.iter_mut().zip(x).zip(w) {
-                    *yj = xj * r * wj;
+        let y = written(x.len(), |y| {
+            y.par_chunks_mut(d * per_task).zip(x.par_chunks(d * per_task)).for_each(|(y, x)| simd::widest!({
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    let r = inverse_rms(x, self.eps);
+                    for ((yj, &xj), &wj) in y.iter_mut().zip(x).zip(w) {
+                        *yj = xj * r * wj;
+                    }
                 }
-            }
-        }));
+            }))
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -301,26 +317,28 @@ impl CustomOp2 for RmsNorm {
         let (dx, dw) = with_data(x, "rms-norm backward", |x| {
             with_data(w, "rms-norm backward", |w| {
                 with_data(grad, "rms-norm backward", |dy| {
-                    let mut dx = vec![0f32; x.len()];
                     // One partial dw per fixed chunk of rows, summed in chunk order: the same
                     // result whatever the number of threads.
-                    let partials: Vec<Vec<f32>> = dx
-                        .par_chunks_mut(d * rows_per_chunk)
-                        .zip(x.par_chunks(d * rows_per_chunk).zip(dy.par_chunks(d * rows_per_chunk)))
-                        .map(|(dx, (x, dy))| simd::widest!({
-                            let mut dw = vec![0f32; d];
-                            for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
-                                let r = inverse_rms(x, self.eps);
-                                let mean = simd::dot3(dy, w, x) * r / d as f32;
-                                for j in 0..d {
-                                    let normed = x[j] * r;
-                                    dx[j] = r * (dy[j] * w[j] - normed * mean);
-                                    dw[j] += dy[j] * normed;
+                    let mut partials: Vec<Vec<f32>> = Vec::new();
+                    let dx = written(x.len(), |dx| {
+                        partials = dx
+                            .par_chunks_mut(d * rows_per_chunk)
+                            .zip(x.par_chunks(d * rows_per_chunk).zip(dy.par_chunks(d * rows_per_chunk)))
+                            .map(|(dx, (x, dy))| simd::widest!({
+                                let mut dw = vec![0f32; d];
+                                for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+                                    let r = inverse_rms(x, self.eps);
+                                    let mean = simd::dot3(dy, w, x) * r / d as f32;
+                                    for j in 0..d {
+                                        let normed = x[j] * r;
+                                        dx[j] = r * (dy[j] * w[j] - normed * mean);
+                                        dw[j] += dy[j] * normed;
+                                    }
                                 }
-                            }
-                            dw
-                        }))
-                        .collect();
+                                dw
+                            }))
+                            .collect()
+                    });
                     let mut dw = vec![0f32; d];
                     for partial in partials {
                         dw.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
@@ -409,17 +427,18 @@ impl CustomOp3 for Rope {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, cos, sin) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
         let s = RopeShape::new(l1.dims(), l2.dims())?;
-        let mut y = vec![0f32; x.len()];
         // Output is [B, H, T, D]: each (b, h) block of T rows is written by one task (a
         // decoding step's one-row blocks together: waking a thread costs more).
-        y.par_chunks_mut(s.t * s.d).enumerate().with_min_len(rows_per_task(s.t * s.d)).for_each(|(bh, block)| {
-            let (b, h) = (bh / s.h, bh % s.h);
-            simd::widest!({
-                for (t, out) in block.chunks_mut(s.d).enumerate() {
-                    let at = ((b * s.t + t) * s.h + h) * s.d;
-                    let table = s.table_row(b, t);
-                    rope_row(&x[at..at + s.d], &cos[table..table + s.r], &sin[table..table + s.r], out);
-                }
+        let y = written(x.len(), |y| {
+            y.par_chunks_mut(s.t * s.d).enumerate().with_min_len(rows_per_task(s.t * s.d)).for_each(|(bh, block)| {
+                let (b, h) = (bh / s.h, bh % s.h);
+                simd::widest!({
+                    for (t, out) in block.chunks_mut(s.d).enumerate() {
+                        let at = ((b * s.t + t) * s.h + h) * s.d;
+                        let table = s.table_row(b, t);
+                        rope_row(&x[at..at + s.d], &cos[table..table + s.r], &sin[table..table + s.r], out);
+                    }
+                })
             })
         });
         Ok((CpuStorage::F32(y), Shape::from((s.b, s.h, s.t, s.d))))
@@ -437,16 +456,17 @@ impl CustomOp3 for Rope {
         let dx = with_data(grad, "rope backward", |dy| {
             with_data(cos, "rope backward", |cos| {
                 with_data(sin, "rope backward", |sin| {
-                    let mut dx = vec![0f32; dy.len()];
                     // dx is [B, T, H, D]: each (b, t) row of H heads is written by one task.
-                    dx.par_chunks_mut(s.h * s.d).enumerate().with_min_len(rows_per_task(s.h * s.d)).for_each(|(bt, row)| {
-                        let (b, t) = (bt / s.t, bt % s.t);
-                        let table = s.table_row(b, t);
-                        simd::widest!({
-                            for (h, out) in row.chunks_mut(s.d).enumerate() {
-                                let at = ((b * s.h + h) * s.t + t) * s.d;
-                                rope_row_backward(&dy[at..at + s.d], &cos[table..table + s.r], &sin[table..table + s.r], out);
-                            }
+                    let dx = written(dy.len(), |dx| {
+                        dx.par_chunks_mut(s.h * s.d).enumerate().with_min_len(rows_per_task(s.h * s.d)).for_each(|(bt, row)| {
+                            let (b, t) = (bt / s.t, bt % s.t);
+                            let table = s.table_row(b, t);
+                            simd::widest!({
+                                for (h, out) in row.chunks_mut(s.d).enumerate() {
+                                    let at = ((b * s.h + h) * s.t + t) * s.d;
+                                    rope_row_backward(&dy[at..at + s.d], &cos[table..table + s.r], &sin[table..table + s.r], out);
+                                }
+                            })
                         })
                     });
                     tensor(dx, x.shape(), x)
@@ -554,10 +574,11 @@ impl CustomOp2 for Gated {
         if gate.len() != up.len() {
             bail!("gated activation: gate and up differ in size")
         }
-        let mut y = vec![0f32; gate.len()];
-        y.par_chunks_mut(16_384).zip(gate.par_chunks(16_384).zip(up.par_chunks(16_384))).for_each(|(y, (g, u))| match self.0 {
-            Activation::Silu => gated_chunk::<Silu>(y, g, u),
-            Activation::GeluTanh | Activation::Gelu => gated_chunk::<GeluTanh>(y, g, u),
+        let y = written(gate.len(), |y| {
+            y.par_chunks_mut(16_384).zip(gate.par_chunks(16_384).zip(up.par_chunks(16_384))).for_each(|(y, (g, u))| match self.0 {
+                Activation::Silu => gated_chunk::<Silu>(y, g, u),
+                Activation::GeluTanh | Activation::Gelu => gated_chunk::<GeluTanh>(y, g, u),
+            })
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -567,16 +588,19 @@ impl CustomOp2 for Gated {
         let (dgate, dup) = with_data(gate, "gated activation backward", |g| {
             with_data(up, "gated activation backward", |u| {
                 with_data(grad, "gated activation backward", |dy| {
-                    let mut dgate = vec![0f32; g.len()];
-                    let mut dup = vec![0f32; g.len()];
-                    dgate
-                        .par_chunks_mut(16_384)
-                        .zip(dup.par_chunks_mut(16_384))
-                        .zip(g.par_chunks(16_384).zip(u.par_chunks(16_384)).zip(dy.par_chunks(16_384)))
-                        .for_each(|((dg, du), ((g, u), dy))| match self.0 {
-                            Activation::Silu => gated_backward_chunk::<Silu>(dg, du, g, u, dy),
-                            Activation::GeluTanh | Activation::Gelu => gated_backward_chunk::<GeluTanh>(dg, du, g, u, dy),
-                        });
+                    let mut dup = Vec::new();
+                    let dgate = written(g.len(), |dgate| {
+                        dup = written(g.len(), |dup| {
+                            dgate
+                                .par_chunks_mut(16_384)
+                                .zip(dup.par_chunks_mut(16_384))
+                                .zip(g.par_chunks(16_384).zip(u.par_chunks(16_384)).zip(dy.par_chunks(16_384)))
+                                .for_each(|((dg, du), ((g, u), dy))| match self.0 {
+                                    Activation::Silu => gated_backward_chunk::<Silu>(dg, du, g, u, dy),
+                                    Activation::GeluTanh | Activation::Gelu => gated_backward_chunk::<GeluTanh>(dg, du, g, u, dy),
+                                })
+                        })
+                    });
                     Ok((dgate, dup))
                 })
             })
