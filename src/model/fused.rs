@@ -1048,6 +1048,31 @@ mod tests {
         (picked.neg().unwrap() * Tensor::from_vec(keep, n, &Device::Cpu).unwrap()).unwrap()
     }
 
+    /// The vendored candle copies transposed views tile by tile (`copy_transposed_matrices`):
+    /// the same elements as a gather, for single and batched matrices, small and large, from an
+    /// offset into the storage.
+    #[test]
+    fn transposed_views_copy_exactly() {
+        for dims in [vec![3, 5], vec![67, 130], vec![300, 257], vec![2, 3, 40, 33], vec![1, 4, 1, 2, 9]] {
+            let n: usize = dims.iter().product();
+            let storage = random(&[n + 7], 5);
+            let source = storage.narrow(0, 7, n).unwrap().reshape(dims.clone()).unwrap();
+            let view = source.transpose(dims.len() - 2, dims.len() - 1).unwrap();
+            let copied = view.contiguous().unwrap();
+            assert!(copied.is_contiguous());
+            let expected: Vec<f32> = {
+                let values = source.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (r, c) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+                (0..n).map(|at| {
+                    let (batch, within) = (at / (r * c), at % (r * c));
+                    let (i, j) = (within / r, within % r);
+                    values[batch * r * c + j * c + i]
+                }).collect()
+            };
+            assert_eq!(copied.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected, "{dims:?}");
+        }
+    }
+
     #[test]
     fn frozen_matmul_matches_matmul_and_gives_the_weight_no_gradient() {
         let (x, w) = (random(&[7, 5], 11), random(&[3, 5], 12));

@@ -451,8 +451,10 @@ fn accumulate<T: Task>(task: &mut T, accum: usize) -> Result<Option<Accumulated>
             if let Some(grad) = store.get(var.as_tensor()) {
                 match grads.get_mut(name) {
                     Some(sum) => *sum = (&*sum + grad)?,
+                    // Made contiguous once here (a weight's gradient comes as a transposed
+                    // view) rather than by both the gradient norm and the optimizer.
                     None => {
-                        grads.insert(name.to_string(), grad.clone());
+                        grads.insert(name.to_string(), grad.contiguous()?);
                     }
                 }
             }

@@ -972,7 +972,69 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+/// lathe: `(batches, rows, cols)` when `l` reads each of `batches` consecutive `cols × rows`
+/// matrices transposed (a `t()` of a contiguous tensor, as the backward pass hands weight and
+/// key gradients over). Those are copied tile by tile, where the general path below gathers
+/// one element at a time along the long stride.
+fn transposed_matrices(l: &Layout) -> Option<(usize, usize, usize)> {
+    let (dims, stride) = (l.dims(), l.stride());
+    let rank = dims.len();
+    if rank < 2 {
+        return None;
+    }
+    let (rows, cols) = (dims[rank - 2], dims[rank - 1]);
+    if rows < 2 || cols < 2 || stride[rank - 2] != 1 || stride[rank - 1] != rows {
+        return None;
+    }
+    let mut elements = rows * cols;
+    for i in (0..rank - 2).rev() {
+        if dims[i] != 1 && stride[i] != elements {
+            return None;
+        }
+        elements *= dims[i];
+    }
+    Some((elements / (rows * cols), rows, cols))
+}
+
+/// lathe: `dst[i][j] = src[j][i]` for the `rows × cols` matrix `dst`, in tiles small enough
+/// for both sides to stay in L1.
+fn copy_transposed<T: Copy>(src: &[T], dst: &mut [T], rows: usize, cols: usize, first_row: usize) {
+    const TILE: usize = 32;
+    let dst_rows = dst.len() / cols;
+    for j0 in (0..cols).step_by(TILE) {
+        let j1 = (j0 + TILE).min(cols);
+        for i in 0..dst_rows {
+            let row = &mut dst[i * cols..(i + 1) * cols];
+            let source_row = first_row + i;
+            for j in j0..j1 {
+                row[j] = src[j * rows + source_row];
+            }
+        }
+    }
+}
+
+fn copy_transposed_matrices<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], (batches, rows, cols): (usize, usize, usize)) {
+    // Rows of the destination per task: a whole matrix for small ones, else bands of 32 rows
+    // (both threads busy on a single weight's gradient).
+    const BAND: usize = 32;
+    let matrix = rows * cols;
+    let dst = &mut dst[..batches * matrix];
+    if batches * matrix < 1 << 15 {
+        for (b, d) in dst.chunks_mut(matrix).enumerate() {
+            copy_transposed(&src[b * matrix..(b + 1) * matrix], d, rows, cols, 0);
+        }
+        return;
+    }
+    dst.par_chunks_mut(matrix).enumerate().for_each(|(b, d)| {
+        let src = &src[b * matrix..(b + 1) * matrix];
+        d.par_chunks_mut(BAND * cols).enumerate().for_each(|(band, d)| copy_transposed(src, d, rows, cols, band * BAND));
+    });
+}
+
+fn copy_strided_src_<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+    if let Some(shape) = transposed_matrices(src_l) {
+        return copy_transposed_matrices(&src[src_l.start_offset()..], &mut dst[dst_offset..], shape);
+    }
     match src_l.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } => dst
             [dst_offset..dst_offset + len]
