@@ -105,7 +105,14 @@ impl CustomOp3 for CachedAttention {
         let tasks = b * kv_heads;
         let group = |index: usize| simd::widest!({ problem.group(index) });
         let parts: Vec<Vec<f32>> = if tasks > 1 && b * heads * t * keys * d >= SERIAL_ATTENTION {
-            (0..tasks).into_par_iter().map(group).collect()
+            if super::team::active() {
+                let half = tasks / 2;
+                let (mut first, second) = super::team::join(|| (0..half).map(group).collect::<Vec<_>>(), || (half..tasks).map(group).collect::<Vec<_>>());
+                first.extend(second);
+                first
+            } else {
+                (0..tasks).into_par_iter().map(group).collect()
+            }
         } else {
             (0..tasks).map(group).collect()
         };

@@ -9,13 +9,17 @@ use rayon::prelude::*;
 
 use super::simd::{self, Level};
 
-/// Rows from which, and up to which, [`matmul`] applies. One row is gemm's as well: it
-/// streams a single row through the weight as fast (measured on bench-tiny's shapes).
-pub const MIN_ROWS: usize = 2;
+/// Rows from which, and up to which, [`matmul`] applies. One row too: its product streams the
+/// weight from memory, which both cores do faster than gemm's one-row product on one (split on
+/// the spinning helper of [`super::team`]: bench-tiny's batch-1 decoding went from 1,570–1,690
+/// to 2,030–2,270 tokens/s; without the helper, on rayon, it gained nothing).
+pub const MIN_ROWS: usize = 1;
 pub const MAX_ROWS: usize = 8;
 
-/// Multiply-adds from which the columns are split between threads.
-const PARALLEL: usize = 1 << 19;
+/// Multiply-adds from which the columns are split between two threads: with the spinning
+/// helper a 256 × 256 weight's one row already gains; waking a rayon worker pays from about 2¹⁹.
+const PARALLEL_ON_HELPER: usize = 1 << 16;
+const PARALLEL_ON_RAYON: usize = 1 << 19;
 
 /// Whether [`product`] takes rows `x` `[M, K]` and a weight `w_t` `[K, N]`: CPU f32, no
 /// gradient, both contiguous, `MIN_ROWS ≤ M ≤ MAX_ROWS`, and a CPU with AVX-512.
@@ -72,10 +76,12 @@ pub fn matmul(x: &[f32], w_t: &[f32], m: usize, k: usize, n: usize) -> Option<Ve
             // `y`, which outlives them, and every index stays within the sizes checked above.
             unsafe { avx512::columns(&x_t, w_t, m, k, n, range, out) }
         };
-        if m * k * n >= PARALLEL {
-            // Two halves on whole 64-column tiles.
-            let half = (n / 2).div_ceil(64) * 64;
-            [0..half.min(n), half.min(n)..n].into_par_iter().for_each(run);
+        // Two halves on whole 64-column tiles.
+        let half = ((n / 2).div_ceil(64) * 64).min(n);
+        if super::team::active() && m * k * n >= PARALLEL_ON_HELPER {
+            super::team::join(|| run(0..half), || run(half..n));
+        } else if m * k * n >= PARALLEL_ON_RAYON {
+            [0..half, half..n].into_par_iter().for_each(run);
         } else {
             run(0..n);
         }
@@ -220,7 +226,8 @@ mod tests {
         let rows = |m: usize| Tensor::zeros((m, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
         let avx512 = simd::level() == Level::Avx512;
         assert_eq!(applies(&rows(4), &w_t), avx512);
-        assert!(!applies(&rows(1), &w_t) && !applies(&rows(MAX_ROWS + 1), &w_t));
+        assert_eq!(applies(&rows(1), &w_t), avx512);
+        assert!(!applies(&rows(MAX_ROWS + 1), &w_t));
         let view = Tensor::zeros((32, 16), candle_core::DType::F32, &Device::Cpu).unwrap().t().unwrap();
         assert!(!applies(&rows(4), &view), "a transposed view");
         let y = product(&rows(4), &w_t);

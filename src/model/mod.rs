@@ -15,6 +15,7 @@ pub mod rope;
 pub mod simd;
 pub mod decode;
 pub mod few_rows;
+pub mod team;
 pub mod weights;
 
 pub use chat::ChatTemplate;
