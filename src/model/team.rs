@@ -85,7 +85,7 @@ fn wait_for_job(helper: &Helper) {
     while helper.state.load(Ordering::Acquire) != POSTED {
         std::hint::spin_loop();
         spins += 1;
-        if spins % SPINS_PER_YIELD == 0 {
+        if spins.is_multiple_of(SPINS_PER_YIELD) {
             thread::yield_now();
             if idle_since.elapsed() > SPIN_BEFORE_PARKING {
                 // SeqCst pairs with the poster's: either it sees `sleeping` and unparks, or
