@@ -400,12 +400,16 @@ impl Attention {
         // per kv head serves the whole group without copying keys and values.
         let groups = heads / kv_heads;
         let q = q.reshape((b, kv_heads, groups * t, d))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads * groups, t, keys))?;
-        let probs = match self.softcap {
-            Some(cap) => attention_softmax(&softcap(&(scores * self.scale)?, cap)?, mask, 1.0)?,
-            None => attention_softmax(&scores, mask, self.scale)?,
+        let probs = if self.softcap.is_none() && super::fused::supported(&q) && q.is_contiguous() && k.is_contiguous() {
+            super::fused::attention_probs(&q, &k, mask, self.scale)?
+        } else {
+            let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads * groups, t, keys))?;
+            let probs = match self.softcap {
+                Some(cap) => attention_softmax(&softcap(&(scores * self.scale)?, cap)?, mask, 1.0)?,
+                None => attention_softmax(&scores, mask, self.scale)?,
+            };
+            probs.reshape((b, kv_heads, groups * t, keys))?
         };
-        let probs = probs.reshape((b, kv_heads, groups * t, keys))?;
         let out = probs.matmul(&v)?.reshape((b, heads, t, d))?.transpose(1, 2)?.contiguous()?;
         self.o_proj.forward(&out.reshape((b, t, heads * d))?)
     }

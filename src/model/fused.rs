@@ -197,6 +197,74 @@ pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> 
     }
 }
 
+/// `softmax(scale·q·kᵀ + mask)` for queries `[B, KV, G·T, D]` (the G query heads of each
+/// key/value head stacked along the rows) and keys `[B, KV, keys, D]`, both contiguous: the
+/// probabilities `[B, KV, G·T, keys]`. Unlike a matmul followed by [`attention_softmax`], the
+/// graph keeps no scores tensor (the softmax's backward needs only its output, and the
+/// scores' gradient only q and k): one `[B, H, T, keys]` tensor less per layer held for the
+/// backward pass (1.1 GB of the SmolLM2-135M shape's batch 4 × 512).
+pub fn attention_probs(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (b, kv, rows, d) = q.dims4()?;
+    let (kb, kkv, keys, kd) = k.dims4()?;
+    if (kb, kkv, kd) != (b, kv, d) || !q.is_contiguous() || !k.is_contiguous() {
+        bail!("attention probabilities: queries {:?} and keys {:?} do not fit", q.dims(), k.dims())
+    }
+    let t = mask.map_or(Ok(rows), |m| m.dim(1))?;
+    let mask_batches = mask.map_or(Ok(1), |m| m.dim(0))?;
+    if let Some(m) = mask {
+        if rows % t != 0 || m.dims() != [mask_batches, t, keys] || (mask_batches != 1 && mask_batches != b) {
+            bail!("attention mask {:?} does not fit queries {:?} and keys {:?}", m.dims(), q.dims(), k.dims())
+        }
+    }
+    let softmax = AttentionSoftmax { scale: scale as f32, t, rows_per_batch: kv * rows, mask_batches };
+    q.apply_op2(k, AttentionProbs { softmax, mask: mask.map(|m| m.contiguous()).transpose()? })
+}
+
+struct AttentionProbs {
+    softmax: AttentionSoftmax,
+    mask: Option<Tensor>,
+}
+
+impl CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "attention-probabilities"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (q, k) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let &[b, kv, rows, d] = l1.dims() else { bail!("attention probabilities: expected 4-D queries") };
+        let keys = l2.dims()[2];
+        let (q_block, k_block, scores_block) = (rows * d, keys * d, rows * keys);
+        // One single-threaded product per (sequence, KV head), side by side.
+        let scores = written(b * kv * scores_block, |scores| {
+            scores.par_chunks_mut(scores_block).enumerate().for_each(|(block, out)| {
+                let (q, k) = (&q[block * q_block..(block + 1) * q_block], &k[block * k_block..(block + 1) * k_block]);
+                // SAFETY: `out` is rows × keys, `q` rows × d and `k` keys × d, all row-major.
+                unsafe {
+                    gemm::gemm(
+                        rows, keys, d,
+                        out.as_mut_ptr(), 1, keys as isize, false,
+                        q.as_ptr(), 1, d as isize,
+                        k.as_ptr(), d as isize, 1,
+                        0f32, 1f32, false, false, false, gemm::Parallelism::None,
+                    );
+                }
+            })
+        });
+        let probs = match &self.mask {
+            Some(mask) => with_data(mask, self.name(), |mask| Ok(self.softmax.forward(&scores, Some(mask), keys)))?,
+            None => self.softmax.forward(&scores, None, keys),
+        };
+        Ok((CpuStorage::F32(probs), Shape::from((b, kv, rows, keys))))
+    }
+
+    /// `dscores = softmax′`, then `dq = dscores·k` and `dk = dscoresᵀ·q`.
+    fn bwd(&self, q: &Tensor, k: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dscores = self.softmax.backward(res, grad)?;
+        Ok((Some(dscores.matmul(k)?), Some(dscores.t()?.matmul(q)?)))
+    }
+}
+
 // ---------------------------------------------------------------- cross-entropy
 
 /// Targets equal to this are ignored: no loss, no gradient.
@@ -940,6 +1008,29 @@ mod tests {
         };
         same_value_and_gradients(&[scores.clone()], |t| attention_softmax(&t[0], Some(&mask), 0.5).unwrap(), |t| reference(t, Some(&mask)), 1e-5);
         same_value_and_gradients(&[scores], |t| attention_softmax(&t[0], None, 0.5).unwrap(), |t| reference(t, None), 1e-5);
+    }
+
+    /// Grouped queries (2 KV heads of 3 query heads, 5 tokens, 7 keys), a per-sequence mask and
+    /// none: the same probabilities and gradients for q and k as a matmul then the softmax.
+    #[test]
+    fn attention_probs_match_scores_then_softmax() {
+        let (b, kv, groups, t, keys, d) = (2, 2, 3, 5, 7, 4);
+        let q = random(&[b, kv, groups * t, d], 31);
+        let k = random(&[b, kv, keys, d], 32);
+        let mask_values: Vec<f32> = (0..b * t * keys).map(|i| if (i % keys) > (i / keys) % t + 2 { -1e30 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask_values, (b, t, keys), &Device::Cpu).unwrap();
+        let composite = |t_: &[Tensor], mask: Option<&Tensor>| {
+            let scores = t_[0].matmul(&t_[1].t().unwrap()).unwrap().reshape((b, kv * groups, t, keys)).unwrap();
+            let scaled = (scores * 0.5).unwrap();
+            let masked = match mask {
+                Some(m) => scaled.broadcast_add(&m.unsqueeze(1).unwrap()).unwrap(),
+                None => scaled,
+            };
+            composite::softmax_last_dim(&masked).unwrap().reshape((b, kv, groups * t, keys)).unwrap()
+        };
+        for mask in [Some(&mask), None] {
+            same_value_and_gradients(&[q.clone(), k.clone()], |t| attention_probs(&t[0], &t[1], mask, 0.5).unwrap(), |t| composite(t, mask), 1e-5);
+        }
     }
 
     #[test]
