@@ -211,10 +211,10 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64
     }
     let t = mask.map_or(Ok(rows), |m| m.dim(1))?;
     let mask_batches = mask.map_or(Ok(1), |m| m.dim(0))?;
-    if let Some(m) = mask {
-        if rows % t != 0 || m.dims() != [mask_batches, t, keys] || (mask_batches != 1 && mask_batches != b) {
-            bail!("attention mask {:?} does not fit queries {:?} and keys {:?}", m.dims(), q.dims(), k.dims())
-        }
+    if let Some(m) = mask
+        && (rows % t != 0 || m.dims() != [mask_batches, t, keys] || (mask_batches != 1 && mask_batches != b))
+    {
+        bail!("attention mask {:?} does not fit queries {:?} and keys {:?}", m.dims(), q.dims(), k.dims())
     }
     let softmax = AttentionSoftmax { scale: scale as f32, t, rows_per_batch: kv * rows, mask_batches };
     q.apply_op2(k, AttentionProbs { softmax, mask: mask.map(|m| m.contiguous()).transpose()? })
