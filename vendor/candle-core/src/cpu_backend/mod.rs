@@ -1588,16 +1588,16 @@ impl Map2 for MatMul {
         const BANDED_OUTPUT: usize = 1 << 22;
         let band = if m > ROWS_PER_BAND && m * n >= BANDED_OUTPUT { ROWS_PER_BAND } else { m.max(1) };
         let out = SharedOut(dst.as_mut_ptr());
-        let product = |(step, first_row): (usize, usize), parallelism: Parallelism| {
+        let product = |(step, first_row, cols): (usize, usize, std::ops::Range<usize>), parallelism: Parallelism| {
             let rows = band.min(m - first_row);
             let lhs_p = &lhs[step * a_skip + first_row * lhs_rs..];
-            let rhs_p = &rhs[step * b_skip..];
+            let rhs_p = &rhs[step * b_skip + cols.start * rhs_cs..];
             unsafe {
                 gemm(
                     /* m: usize = */ rows,
-                    /* n: usize = */ n,
+                    /* n: usize = */ cols.len(),
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ out.at(step * c_skip + first_row * dst_rs),
+                    /* dst: *mut T = */ out.at(step * c_skip + first_row * dst_rs + cols.start * dst_cs),
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1616,11 +1616,22 @@ impl Map2 for MatMul {
                 )
             }
         };
-        let pieces: Vec<(usize, usize)> = (0..b).flat_map(|step| (0..m).step_by(band).map(move |row| (step, row))).collect();
+        let mut pieces: Vec<(usize, usize, std::ops::Range<usize>)> =
+            (0..b).flat_map(|step| (0..m).step_by(band).map(move |row| (step, row, 0..n))).collect();
+        // lathe: a single product whose inner dimension is its longest (a weight's gradient,
+        // summed over the tokens) runs as one band of columns per thread, each gemm on one
+        // thread: bench-tiny's 256 × 2048 × 256 went from 197–219 to 253–261 GFLOP/s,
+        // 256 × 2048 × 688 from 223–245 to 257–286, against gemm splitting it itself.
+        const MIN_BAND_COLUMNS: usize = 32;
+        let column_bands = pieces.len() == 1 && k > m && k > n && n >= MIN_BAND_COLUMNS * num_threads;
+        if column_bands && matches!(parallelism, Parallelism::Rayon(_)) {
+            let width = n.div_ceil(num_threads).div_ceil(16) * 16;
+            pieces = (0..n).step_by(width).map(|first| (0, 0, first..(first + width).min(n))).collect();
+        }
         // lathe: many small products (attention's, one per batch and head) run side by side,
         // each on one thread; gemm splitting each of them between threads synchronised once per
         // product (bench-tiny's attention scores, 64 × 256 × 32 × 256: 1.83 ms, 1.10 ms side by side).
-        if matches!(parallelism, Parallelism::Rayon(_)) && b >= 2 * num_threads {
+        if matches!(parallelism, Parallelism::Rayon(_)) && (b >= 2 * num_threads || (pieces.len() > 1 && column_bands)) {
             pieces.into_par_iter().for_each(|piece| product(piece, Parallelism::None));
         } else {
             pieces.into_iter().for_each(|piece| product(piece, parallelism));
