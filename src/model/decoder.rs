@@ -400,7 +400,7 @@ impl Attention {
         // per kv head serves the whole group without copying keys and values.
         let groups = heads / kv_heads;
         let q = q.reshape((b, kv_heads, groups * t, d))?;
-        let probs = if self.softcap.is_none() && super::fused::supported(&q) && q.is_contiguous() && k.is_contiguous() {
+        let probs = if self.softcap.is_none() && super::fused::supported(&q) && super::fused::supported(&k) {
             super::fused::attention_probs(&q, &k, mask, self.scale)?
         } else {
             let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads * groups, t, keys))?;

@@ -198,15 +198,15 @@ pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> 
 }
 
 /// `softmax(scale·q·kᵀ + mask)` for queries `[B, KV, G·T, D]` (the G query heads of each
-/// key/value head stacked along the rows) and keys `[B, KV, keys, D]`, both contiguous: the
-/// probabilities `[B, KV, G·T, keys]`. Unlike a matmul followed by [`attention_softmax`], the
+/// key/value head stacked along the rows) and keys `[B, KV, keys, D]`: the probabilities
+/// `[B, KV, G·T, keys]`. Unlike a matmul followed by [`attention_softmax`], the
 /// graph keeps no scores tensor (the softmax's backward needs only its output, and the
 /// scores' gradient only q and k): one `[B, H, T, keys]` tensor less per layer held for the
 /// backward pass (1.1 GB of the SmolLM2-135M shape's batch 4 × 512).
 pub fn attention_probs(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let (b, kv, rows, d) = q.dims4()?;
     let (kb, kkv, keys, kd) = k.dims4()?;
-    if (kb, kkv, kd) != (b, kv, d) || !q.is_contiguous() || !k.is_contiguous() {
+    if (kb, kkv, kd) != (b, kv, d) {
         bail!("attention probabilities: queries {:?} and keys {:?} do not fit", q.dims(), k.dims())
     }
     let t = mask.map_or(Ok(rows), |m| m.dim(1))?;
@@ -217,7 +217,9 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64
         bail!("attention mask {:?} does not fit queries {:?} and keys {:?}", m.dims(), q.dims(), k.dims())
     }
     let softmax = AttentionSoftmax { scale: scale as f32, t, rows_per_batch: kv * rows, mask_batches };
-    q.apply_op2(k, AttentionProbs { softmax, mask: mask.map(|m| m.contiguous()).transpose()? })
+    // Contiguous for the kernel (a copy only for keys read from a KV cache's larger buffer).
+    let (q, k) = (q.contiguous()?, k.contiguous()?);
+    q.apply_op2(&k, AttentionProbs { softmax, mask: mask.map(|m| m.contiguous()).transpose()? })
 }
 
 struct AttentionProbs {

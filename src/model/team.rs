@@ -132,7 +132,7 @@ where
     if helper.sleeping.load(Ordering::SeqCst) {
         helper.thread.get().expect("set at start").unpark();
     }
-    let waiting = Wait { helper, finished: false };
+    let waiting = Wait { helper };
     let result_a = a();
     if let Some(payload) = waiting.finish() {
         resume_unwind(payload);
@@ -144,14 +144,14 @@ where
 /// cannot go out of scope while the helper runs it.
 struct Wait {
     helper: &'static Helper,
-    finished: bool,
 }
 
 impl Wait {
     /// Waits, frees the helper, and returns its job's panic, if it had one.
-    fn finish(mut self) -> Option<Box<dyn Any + Send>> {
-        self.finished = true;
-        self.release()
+    fn finish(self) -> Option<Box<dyn Any + Send>> {
+        let payload = self.release();
+        std::mem::forget(self);
+        payload
     }
 
     fn release(&self) -> Option<Box<dyn Any + Send>> {
@@ -166,11 +166,10 @@ impl Wait {
     }
 }
 
+/// Only on unwinding: [`Wait::finish`] forgets the guard once it has waited.
 impl Drop for Wait {
     fn drop(&mut self) {
-        if !self.finished {
-            self.release();
-        }
+        self.release();
     }
 }
 

@@ -1623,15 +1623,16 @@ impl Map2 for MatMul {
         // thread: bench-tiny's 256 × 2048 × 256 went from 197–219 to 253–261 GFLOP/s,
         // 256 × 2048 × 688 from 223–245 to 257–286, against gemm splitting it itself.
         const MIN_BAND_COLUMNS: usize = 32;
-        let column_bands = pieces.len() == 1 && k > m && k > n && n >= MIN_BAND_COLUMNS * num_threads;
-        if column_bands && matches!(parallelism, Parallelism::Rayon(_)) {
+        let threaded = matches!(parallelism, Parallelism::Rayon(_));
+        let column_bands = threaded && pieces.len() == 1 && k > m && k > n && n >= MIN_BAND_COLUMNS * num_threads;
+        if column_bands {
             let width = n.div_ceil(num_threads).div_ceil(16) * 16;
             pieces = (0..n).step_by(width).map(|first| (0, 0, first..(first + width).min(n))).collect();
         }
         // lathe: many small products (attention's, one per batch and head) run side by side,
-        // each on one thread; gemm splitting each of them between threads synchronised once per
-        // product (bench-tiny's attention scores, 64 × 256 × 32 × 256: 1.83 ms, 1.10 ms side by side).
-        if matches!(parallelism, Parallelism::Rayon(_)) && (b >= 2 * num_threads || (pieces.len() > 1 && column_bands)) {
+        // each on one thread, rather than each split between the threads in turn (bench-tiny's
+        // attention scores, 64 × 256 × 32 × 256: 1.83 ms, 1.10 ms side by side).
+        if threaded && (b >= 2 * num_threads || column_bands) {
             pieces.into_par_iter().for_each(|piece| product(piece, Parallelism::None));
         } else {
             pieces.into_iter().for_each(|piece| product(piece, parallelism));
