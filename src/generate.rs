@@ -343,8 +343,8 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport> {
         ));
     }
     let tokenizer = folder.load_tokenizer()?;
-    let params = folder.load_params(&options.device)?;
-    let model = Decoder::new_inference(&folder.config, &params)?;
+    // The decoder keeps transposed copies of the projections: the loaded originals go now.
+    let model = Decoder::new_inference(&folder.config, &folder.load_params(&options.device)?)?;
     let mut eos = folder.eos_token_ids();
     if eos.is_empty() {
         eos.extend(tokenizer.eos_id());

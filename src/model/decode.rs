@@ -65,6 +65,11 @@ impl Rows {
     fn at(&self, b: usize, h: usize, j: usize) -> usize {
         self.start + b * self.batch + h * self.head + j * self.row
     }
+
+    /// Whether every row of `d` values of a `[b, heads, keys, d]` view lies within `len`.
+    fn within(&self, (b, heads, keys, d): (usize, usize, usize, usize), len: usize) -> bool {
+        b == 0 || heads == 0 || keys == 0 || self.at(b - 1, heads - 1, keys - 1) + d <= len
+    }
 }
 
 impl CustomOp3 for CachedAttention {
@@ -88,12 +93,16 @@ impl CustomOp3 for CachedAttention {
         if l3.dims() != l2.dims() || l2.dims()[3] != d || l2.dims()[0] != b {
             bail!("cached-attention: q {:?}, k {:?} and v {:?} do not fit", l1.dims(), l2.dims(), l3.dims())
         }
+        let (k_rows, v_rows) = (Rows::of(l2)?, Rows::of(l3)?);
+        if !k_rows.within((b, kv_heads, keys, d), k.len()) || !v_rows.within((b, kv_heads, keys, d), v.len()) {
+            bail!("cached-attention: the keys or values {:?} run past their storage", l2.dims())
+        }
         let problem = Problem {
             q: &q[l1.start_offset()..],
             k,
             v,
-            k_rows: Rows::of(l2)?,
-            v_rows: Rows::of(l3)?,
+            k_rows,
+            v_rows,
             heads,
             kv_heads,
             t,
@@ -160,13 +169,22 @@ impl Problem<'_> {
         for (row, out) in out.chunks_exact_mut(d).enumerate() {
             let (head, token) = (kv * groups + row / t, row % t);
             let query = &self.q[((batch * self.heads + head) * t + token) * d..][..d];
-            for (j, score) in scores.iter_mut().enumerate() {
-                *score = simd::dot(query, &self.k[self.k_rows.at(batch, kv, j)..][..d]);
-            }
             let mask = self.mask.map(|m| {
                 let mask_batch = if m.len() == t * keys { 0 } else { batch };
                 &m[(mask_batch * t + token) * keys..][..keys]
             });
+            #[cfg(target_arch = "x86_64")]
+            if avx512::fits(d) {
+                // SAFETY: `fits` checked AVX-512 and the head size; every key and value row
+                // of this (sequence, KV head) lies within the cache (checked by the caller).
+                unsafe { avx512::scores(query, self.k, self.k_rows, batch, kv, &mut scores) };
+                super::fused::softmax_row(&scores, mask, self.scale, &mut probs);
+                unsafe { avx512::weighted_values(&probs, self.v, self.v_rows, batch, kv, out) };
+                continue;
+            }
+            for (j, score) in scores.iter_mut().enumerate() {
+                *score = simd::dot(query, &self.k[self.k_rows.at(batch, kv, j)..][..d]);
+            }
             super::fused::softmax_row(&scores, mask, self.scale, &mut probs);
             for (j, &p) in probs.iter().enumerate() {
                 let value = &self.v[self.v_rows.at(batch, kv, j)..][..d];
@@ -174,6 +192,170 @@ impl Problem<'_> {
             }
         }
         out
+    }
+}
+
+/// Decoding's attention rows with the head in registers: a block of 16 keys' dot products
+/// reduced together by shuffles (one at a time, each key's horizontal sum was most of the
+/// step's attention), and the weighted values summed in registers.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Rows;
+    use crate::model::simd::{self, Level};
+
+    const LANE: usize = 16;
+    /// Head sizes up to this many registers (256 values).
+    const MAX_CHUNKS: usize = 16;
+
+    /// `$kernel::<C>($args)` for a head of `C` registers, `$chunks` of them (1 to 16).
+    macro_rules! by_chunks {
+        ($chunks:expr, $kernel:ident, $($arg:expr),*) => {
+            match $chunks {
+                1 => $kernel::<1>($($arg),*),
+                2 => $kernel::<2>($($arg),*),
+                3 => $kernel::<3>($($arg),*),
+                4 => $kernel::<4>($($arg),*),
+                5 => $kernel::<5>($($arg),*),
+                6 => $kernel::<6>($($arg),*),
+                7 => $kernel::<7>($($arg),*),
+                8 => $kernel::<8>($($arg),*),
+                9 => $kernel::<9>($($arg),*),
+                10 => $kernel::<10>($($arg),*),
+                11 => $kernel::<11>($($arg),*),
+                12 => $kernel::<12>($($arg),*),
+                13 => $kernel::<13>($($arg),*),
+                14 => $kernel::<14>($($arg),*),
+                15 => $kernel::<15>($($arg),*),
+                _ => $kernel::<16>($($arg),*),
+            }
+        };
+    }
+
+    /// Whether these kernels take heads of `d` values on this CPU.
+    pub(super) fn fits(d: usize) -> bool {
+        d > 0 && d.is_multiple_of(LANE) && d / LANE <= MAX_CHUNKS && simd::level() == Level::Avx512
+    }
+
+    /// `scores[j] = query · key j` for the keys of (`batch`, `kv`), `scores.len()` of them.
+    ///
+    /// # Safety
+    /// AVX-512 is there ([`fits`]), and every key row is within `k`.
+    pub(super) unsafe fn scores(query: &[f32], k: &[f32], rows: Rows, batch: usize, kv: usize, scores: &mut [f32]) {
+        unsafe { by_chunks!(query.len() / LANE, scores_of, query, k, rows, batch, kv, scores) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores_of<const C: usize>(query: &[f32], k: &[f32], rows: Rows, batch: usize, kv: usize, scores: &mut [f32]) {
+        let keys = scores.len();
+        unsafe {
+            let q: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(query.as_ptr().add(c * LANE)));
+            let base = k.as_ptr();
+            let mut first = 0;
+            while first < keys {
+                let count = (keys - first).min(LANE);
+                let mut sums = [_mm512_setzero_ps(); LANE];
+                let mut i = 0;
+                while i < count {
+                    let key = base.add(rows.at(batch, kv, first + i));
+                    let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
+                    let mut c = 1;
+                    while c < C {
+                        acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(key.add(c * LANE)), acc);
+                        c += 1;
+                    }
+                    sums[i] = acc;
+                    i += 1;
+                }
+                let lanes = ((1u32 << count) - 1) as u16;
+                _mm512_mask_storeu_ps(scores.as_mut_ptr().add(first), lanes, horizontal_sums(&sums));
+                first += count;
+            }
+        }
+    }
+
+    /// Lane `i` of the result is the sum of the lanes of `v[i]`: a transposing tree of adds.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn horizontal_sums(v: &[__m512; LANE]) -> __m512 {
+        // Within each 128-bit quarter: [a0+a2, b0+b2, a1+a3, b1+b3] for pairs (a, b).
+        let pairs: [__m512; 8] =
+            std::array::from_fn(|i| _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1])));
+        // Within each quarter: the quarter's sums of four vectors in order.
+        let fours: [__m512; 4] = std::array::from_fn(|i| {
+            let (a, b) = (_mm512_castps_pd(pairs[2 * i]), _mm512_castps_pd(pairs[2 * i + 1]));
+            _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)))
+        });
+        // Quarters paired up: (0 + 1, 2 + 3) of two groups of four.
+        let eights: [__m512; 2] = std::array::from_fn(|i| {
+            let (a, b) = (fours[2 * i], fours[2 * i + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+        });
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(eights[0], eights[1]), _mm512_shuffle_f32x4::<0xDD>(eights[0], eights[1]))
+    }
+
+    /// `out = Σ_j probs[j] · value j` for the values of (`batch`, `kv`).
+    ///
+    /// # Safety
+    /// As [`scores`], for `out` (`d` values) and the value rows in `v`.
+    pub(super) unsafe fn weighted_values(probs: &[f32], v: &[f32], rows: Rows, batch: usize, kv: usize, out: &mut [f32]) {
+        unsafe { by_chunks!(out.len() / LANE, weighted_values_of, probs, v, rows, batch, kv, out) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weighted_values_of<const C: usize>(probs: &[f32], v: &[f32], rows: Rows, batch: usize, kv: usize, out: &mut [f32]) {
+        let keys = probs.len();
+        unsafe {
+            // Even and odd keys in separate sums: twice the independent chains of multiply-adds.
+            let (mut even, mut odd) = ([_mm512_setzero_ps(); C], [_mm512_setzero_ps(); C]);
+            let base = v.as_ptr();
+            let mut j = 0;
+            while j + 1 < keys {
+                let (p0, p1) = (_mm512_set1_ps(*probs.get_unchecked(j)), _mm512_set1_ps(*probs.get_unchecked(j + 1)));
+                let (v0, v1) = (base.add(rows.at(batch, kv, j)), base.add(rows.at(batch, kv, j + 1)));
+                let mut c = 0;
+                while c < C {
+                    even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0.add(c * LANE)), even[c]);
+                    odd[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1.add(c * LANE)), odd[c]);
+                    c += 1;
+                }
+                j += 2;
+            }
+            if j < keys {
+                let (p, row) = (_mm512_set1_ps(*probs.get_unchecked(j)), base.add(rows.at(batch, kv, j)));
+                let mut c = 0;
+                while c < C {
+                    even[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(row.add(c * LANE)), even[c]);
+                    c += 1;
+                }
+            }
+            let mut c = 0;
+            while c < C {
+                _mm512_storeu_ps(out.as_mut_ptr().add(c * LANE), _mm512_add_ps(even[c], odd[c]));
+                c += 1;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn horizontal_sums_put_each_vectors_sum_in_its_lane() {
+            if simd::level() != Level::Avx512 {
+                return;
+            }
+            let values: Vec<[f32; LANE]> = (0..LANE).map(|i| std::array::from_fn(|l| ((i * 31 + l * 7) % 23) as f32 - 11.0)).collect();
+            // SAFETY: AVX-512 checked above.
+            let got: [f32; LANE] = unsafe {
+                let registers: [__m512; LANE] = std::array::from_fn(|i| _mm512_loadu_ps(values[i].as_ptr()));
+                std::mem::transmute(horizontal_sums(&registers))
+            };
+            let want: Vec<f32> = values.iter().map(|v| v.iter().sum()).collect();
+            assert_eq!(got.to_vec(), want);
+        }
     }
 }
 
@@ -187,25 +369,33 @@ mod tests {
 
     #[test]
     fn cached_attention_matches_matmuls_and_softmax_over_a_grouped_strided_cache() {
-        let device = candle_core::Device::Cpu;
-        let (b, heads, kv_heads, t, keys, d, capacity) = (3, 4, 2, 2, 9, 16, 12);
-        let tensor = |shape: &[usize], seed| Tensor::from_vec(values(shape.iter().product(), seed), shape, &device).unwrap();
-        let q = tensor(&[b, heads, t, d], 7);
-        // Keys and values are the first `keys` positions of larger buffers, as the cache holds them.
-        let k = tensor(&[b, kv_heads, capacity, d], 8).narrow(2, 0, keys).unwrap();
-        let v = tensor(&[b, kv_heads, capacity, d], 9).narrow(2, 0, keys).unwrap();
-        let mask = (tensor(&[b, t, keys], 10).ge(0.5).unwrap().to_dtype(DType::F32).unwrap() * -1e9).unwrap();
-        let scale = 0.25;
-        assert!(attention_applies(&q, &k));
-        let got = attention(&q, &k, &v, Some(&mask), scale).unwrap();
-        let groups = heads / kv_heads;
-        let expand = |x: &Tensor| {
-            x.unsqueeze(2).unwrap().repeat((1, 1, groups, 1, 1)).unwrap().reshape((b, heads, keys, d)).unwrap()
-        };
-        let scores = (q.matmul(&expand(&k).t().unwrap()).unwrap() * scale).unwrap().broadcast_add(&mask.unsqueeze(1).unwrap()).unwrap();
-        let probs = super::super::ops::composite::softmax_last_dim(&scores).unwrap();
-        let want = probs.matmul(&expand(&v)).unwrap().transpose(1, 2).unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-5, "max |Δ| {diff}");
+        // Head sizes for the AVX-512 kernels (16, 64, 256) and for the portable loop (20); key
+        // counts below, at and past a block of 16.
+        for (d, keys) in [(16, 9), (64, 16), (64, 37), (256, 5), (20, 9)] {
+            let (b, heads, kv_heads, t, capacity) = (3, 4, 2, 2, keys + 3);
+            let device = candle_core::Device::Cpu;
+            let tensor = |shape: &[usize], seed| Tensor::from_vec(values(shape.iter().product(), seed), shape, &device).unwrap();
+            let q = tensor(&[b, heads, t, d], 7);
+            // Keys and values are the first `keys` positions of larger buffers, as the cache holds them.
+            let k = tensor(&[b, kv_heads, capacity, d], 8).narrow(2, 0, keys).unwrap();
+            let v = tensor(&[b, kv_heads, capacity, d], 9).narrow(2, 0, keys).unwrap();
+            let mask = (tensor(&[b, t, keys], 10).ge(0.5).unwrap().to_dtype(DType::F32).unwrap() * -1e9).unwrap();
+            let scale = 0.25;
+            assert!(attention_applies(&q, &k));
+            let got = attention(&q, &k, &v, Some(&mask), scale).unwrap();
+            let groups = heads / kv_heads;
+            let expand = |x: &Tensor| {
+                x.unsqueeze(2).unwrap().repeat((1, 1, groups, 1, 1)).unwrap().reshape((b, heads, keys, d)).unwrap()
+            };
+            let scores = (q.matmul(&expand(&k).t().unwrap()).unwrap() * scale).unwrap().broadcast_add(&mask.unsqueeze(1).unwrap()).unwrap();
+            let probs = super::super::ops::composite::softmax_last_dim(&scores).unwrap();
+            let want = probs.matmul(&expand(&v)).unwrap().transpose(1, 2).unwrap();
+            let diff = (&got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "d {d}, {keys} keys: max |Δ| {diff}");
+            // The last sequence alone gets the same bits as in the batch.
+            let last = |x: &Tensor| x.narrow(0, b - 1, 1).unwrap();
+            let alone = attention(&last(&q).contiguous().unwrap(), &last(&k), &last(&v), Some(&last(&mask)), scale).unwrap();
+            assert_eq!(alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(), last(&got).flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
     }
 }
