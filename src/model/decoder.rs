@@ -349,6 +349,8 @@ struct Attention {
     head_dim: usize,
     scale: f64,
     softcap: Option<f64>,
+    /// Probabilities per layer from which training recomputes them (see [`RECOMPUTED_PROBS`]).
+    recompute_probs_from: usize,
 }
 
 impl Attention {
@@ -369,6 +371,7 @@ impl Attention {
             head_dim: config.head_dim,
             scale: config.attention_scale(),
             softcap: config.arch.attn_logit_softcapping,
+            recompute_probs_from: RECOMPUTED_PROBS / config.num_hidden_layers.max(1),
         })
     }
 
@@ -400,8 +403,13 @@ impl Attention {
         // per kv head serves the whole group without copying keys and values.
         let groups = heads / kv_heads;
         let q = q.reshape((b, kv_heads, groups * t, d))?;
-        let probs = if self.softcap.is_none() && super::fused::supported(&q) && super::fused::supported(&k) {
-            super::fused::attention_probs(&q, &k, mask, self.scale)?
+        let fused_probs = self.softcap.is_none() && fused::supported(&q) && fused::supported(&k);
+        if fused_probs && fused::supported(&v) && q.track_op() && b * heads * t * keys >= self.recompute_probs_from {
+            let out = attention_recomputing_probs(&q, &k, &v, mask, self.scale)?.reshape((b, heads, t, d))?.transpose(1, 2)?.contiguous()?;
+            return self.o_proj.forward(&out.reshape((b, t, heads * d))?);
+        }
+        let probs = if fused_probs {
+            fused::attention_probs(&q, &k, mask, self.scale)?
         } else {
             let scores = q.matmul(&k.t()?)?.reshape((b, kv_heads * groups, t, keys))?;
             let probs = match self.softcap {
@@ -413,6 +421,33 @@ impl Attention {
         let out = probs.matmul(&v)?.reshape((b, heads, t, d))?.transpose(1, 2)?.contiguous()?;
         self.o_proj.forward(&out.reshape((b, t, heads * d))?)
     }
+}
+
+/// Attention probabilities (`[B, heads, T, keys]` f32 elements, over all layers) from which
+/// training recomputes them in the backward pass instead of holding them: 256 MB. The
+/// SmolLM2-135M shape's batch 4 × 512 holds 38 MB a layer, 1.1 GB over its 30 layers, and
+/// recomputing costs one more `q kᵀ` and softmax, about 3% of a layer's work; bench-tiny's
+/// 34 MB stay held.
+const RECOMPUTED_PROBS: usize = 64 << 20;
+
+/// `softmax(scale · q kᵀ + mask) v` for queries `[B, KV, G·T, D]` and keys and values
+/// `[B, KV, keys, D]`, whose backward pass recomputes the probabilities from `q` and `k`: the
+/// graph holds q, k and v (which it holds anyway) and not the probabilities. The same ops run
+/// in the same order, so values and gradients are those of the plain path.
+fn attention_recomputing_probs(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let d = k.dim(3)?;
+    let value = fused::attention_probs(&q.detach(), &k.detach(), mask, scale)?.matmul(&v.detach().contiguous()?)?;
+    let mask = mask.cloned();
+    let backward: Backward = Arc::new(move |inputs: &[Tensor], grad: &Tensor| {
+        let q = Var::from_tensor(&inputs[0].detach())?;
+        let kv = Var::from_tensor(&inputs[1].detach())?;
+        let (k, v) = (kv.narrow(3, 0, d)?.contiguous()?, kv.narrow(3, d, d)?.contiguous()?);
+        let out = fused::attention_probs(q.as_tensor(), &k, mask.as_ref(), scale)?.matmul(&v)?;
+        let grads = (out * grad.detach())?.sum_all()?.backward()?;
+        Ok(vec![grads.get(q.as_tensor()).cloned(), grads.get(kv.as_tensor()).cloned()])
+    });
+    // Keys and values travel as one input (a recomputing op takes two).
+    recompute::with_backward2(q, &Tensor::cat(&[k, v], 3)?, &value, backward)
 }
 
 /// Gated feed-forward, SwiGLU or GeGLU (`model.layers.{i}.mlp.*`).

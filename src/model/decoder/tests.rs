@@ -194,3 +194,33 @@ fn token_logprobs_pick_the_next_token() {
     let lp: Vec<f32> = token_logprobs(&logits, &input).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
     assert!(lp[0] > -1e-3 && lp[1] > -1e-3);
 }
+
+#[test]
+fn attention_recomputing_probs_gives_the_plain_values_and_gradients() {
+    // Two query heads per key/value head, a causal mask with a padded first key in batch 1.
+    let (b, kv_heads, groups, t, d) = (2, 2, 2, 5, 16);
+    let device = Device::Cpu;
+    let var = |shape: &[usize], seed: u64| {
+        let values: Vec<f32> = (0..shape.iter().product::<usize>() as u64).map(|i| ((i * (2 * seed + 1) * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0).collect();
+        Var::from_vec(values, shape, &device).unwrap()
+    };
+    let (q, k, v) = (var(&[b, kv_heads, groups * t, d], 1), var(&[b, kv_heads, t, d], 2), var(&[b, kv_heads, t, d], 3));
+    let mask: Vec<f32> = (0..b * t * t).map(|i| {
+        let (batch, row, col) = (i / (t * t), i / t % t, i % t);
+        if col > row || (batch == 1 && col == 0) { MASKED } else { 0.0 }
+    }).collect();
+    let mask = Tensor::from_vec(mask, (b, t, t), &device).unwrap();
+    let weights = var(&[b, kv_heads, groups * t, d], 4).as_tensor().detach();
+    let run = |recomputed: bool| {
+        let out = if recomputed {
+            attention_recomputing_probs(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), 0.25).unwrap()
+        } else {
+            fused::attention_probs(q.as_tensor(), k.as_tensor(), Some(&mask), 0.25).unwrap().matmul(v.as_tensor()).unwrap()
+        };
+        let grads = recompute::backward(&(&out * &weights).unwrap().sum_all().unwrap()).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let grad = |x: &Var| flat(grads.get(x.as_tensor()).expect("a gradient"));
+        (flat(&out), grad(&q), grad(&k), grad(&v))
+    };
+    assert_eq!(run(true), run(false));
+}
