@@ -515,7 +515,10 @@ impl Block {
     /// activations from it (gradient checkpointing), with the same gradients.
     fn checkpointed(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let value = self.forward(&x.detach(), cos, sin, mask, None)?;
-        let (block, cos, sin, mask) = (self.clone(), cos.clone(), sin.clone(), mask.cloned());
+        let (mut block, cos, sin, mask) = (self.clone(), cos.clone(), sin.clone(), mask.cloned());
+        // The recomputed layer's activations live only through its own backward pass: its
+        // attention probabilities need no second recomputation.
+        block.self_attn.recompute_probs_from = usize::MAX;
         let backward: Backward = Arc::new(move |inputs: &[Tensor], grad: &Tensor| {
             let x = Var::from_tensor(&inputs[0].detach())?;
             let y = block.forward(x.as_tensor(), &cos, &sin, mask.as_ref(), None)?;
