@@ -256,17 +256,13 @@ mod avx512 {
             while first < keys {
                 let count = (keys - first).min(LANE);
                 let mut sums = [_mm512_setzero_ps(); LANE];
-                let mut i = 0;
-                while i < count {
+                for (i, sum) in sums[..count].iter_mut().enumerate() {
                     let key = base.add(rows.at(batch, kv, first + i));
                     let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
-                    let mut c = 1;
-                    while c < C {
-                        acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(key.add(c * LANE)), acc);
-                        c += 1;
+                    for (c, &qc) in q.iter().enumerate().skip(1) {
+                        acc = _mm512_fmadd_ps(qc, _mm512_loadu_ps(key.add(c * LANE)), acc);
                     }
-                    sums[i] = acc;
-                    i += 1;
+                    *sum = acc;
                 }
                 let lanes = ((1u32 << count) - 1) as u16;
                 _mm512_mask_storeu_ps(scores.as_mut_ptr().add(first), lanes, horizontal_sums(&sums));
@@ -314,26 +310,20 @@ mod avx512 {
             while j + 1 < keys {
                 let (p0, p1) = (_mm512_set1_ps(*probs.get_unchecked(j)), _mm512_set1_ps(*probs.get_unchecked(j + 1)));
                 let (v0, v1) = (base.add(rows.at(batch, kv, j)), base.add(rows.at(batch, kv, j + 1)));
-                let mut c = 0;
-                while c < C {
+                for c in 0..C {
                     even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0.add(c * LANE)), even[c]);
                     odd[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1.add(c * LANE)), odd[c]);
-                    c += 1;
                 }
                 j += 2;
             }
             if j < keys {
                 let (p, row) = (_mm512_set1_ps(*probs.get_unchecked(j)), base.add(rows.at(batch, kv, j)));
-                let mut c = 0;
-                while c < C {
-                    even[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(row.add(c * LANE)), even[c]);
-                    c += 1;
+                for (c, sum) in even.iter_mut().enumerate() {
+                    *sum = _mm512_fmadd_ps(p, _mm512_loadu_ps(row.add(c * LANE)), *sum);
                 }
             }
-            let mut c = 0;
-            while c < C {
+            for c in 0..C {
                 _mm512_storeu_ps(out.as_mut_ptr().add(c * LANE), _mm512_add_ps(even[c], odd[c]));
-                c += 1;
             }
         }
     }

@@ -435,14 +435,15 @@ const RECOMPUTED_PROBS: usize = 64 << 20;
 /// graph holds q, k and v (which it holds anyway) and not the probabilities. The same ops run
 /// in the same order, so values and gradients are those of the plain path.
 fn attention_recomputing_probs(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let attend = move |q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>| fused::attention_probs(q, k, mask, scale)?.matmul(v);
     let d = k.dim(3)?;
-    let value = fused::attention_probs(&q.detach(), &k.detach(), mask, scale)?.matmul(&v.detach().contiguous()?)?;
+    let value = attend(&q.detach(), &k.detach(), &v.detach().contiguous()?, mask)?;
     let mask = mask.cloned();
     let backward: Backward = Arc::new(move |inputs: &[Tensor], grad: &Tensor| {
         let q = Var::from_tensor(&inputs[0].detach())?;
         let kv = Var::from_tensor(&inputs[1].detach())?;
         let (k, v) = (kv.narrow(3, 0, d)?.contiguous()?, kv.narrow(3, d, d)?.contiguous()?);
-        let out = fused::attention_probs(q.as_tensor(), &k, mask.as_ref(), scale)?.matmul(&v)?;
+        let out = attend(q.as_tensor(), &k, &v, mask.as_ref())?;
         let grads = (out * grad.detach())?.sum_all()?.backward()?;
         Ok(vec![grads.get(q.as_tensor()).cloned(), grads.get(kv.as_tensor()).cloned()])
     });
