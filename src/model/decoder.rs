@@ -15,6 +15,7 @@ use super::config::ModelConfig;
 use super::family::Activation;
 use super::fused;
 use super::lora::{self, Adapter};
+use super::panels::Panels;
 use super::ops::{attention_softmax, gated_activation, rms_norm, rope_heads_first, softcap};
 use super::recompute::{self, Backward};
 use super::rope::Rope;
@@ -95,19 +96,58 @@ impl Lora {
 /// `y = x Wᵀ + b` over the last dimension, plus a LoRA term where an adapter wraps the layer.
 #[derive(Clone)]
 struct Linear {
-    /// `Wᵀ`, `[in, out]` (see [`Weights::transposed`]).
-    weight_t: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     lora: Option<Lora>,
     /// A frozen base's weight: no gradient is computed for it.
     frozen: bool,
 }
 
+/// A linear layer's weight as its products read it.
+#[derive(Clone)]
+enum LinearWeight {
+    /// `Wᵀ`, `[in, out]` (see [`Weights::transposed`]).
+    Transposed(Tensor),
+    /// An inference decoder's on AVX-512: packed for reading at memory speed.
+    Panels(Arc<Panels>),
+}
+
+impl LinearWeight {
+    /// `weight` `[out, in]` as `params`' mode wants it.
+    fn of(params: &Weights, weight: &Tensor) -> Result<Self> {
+        if params.mode == Mode::Inference
+            && let Some(panels) = Panels::pack(weight)?
+        {
+            return Ok(LinearWeight::Panels(Arc::new(panels)));
+        }
+        Ok(LinearWeight::Transposed(params.transposed(weight)?))
+    }
+
+    fn out_features(&self) -> Result<usize> {
+        match self {
+            LinearWeight::Transposed(weight_t) => weight_t.dim(1),
+            LinearWeight::Panels(panels) => Ok(panels.out_features()),
+        }
+    }
+
+    /// `x Wᵀ` for rows `x` `[N, in]`; for a frozen weight that `x` needs a gradient through,
+    /// without one for the weight.
+    fn product(&self, x: &Tensor, frozen: bool) -> Result<Tensor> {
+        match self {
+            LinearWeight::Panels(panels) => panels.product(x),
+            LinearWeight::Transposed(weight_t) if frozen && x.track_op() && fused::supported(x) && fused::supported(weight_t) => {
+                fused::frozen_matmul(x, weight_t)
+            }
+            LinearWeight::Transposed(weight_t) => x.matmul(weight_t),
+        }
+    }
+}
+
 impl Linear {
     fn load(params: &Weights, prefix: &str, bias: bool) -> Result<Self> {
         let weight = params.get(&format!("{prefix}.weight"))?;
         Ok(Linear {
-            weight_t: params.transposed(&weight)?,
+            weight: LinearWeight::of(params, &weight)?,
             bias: if bias { Some(params.get(&format!("{prefix}.bias"))?) } else { None },
             lora: params.lora(prefix)?,
             frozen: params.mode == Mode::Frozen,
@@ -119,14 +159,14 @@ impl Linear {
         let features = dims.pop().unwrap_or(1);
         let rows: usize = dims.iter().product();
         let x = x.reshape((rows, features))?;
-        let mut y = frozen_or_matmul(&x, &self.weight_t, self.frozen)?;
+        let mut y = self.weight.product(&x, self.frozen)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
         if let Some(delta) = self.lora.as_ref().map(|l| l.delta(&x)).transpose()?.flatten() {
             y = (y + delta)?;
         }
-        dims.push(self.weight_t.dim(1)?);
+        dims.push(self.weight.out_features()?);
         y.reshape(dims)
     }
 }
@@ -142,37 +182,29 @@ enum Projections {
 impl Projections {
     /// `names` and `sizes` in output order; `fused` names the one stored tensor instead.
     fn load(params: &Weights, prefix: &str, names: &[&str], fused: Option<&str>, sizes: &[usize], bias: bool) -> Result<Self> {
-        match fused {
-            Some(name) => Ok(Projections::Fused {
+        if let Some(name) = fused {
+            return Ok(Projections::Fused {
                 linear: Linear::load(params, &format!("{prefix}.{name}"), bias)?,
                 sizes: sizes.to_vec(),
-            }),
-            None => {
-                let layers = names
-                    .iter()
-                    .map(|name| Linear::load(params, &format!("{prefix}.{name}"), bias))
-                    .collect::<Result<Vec<_>>>()?;
-                match params.mode {
-                    Mode::Inference => Self::joined(layers, sizes),
-                    _ => Ok(Projections::Separate(layers)),
-                }
-            }
+            });
         }
+        let prefixes: Vec<String> = names.iter().map(|name| format!("{prefix}.{name}")).collect();
+        if params.mode == Mode::Inference && names.len() > 1 && params.adapter.is_none() {
+            return Self::joined(params, &prefixes, sizes, bias);
+        }
+        let layers = prefixes.iter().map(|p| Linear::load(params, p, bias)).collect::<Result<Vec<_>>>()?;
+        Ok(Projections::Separate(layers))
     }
 
-    /// For inference, separate projections as one product of their weights side by side
-    /// (`[in, q + k + v]`, `[in, 2 · intermediate]`): a decoding step makes one call instead
-    /// of three or two, large enough to share between the cores. Not with LoRA pairs, which
-    /// act on each layer alone.
-    fn joined(layers: Vec<Linear>, sizes: &[usize]) -> Result<Self> {
-        if layers.len() < 2 || layers.iter().any(|l| l.lora.is_some()) {
-            return Ok(Projections::Separate(layers));
-        }
-        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight_t).collect();
-        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
+    /// For inference, separate projections as one product of their weights stacked
+    /// (`[q + k + v, in]`, `[2 · intermediate, in]`): a decoding step makes one call instead
+    /// of three or two, large enough to share between the cores. Not with an adapter, whose
+    /// LoRA pairs act on each layer alone.
+    fn joined(params: &Weights, prefixes: &[String], sizes: &[usize], bias: bool) -> Result<Self> {
+        let tensors = |suffix: &str| prefixes.iter().map(|p| params.get(&format!("{p}.{suffix}"))).collect::<Result<Vec<_>>>();
         let linear = Linear {
-            weight_t: Tensor::cat(&weights, 1)?,
-            bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
+            weight: LinearWeight::of(params, &Tensor::cat(&tensors("weight")?, 0)?)?,
+            bias: if bias { Some(Tensor::cat(&tensors("bias")?, 0)?) } else { None },
             lora: None,
             frozen: false,
         };
@@ -593,9 +625,9 @@ pub struct Decoder {
     embed_tokens: Tensor,
     layers: Vec<Block>,
     norm: Norm,
-    /// Heads as `[hidden, out]` (see [`Linear`]): `lm_head` or the tied embedding, and `score`.
-    lm_head_t: Option<Tensor>,
-    score_t: Option<Tensor>,
+    /// Heads (see [`LinearWeight`]): `lm_head` or the tied embedding, and `score`.
+    lm_head: Option<LinearWeight>,
+    score: Option<LinearWeight>,
     rope: Rope,
     switch: Arc<AdapterSwitch>,
     /// Recompute each layer in the backward pass instead of keeping its activations.
@@ -643,22 +675,15 @@ impl Decoder {
         let layers = (0..config.num_hidden_layers)
             .map(|layer| Block::load(params, layer, config))
             .collect::<Result<Vec<_>>>()?;
-        let lm_head_t = if config.tie_word_embeddings {
-            Some(params.transposed(&embed_tokens)?)
-        } else {
-            params.optional("lm_head.weight").map(|w| params.transposed(&w)).transpose()?
-        };
-        let score_t = match params.score() {
-            Some(w) if params.mode == Mode::Inference => Some(w.t()?.contiguous()?),
-            Some(w) => Some(w.t()?),
-            None => None,
-        };
+        let lm_head = if config.tie_word_embeddings { Some(embed_tokens.clone()) } else { params.optional("lm_head.weight") };
+        let lm_head = lm_head.map(|w| LinearWeight::of(params, &w)).transpose()?;
+        let score = params.score().map(|w| LinearWeight::of(params, &w)).transpose()?;
         Ok(Decoder {
             config: config.clone(),
             layers,
             norm: Norm::load(params, "model.norm.weight", config)?,
-            lm_head_t,
-            score_t,
+            lm_head,
+            score,
             rope: Rope::new(config, &device)?,
             embed_tokens,
             switch: params.switch.clone(),
@@ -726,42 +751,60 @@ impl Decoder {
 
     /// Next-token logits `[B, T, vocab]` from hidden states (soft-capped where the family caps).
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let weight_t = self.lm_head()?;
-        let logits = project(hidden, weight_t, self.frozen_base)?;
+        let logits = project(hidden, self.lm_head()?, self.frozen_base)?;
         match self.config.arch.final_logit_softcapping {
             Some(cap) => softcap(&logits, cap),
             None => Ok(logits),
         }
     }
 
-    /// `Wᵀ` of the LM head.
-    fn lm_head(&self) -> Result<&Tensor> {
-        self.lm_head_t.as_ref().ok_or_else(|| candle_core::Error::Msg("this model has no language-model head".into()))
+    fn lm_head(&self) -> Result<&LinearWeight> {
+        self.lm_head.as_ref().ok_or_else(|| candle_core::Error::Msg("this model has no language-model head".into()))
     }
 
     /// The LM head's cross-entropy `[N]` (in the graph) against `targets` for rows `hidden`
     /// `[N, H]`, and each row's argmax (empty unless `argmax`). A large head runs over chunks
-    /// of rows ([`fused::linear_cross_entropy`]) so the `[N, V]` logits are never held at once.
+    /// of rows ([`fused::linear_cross_entropy`]; for an inference decoder, which has no graph
+    /// to keep, one chunk's logits after another) so the `[N, V]` logits are never held at once.
     pub fn lm_cross_entropy(&self, hidden: &Tensor, targets: &[u32], argmax: bool) -> Result<(Tensor, Vec<u32>)> {
-        let weight_t = self.lm_head()?;
-        let (n, vocab) = (targets.len(), weight_t.dim(1)?);
-        if n * vocab >= CHUNKED_HEAD_ELEMENTS && fused::supported(hidden) && fused::supported(weight_t) {
-            let softcap = self.config.arch.final_logit_softcapping.map(|c| c as f32);
-            return fused::linear_cross_entropy(hidden, weight_t, targets.to_vec(), softcap, !self.frozen_base);
+        let n = targets.len();
+        let vocab = self.lm_head()?.out_features()?;
+        let chunk_rows = (CHUNKED_HEAD_ELEMENTS / vocab).max(1);
+        match self.lm_head()? {
+            LinearWeight::Transposed(weight_t) if n * vocab >= CHUNKED_HEAD_ELEMENTS && fused::supported(hidden) && fused::supported(weight_t) => {
+                let softcap = self.config.arch.final_logit_softcapping.map(|c| c as f32);
+                fused::linear_cross_entropy(hidden, weight_t, targets.to_vec(), softcap, !self.frozen_base)
+            }
+            LinearWeight::Panels(_) if n > chunk_rows => self.cross_entropy_in_chunks(hidden, targets, argmax, chunk_rows),
+            _ => self.unchunked_cross_entropy(hidden, targets, argmax),
         }
+    }
+
+    /// Without a graph: one chunk of `chunk_rows` rows' logits at a time.
+    fn cross_entropy_in_chunks(&self, hidden: &Tensor, targets: &[u32], argmax: bool, chunk_rows: usize) -> Result<(Tensor, Vec<u32>)> {
+        let (mut losses, mut predicted) = (Vec::new(), Vec::new());
+        for (i, chunk) in targets.chunks(chunk_rows).enumerate() {
+            let (loss, argmaxes) = self.unchunked_cross_entropy(&hidden.narrow(0, i * chunk_rows, chunk.len())?, chunk, argmax)?;
+            losses.push(loss);
+            predicted.extend(argmaxes);
+        }
+        Ok((Tensor::cat(&losses, 0)?, predicted))
+    }
+
+    fn unchunked_cross_entropy(&self, hidden: &Tensor, targets: &[u32], argmax: bool) -> Result<(Tensor, Vec<u32>)> {
         let logits = self.lm_logits(&hidden.unsqueeze(0)?)?.squeeze(0)?;
-        let losses = super::ops::cross_entropy_rows(&logits, &Tensor::from_slice(targets, n, hidden.device())?)?;
+        let losses = super::ops::cross_entropy_rows(&logits, &Tensor::from_slice(targets, targets.len(), hidden.device())?)?;
         let predicted = if argmax { logits.detach().argmax(D::Minus1)?.to_vec1()? } else { Vec::new() };
         Ok((losses, predicted))
     }
 
     /// Classification scores `[B, T, num_labels]` from hidden states (`score` head).
     pub fn class_scores(&self, hidden: &Tensor) -> Result<Tensor> {
-        let weight_t = self
-            .score_t
+        let weight = self
+            .score
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("this model has no `score` head".into()))?;
-        project(hidden, weight_t, false)
+        project(hidden, weight, false)
     }
 
     /// Hidden states and logits of every position.
@@ -772,21 +815,9 @@ impl Decoder {
     }
 }
 
-fn project(hidden: &Tensor, weight_t: &Tensor, frozen: bool) -> Result<Tensor> {
+fn project(hidden: &Tensor, weight: &LinearWeight, frozen: bool) -> Result<Tensor> {
     let (b, t, h) = hidden.dims3()?;
-    frozen_or_matmul(&hidden.reshape((b * t, h))?, weight_t, frozen)?.reshape((b, t, weight_t.dim(1)?))
-}
-
-/// `x Wᵀ`; for a frozen weight that `x` needs a gradient through, without one for the weight;
-/// for a decoding step's few rows, by the kernel made for them.
-fn frozen_or_matmul(x: &Tensor, weight_t: &Tensor, frozen: bool) -> Result<Tensor> {
-    if super::few_rows::applies(x, weight_t) {
-        super::few_rows::product(x, weight_t)
-    } else if frozen && x.track_op() && super::fused::supported(x) && super::fused::supported(weight_t) {
-        super::fused::frozen_matmul(x, weight_t)
-    } else {
-        x.matmul(weight_t)
-    }
+    weight.product(&hidden.reshape((b * t, h))?, frozen)?.reshape((b, t, weight.out_features()?))
 }
 
 /// Rows × vocabulary from which the LM head's loss runs chunked: 128 MB of f32 logits (the

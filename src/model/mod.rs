@@ -14,7 +14,7 @@ pub mod recompute;
 pub mod rope;
 pub mod simd;
 pub mod decode;
-pub mod few_rows;
+pub mod panels;
 pub mod team;
 pub mod weights;
 

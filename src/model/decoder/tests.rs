@@ -69,6 +69,30 @@ fn logits_match_transformers() {
     }
 }
 
+/// An inference decoder (its weights packed in panels where the CPU has AVX-512) gives
+/// transformers' logits, prefilled or decoded, and its loss in chunks equals the whole one.
+#[test]
+fn inference_decoder_matches_transformers_cached_and_in_chunks() {
+    let folder = ModelFolder::open(fixture("causal-lm").to_str().unwrap()).unwrap();
+    let model = Decoder::new_inference(&folder.config, &folder.load_params(&Device::Cpu).unwrap()).unwrap();
+    let tensors = load("expected_logits.safetensors");
+    for probe in 0..2 {
+        let input = ids(&tensors[&format!("input_ids.{probe}")]);
+        let (hidden, logits) = model.forward_logits(&row(&input), ForwardOptions::default(), None).unwrap();
+        let diff = max_abs_diff(&logits.squeeze(0).unwrap(), &tensors[&format!("logits.{probe}")]);
+        assert!(diff <= 1e-4, "probe {probe}: max |Δ| = {diff}");
+        let (incremental, _) = cached_logits(&model, &input, 3);
+        assert!(max_abs_diff(&incremental, &logits) <= 1e-5, "probe {probe}: through the cache");
+
+        let (hidden, targets) = (hidden.squeeze(0).unwrap().narrow(0, 0, input.len() - 1).unwrap(), &input[1..]);
+        let (whole, whole_argmax) = model.unchunked_cross_entropy(&hidden, targets, true).unwrap();
+        let (chunked, chunked_argmax) = model.cross_entropy_in_chunks(&hidden, targets, true, 3).unwrap();
+        assert!(max_abs_diff(&whole, &chunked) <= 1e-6, "probe {probe}: chunked loss");
+        assert_eq!(whole_argmax, chunked_argmax);
+        assert_eq!(whole.dims1().unwrap(), targets.len());
+    }
+}
+
 #[test]
 fn greedy_continuations_match_transformers() {
     let model = causal_lm();
