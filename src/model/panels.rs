@@ -37,13 +37,16 @@ pub struct Panels {
     values: Vec<f32>,
     k: usize,
     n: usize,
+    /// The kernel's instructions: AVX-512 or AVX2 + FMA.
+    level: Level,
 }
 
 impl Panels {
-    /// `weight` `[N, K]` (a linear layer's, out × in) packed; `None` where the kernel does not
-    /// run (not CPU f32, or a CPU without AVX-512), so the caller keeps a plain `Wᵀ`.
+    /// `weight` `[N, K]` (a linear layer's, out × in) packed; `None` where the kernels do not
+    /// run (not CPU f32, or a CPU without AVX2 and FMA), so the caller keeps a plain `Wᵀ`.
     pub fn pack(weight: &Tensor) -> Result<Option<Self>> {
-        if simd::level() != Level::Avx512 || !weight.device().is_cpu() || weight.dtype() != DType::F32 {
+        let level = simd::level();
+        if level == Level::Baseline || !weight.device().is_cpu() || weight.dtype() != DType::F32 {
             return Ok(None);
         }
         let (n, k) = weight.dims2()?;
@@ -61,7 +64,7 @@ impl Panels {
                 }
             }
         });
-        Ok(Some(Panels { values, k, n }))
+        Ok(Some(Panels { values, k, n, level }))
     }
 
     /// `N`, the output features.
@@ -88,11 +91,17 @@ impl Panels {
                 for p in range.clone() {
                     for b in first..(first + blocks_per_pass).min(blocks) {
                         let rows = BLOCK_ROWS.min(m - b * BLOCK_ROWS);
-                        // SAFETY: AVX-512 is there (checked by `pack`); the tasks write disjoint
-                        // panels' columns of `y`, which outlives them; the block and the panel
-                        // lie within `x` and `values` by the sizes above.
                         let at = At { y: out, n, row: b * BLOCK_ROWS, col: p * PANEL };
-                        unsafe { avx512::tile(rows, &x[b * BLOCK_ROWS * k..][..rows * k], &self.values[p * PANEL * k..][..PANEL * k], k, at) }
+                        let (x, panel) = (&x[b * BLOCK_ROWS * k..][..rows * k], &self.values[p * PANEL * k..][..PANEL * k]);
+                        // SAFETY: the CPU has the kernel's instructions (checked by `pack`); the
+                        // tasks write disjoint panels' columns of `y`, which outlives them; the
+                        // block and the panel lie within `x` and `values` by the sizes above.
+                        unsafe {
+                            match self.level {
+                                Level::Avx512 => avx512::tile(rows, x, panel, k, at),
+                                _ => avx2::tile(rows, x, panel, k, at),
+                            }
+                        }
                     }
                 }
             }
@@ -222,6 +231,85 @@ mod avx512 {
     }
 }
 
+/// The same tiles with AVX2's sixteen 8-float registers: a block's rows go four at a time
+/// over each half of the panel (twelve sums, three weights and a broadcast value), a single
+/// row over the whole panel at once. Every output is the same chain of fused multiply-adds as
+/// on AVX-512, so both give the same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{At, PANEL};
+
+    const LANE: usize = 8;
+    const AHEAD: usize = 8;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(rows: usize, x: &[f32], panel: &[f32], k: usize, at: At) {
+        unsafe {
+            if rows == 1 {
+                return part::<1, { PANEL / LANE }>(x, panel, k, at, 0);
+            }
+            for first in (0..rows).step_by(4) {
+                let x = &x[first * k..];
+                let at = At { row: at.row + first, ..at };
+                for half in [0, PANEL / 2] {
+                    match rows - first {
+                        1 => part::<1, 3>(x, panel, k, at, half),
+                        2 => part::<2, 3>(x, panel, k, at, half),
+                        3 => part::<3, 3>(x, panel, k, at, half),
+                        _ => part::<4, 3>(x, panel, k, at, half),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `M` rows times the panel's columns `from .. from + 8·V`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn part<const M: usize, const V: usize>(x: &[f32], panel: &[f32], k: usize, at: At, from: usize) {
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); V]; M];
+            let (x, w) = (x.as_ptr(), panel.as_ptr().add(from));
+            for j in 0..k {
+                let row = w.add(j * PANEL);
+                if j + AHEAD < k {
+                    for v in (0..V).step_by(2) {
+                        _mm_prefetch::<_MM_HINT_T1>(row.add(AHEAD * PANEL + v * LANE) as *const i8);
+                    }
+                }
+                let mut weights = [_mm256_setzero_ps(); V];
+                for (v, weight) in weights.iter_mut().enumerate() {
+                    *weight = _mm256_loadu_ps(row.add(v * LANE));
+                }
+                for (i, sums) in acc.iter_mut().enumerate() {
+                    let xi = _mm256_set1_ps(*x.add(i * k + j));
+                    for (sum, &weight) in sums.iter_mut().zip(&weights) {
+                        *sum = _mm256_fmadd_ps(xi, weight, *sum);
+                    }
+                }
+            }
+            // The last panel's padding columns are not stored.
+            let width = at.n.saturating_sub(at.col + from).min(V * LANE);
+            for (i, sums) in acc.iter().enumerate() {
+                let out = at.y.0.add((at.row + i) * at.n + at.col + from);
+                if width == V * LANE {
+                    for (v, &sum) in sums.iter().enumerate() {
+                        _mm256_storeu_ps(out.add(v * LANE), sum);
+                    }
+                } else {
+                    let mut spill = [0f32; PANEL];
+                    for (v, &sum) in sums.iter().enumerate() {
+                        _mm256_storeu_ps(spill.as_mut_ptr().add(v * LANE), sum);
+                    }
+                    std::ptr::copy_nonoverlapping(spill.as_ptr(), out, width);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};
@@ -236,7 +324,7 @@ mod tests {
     #[test]
     fn matches_gemm_and_each_row_is_the_same_in_any_batch() {
         let Some(_) = Panels::pack(&random(2, 2, 1)).unwrap() else {
-            assert!(simd::level() != Level::Avx512, "packs wherever AVX-512 is");
+            assert_eq!(simd::level(), Level::Baseline, "packs wherever AVX2 is");
             return;
         };
         // Column counts with full and padded last panels; rows in whole and partial blocks,
