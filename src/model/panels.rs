@@ -88,18 +88,21 @@ impl Panels {
         let blocks_per_pass = (ROWS_PER_PASS_BYTES / (BLOCK_ROWS * k * 4)).max(1);
         let run = |range: std::ops::Range<usize>| {
             for first in (0..blocks).step_by(blocks_per_pass) {
+                let last = (first + blocks_per_pass).min(blocks);
                 for p in range.clone() {
-                    for b in first..(first + blocks_per_pass).min(blocks) {
+                    for b in first..last {
                         let rows = BLOCK_ROWS.min(m - b * BLOCK_ROWS);
                         let at = At { y: out, n, row: b * BLOCK_ROWS, col: p * PANEL };
                         let (x, panel) = (&x[b * BLOCK_ROWS * k..][..rows * k], &self.values[p * PANEL * k..][..PANEL * k]);
+                        // The pass's last block fetches the task's next panel meanwhile.
+                        let next = (b + 1 == last && p + 1 < range.end).then(|| &self.values[(p + 1) * PANEL * k..][..PANEL * k]);
                         // SAFETY: the CPU has the kernel's instructions (checked by `pack`); the
                         // tasks write disjoint panels' columns of `y`, which outlives them; the
                         // block and the panel lie within `x` and `values` by the sizes above.
                         unsafe {
                             match self.level {
                                 Level::Avx512 => avx512::tile(rows, x, panel, k, at),
-                                _ => avx2::tile(rows, x, panel, k, at),
+                                _ => avx2::tile(rows, x, panel, next, k, at),
                             }
                         }
                     }
@@ -244,23 +247,61 @@ mod avx2 {
     const LANE: usize = 8;
     const AHEAD: usize = 8;
 
+    /// As AVX-512's `tile`; `next`, the panel multiplied after this one, is fetched into L2
+    /// a little at each step, so that the passes over this panel from L2 overlap the next
+    /// one's reads from memory.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile(rows: usize, x: &[f32], panel: &[f32], k: usize, at: At) {
+    pub(super) unsafe fn tile(rows: usize, x: &[f32], panel: &[f32], next: Option<&[f32]>, k: usize, at: At) {
         unsafe {
             if rows == 1 {
-                return part::<1, { PANEL / LANE }>(x, panel, k, at, 0);
+                return part::<1, { PANEL / LANE }>(x, panel, k, at, 0, Fetch::new(next, 0, 1));
             }
-            for first in (0..rows).step_by(4) {
+            let passes = rows.div_ceil(4) * 2;
+            for (quad, first) in (0..rows).step_by(4).enumerate() {
                 let x = &x[first * k..];
                 let at = At { row: at.row + first, ..at };
-                for half in [0, PANEL / 2] {
+                for (h, half) in [0, PANEL / 2].into_iter().enumerate() {
+                    let fetch = Fetch::new(next, quad * 2 + h, passes);
                     match rows - first {
-                        1 => part::<1, 3>(x, panel, k, at, half),
-                        2 => part::<2, 3>(x, panel, k, at, half),
-                        3 => part::<3, 3>(x, panel, k, at, half),
-                        _ => part::<4, 3>(x, panel, k, at, half),
+                        1 => part::<1, 3>(x, panel, k, at, half, fetch),
+                        2 => part::<2, 3>(x, panel, k, at, half, fetch),
+                        3 => part::<3, 3>(x, panel, k, at, half, fetch),
+                        _ => part::<4, 3>(x, panel, k, at, half, fetch),
                     }
                 }
+            }
+        }
+    }
+
+    /// The share of the next panel that one of a tile's passes fetches: its lines from
+    /// `from` on, `per_step` bytes for each step of `k`.
+    #[derive(Clone, Copy)]
+    struct Fetch {
+        from: *const i8,
+        per_step: usize,
+    }
+
+    impl Fetch {
+        fn new(next: Option<&[f32]>, pass: usize, passes: usize) -> Self {
+            match next {
+                Some(next) => {
+                    let per_step = PANEL * 4 / passes;
+                    let k = next.len() / PANEL;
+                    Fetch { from: next.as_ptr().cast::<i8>().wrapping_add(pass * per_step * k), per_step }
+                }
+                None => Fetch { from: std::ptr::null(), per_step: 0 },
+            }
+        }
+
+        /// Fetches step `j`'s lines.
+        #[inline(always)]
+        unsafe fn step(self, j: usize) {
+            if self.from.is_null() {
+                return;
+            }
+            let (lo, hi) = ((j * self.per_step).div_ceil(64), ((j + 1) * self.per_step).div_ceil(64));
+            for line in lo..hi {
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(self.from.wrapping_add(line * 64)) };
             }
         }
     }
@@ -268,7 +309,7 @@ mod avx2 {
     /// `M` rows times the panel's columns `from .. from + 8·V`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn part<const M: usize, const V: usize>(x: &[f32], panel: &[f32], k: usize, at: At, from: usize) {
+    unsafe fn part<const M: usize, const V: usize>(x: &[f32], panel: &[f32], k: usize, at: At, from: usize, fetch: Fetch) {
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); V]; M];
             let (x, w) = (x.as_ptr(), panel.as_ptr().add(from));
@@ -279,6 +320,7 @@ mod avx2 {
                         _mm_prefetch::<_MM_HINT_T1>(row.add(AHEAD * PANEL + v * LANE) as *const i8);
                     }
                 }
+                fetch.step(j);
                 let mut weights = [_mm256_setzero_ps(); V];
                 for (v, weight) in weights.iter_mut().enumerate() {
                     *weight = _mm256_loadu_ps(row.add(v * LANE));
