@@ -108,7 +108,7 @@ struct Linear {
 enum LinearWeight {
     /// `Wᵀ`, `[in, out]` (see [`Weights::transposed`]).
     Transposed(Tensor),
-    /// An inference decoder's on AVX-512: packed for reading at memory speed.
+    /// An inference decoder's on a CPU with AVX-512 or AVX2: packed for reading at memory speed.
     Panels(Arc<Panels>),
 }
 
@@ -768,9 +768,10 @@ impl Decoder {
     /// to keep, one chunk's logits after another) so the `[N, V]` logits are never held at once.
     pub fn lm_cross_entropy(&self, hidden: &Tensor, targets: &[u32], argmax: bool) -> Result<(Tensor, Vec<u32>)> {
         let n = targets.len();
-        let vocab = self.lm_head()?.out_features()?;
+        let head = self.lm_head()?;
+        let vocab = head.out_features()?;
         let chunk_rows = (CHUNKED_HEAD_ELEMENTS / vocab).max(1);
-        match self.lm_head()? {
+        match head {
             LinearWeight::Transposed(weight_t) if n * vocab >= CHUNKED_HEAD_ELEMENTS && fused::supported(hidden) && fused::supported(weight_t) => {
                 let softcap = self.config.arch.final_logit_softcapping.map(|c| c as f32);
                 fused::linear_cross_entropy(hidden, weight_t, targets.to_vec(), softcap, !self.frozen_base)

@@ -26,6 +26,11 @@ const BLOCK_ROWS: usize = 8;
 /// the weight once, so prefill streams it once per this many bytes of input, from L2.
 const ROWS_PER_PASS_BYTES: usize = 256 << 10;
 
+/// Panel rows fetched into L2 ahead of the one multiplied: the hardware prefetcher follows
+/// a panel's sequential reads, this keeps it ahead (AVX-512, bench-tiny's weights at batch 8,
+/// two threads: none 46, 4 rows 50, 8 rows 51 GB/s).
+const AHEAD: usize = 8;
+
 /// Multiply-adds from which the panels are split between two threads: with the spinning
 /// helper a 256 × 256 weight's one row already gains; waking a rayon worker pays from about 2¹⁹.
 const PARALLEL_ON_HELPER: usize = 1 << 16;
@@ -162,15 +167,10 @@ unsafe impl Sync for Out {}
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{At, PANEL};
+    use super::{AHEAD, At, PANEL};
 
     const LANE: usize = 16;
     const REGISTERS: usize = PANEL / LANE;
-
-    /// Panel rows fetched into L2 ahead of the one multiplied: the hardware prefetcher follows
-    /// a panel's sequential reads, this keeps it ahead (bench-tiny's weights at batch 8, two
-    /// threads: none 46, 4 rows 50, 8 rows 51 GB/s).
-    const AHEAD: usize = 8;
 
     /// A block of `rows ≤ 8` rows of `x` (`k` each) and the panel's `k × PANEL` values. Each step of `k`
     /// reads one value of every row: eight streams whose lines stay in L1 for 16 steps. The sums
@@ -242,10 +242,9 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{At, PANEL};
+    use super::{AHEAD, At, PANEL};
 
     const LANE: usize = 8;
-    const AHEAD: usize = 8;
 
     /// As AVX-512's `tile`; `next`, the panel multiplied after this one, is fetched into L2
     /// a little at each step, so that the passes over this panel from L2 overlap the next
@@ -262,6 +261,10 @@ mod avx2 {
                 let at = At { row: at.row + first, ..at };
                 for (h, half) in [0, PANEL / 2].into_iter().enumerate() {
                     let fetch = Fetch::new(next, quad * 2 + h, passes);
+                    if at.col + half >= at.n {
+                        // The last panel's second half is all padding.
+                        continue;
+                    }
                     match rows - first {
                         1 => part::<1, 3>(x, panel, k, at, half, fetch),
                         2 => part::<2, 3>(x, panel, k, at, half, fetch),

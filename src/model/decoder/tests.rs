@@ -69,7 +69,7 @@ fn logits_match_transformers() {
     }
 }
 
-/// An inference decoder (its weights packed in panels where the CPU has AVX-512) gives
+/// An inference decoder (its weights packed in panels where the CPU has AVX-512 or AVX2) gives
 /// transformers' logits, prefilled or decoded, and its loss in chunks equals the whole one.
 #[test]
 fn inference_decoder_matches_transformers_cached_and_in_chunks() {
