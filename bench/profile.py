@@ -15,13 +15,18 @@ Workloads:
   sft smollm2-135m      (needs REFERENCE_PYTHON, whose transformers writes the shape once with
                         ../shared/bench/shapes.py) the SmolLM2-135M shape, batch 4, max length 512,
                         the Alpaca prompt/completion rows: 2 warm-up steps, 3 sampled.
+  rm-train bench-tiny   `make bench`'s rm-train workload (hh-rlhf pairs, batch 8, max length 256, left
+                        truncation): 3 warm-up steps, 10 sampled.
+  ppo bench-tiny        `make bench`'s ppo workload (batch 8, 64 prompt and 64 new tokens, 4 PPO
+                        epochs): the first update is the warm-up, the next three (12 optimizer steps,
+                        with the rollouts between them) are sampled.
 
 Worker threads run the closures of lathe's kernels and of candle's element-wise ops under
 symbols that do not say which op they belong to (rayon's job frames hide their callers). Those
 samples are shared out over the kernel categories in proportion to the samples whose stacks do
 name their op ("shared out" in the output says how much that was).
 
-  python3 bench/profile.py [--reference-python PY] [--threads 2]
+  python3 bench/profile.py [--reference-python PY] [--threads 2] [--only pretrain|rm-train|ppo|sft]
 """
 import argparse
 import collections
@@ -34,8 +39,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train_generate import (BIN, OUT, REFERENCE, ROOT, bench_peak, bench_tiny_step_gflop, emit,  # noqa: E402
-                                  example_figure, logged_steps, prepare, shape_model, timed_steps)
+from bench_train_generate import (BIN, OUT, REFERENCE, REWARD_DATA, ROOT, bench_peak, bench_tiny_init,  # noqa: E402
+                                  bench_tiny_step_gflop, emit, example_figure, logged_steps, prepare, shape_model,
+                                  timed_steps)
 
 # First match from the leaf up decides. Kernel categories come first: a sample in the kernel
 # names the user frame that faulted further up.
@@ -185,6 +191,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-python", help="a python with transformers, to write the SmolLM2-135M shape")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=["pretrain", "rm-train", "ppo", "sft"], help="one workload")
     args = parser.parse_args()
     if shutil.which("perf") is None:
         print("profile: `perf` is not installed (Debian: apt-get install linux-perf)", file=sys.stderr)
@@ -195,15 +202,46 @@ def main():
     threads = ["--threads", str(args.threads), "-q"]
 
     tokenizer, tokens = prepare(args.threads)
+    wanted = lambda name: args.only in (None, name)  # noqa: E731
     with tempfile.TemporaryDirectory() as scratch:
-        run_dir = os.path.join(OUT, "profile_bench_tiny_run")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        command = [f"{BIN}/pretrain", tokens, "--tokenizer", tokenizer, "--config", os.path.join(ROOT, "recipes", "bench-tiny.toml"),
-                   "-o", run_dir, "--steps", "14"] + threads
-        data, ms = sampled(command, run_dir, 3, 10, 499, scratch)
-        report("pretrain bench-tiny", data, ms, 10,
-               matmul_and_optimizer(ms, bench_tiny_step_gflop(), parameters_of(run_dir), peak, bandwidth))
+        if wanted("pretrain"):
+            run_dir = os.path.join(OUT, "profile_bench_tiny_run")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            command = [f"{BIN}/pretrain", tokens, "--tokenizer", tokenizer, "--config", os.path.join(ROOT, "recipes", "bench-tiny.toml"),
+                       "-o", run_dir, "--steps", "14"] + threads
+            data, ms = sampled(command, run_dir, 3, 10, 499, scratch)
+            report("pretrain bench-tiny", data, ms, 10,
+                   matmul_and_optimizer(ms, bench_tiny_step_gflop(), parameters_of(run_dir), peak, bandwidth))
 
+        if wanted("rm-train") or wanted("ppo"):
+            base = bench_tiny_init(tokenizer, tokens)
+        if wanted("rm-train"):
+            run_dir = os.path.join(OUT, "profile_reward_run")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            command = [f"{BIN}/rm-train", REWARD_DATA, "--model", base, "-o", run_dir, "--max-length", "256", "--truncation", "left",
+                       "--batch-size", "8", "--steps", "14", "--lr", "3e-4", "--schedule", "constant", "--weight-decay", "0.1",
+                       "--grad-clip", "1.0", "--val-fraction", "0.0997", "--eval-every", "0", "--checkpoint-every", "0"] + threads
+            data, ms = sampled(command, run_dir, 3, 10, 499, scratch)
+            report("rm-train bench-tiny", data, ms, 10, matmul_and_optimizer(ms, None, parameters_of(run_dir), peak, bandwidth))
+
+        if wanted("ppo"):
+            reward = os.path.join(OUT, "profile_ppo_reward")
+            run_dir = os.path.join(OUT, "profile_ppo_run")
+            shutil.rmtree(reward, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            subprocess.run([f"{BIN}/rm-train", REWARD_DATA, "--model", base, "-o", reward, "--steps", "0", "--max-length", "256", "-q"],
+                           check=True, stdout=subprocess.DEVNULL)
+            command = [f"{BIN}/ppo", REWARD_DATA, "--policy", base, "--reward-model", reward, "-o", run_dir,
+                       "--batch-size", "8", "--max-prompt-length", "64", "--max-new-tokens", "64", "--ignore-eos",
+                       "--temperature", "0.7", "--ppo-epochs", "4", "--minibatches", "1", "--kl-coef", "0.05",
+                       "--lr", "3e-6", "--updates", "5", "--eval-every", "0", "--checkpoint-every", "0"] + threads
+            # 4 optimizer steps an update: the first update is the warm-up, the next three are
+            # sampled with the rollouts between them (ms_per_step counts optimizer steps only).
+            data, ms = sampled(command, run_dir, 4, 12, 499, scratch)
+            report("ppo bench-tiny", data, ms, 12, matmul_and_optimizer(ms, None, None, peak, bandwidth))
+
+        if not wanted("sft"):
+            return
         if not args.reference_python and not os.path.exists(os.path.join(OUT, "smollm2-135m", "config.json")):
             print("\nsft smollm2-135m: skipped (set REFERENCE_PYTHON to write the shape)", file=sys.stderr)
             return
@@ -215,7 +253,6 @@ def main():
                    "--steps", "6", "--lr", "2e-5", "--schedule", "constant", "--eval-every", "0", "--checkpoint-every", "0"] + threads
         data, ms = sampled(command, run_dir, 2, 3, 99, scratch)
         report("sft smollm2-135m", data, ms, 3, matmul_and_optimizer(ms, None, parameters_of(run_dir), peak, bandwidth))
-
 
 if __name__ == "__main__":
     main()
