@@ -344,6 +344,99 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)
 }
 
+// ---------------------------------------------------------------- sampled tokens' log-probs
+
+/// Per row of logits `[N, V]` at inverse temperature `scale`: the log-probability of the row's
+/// token (with a backward) and the distribution's entropy (a statistic: no gradient flows
+/// through it), as `[N, 2]`. One pass for the maximum, one for both sums, where log-softmax,
+/// gather and entropy as candle ops walk the logits about ten times and keep four copies.
+struct TokenLogprobs {
+    scale: f32,
+}
+
+/// `(ln Σ e^y, Σ e^y·y / Σ e^y)` for `y = scale · (row − max)`: the log-partition function
+/// after the shift, and the mean of `y` under the distribution (for the entropy).
+#[inline(always)]
+fn scaled_log_partition(row: &[f32], max: f32, scale: f32) -> (f32, f32) {
+    let (mut shifted, mut exps) = ([0f32; 256], [0f32; 256]);
+    let (mut total, mut weighted) = (0f32, 0f32);
+    for chunk in row.chunks(shifted.len()) {
+        let (y, e) = (&mut shifted[..chunk.len()], &mut exps[..chunk.len()]);
+        for (yi, &x) in y.iter_mut().zip(chunk) {
+            *yi = scale * (x - max);
+        }
+        fastexp::exp_shifted(y, 0.0, e);
+        total += fastexp::sum(e);
+        weighted += simd::dot(e, y);
+    }
+    (total.ln(), weighted / total)
+}
+
+impl CustomOp2 for TokenLogprobs {
+    fn name(&self) -> &'static str {
+        "token-logprobs"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let logits = slice(s1, l1, self.name())?;
+        let targets = u32_slice(s2, l2, self.name())?;
+        let (vocab, scale) = (l1.dims()[1], self.scale);
+        let mut out = vec![0f32; 2 * targets.len()];
+        out.par_chunks_mut(2).zip(logits.par_chunks(vocab)).zip(targets.par_iter()).try_for_each(
+            |((pair, row), &target)| -> Result<()> {
+                let Some(&picked) = row.get(target as usize) else {
+                    bail!("token log-probabilities: token {target} outside a vocabulary of {vocab}")
+                };
+                let (max, (log_partition, mean)) = simd::widest!({
+                    let max = simd::max(row);
+                    (max, scaled_log_partition(row, max, scale))
+                });
+                pair[0] = scale * (picked - max) - log_partition;
+                pair[1] = log_partition - mean;
+                Ok(())
+            },
+        )?;
+        Ok((CpuStorage::F32(out), Shape::from((targets.len(), 2))))
+    }
+
+    /// `dlogits = scale · (onehot(token) − softmax(scale · logits)) · dlogp`; the entropy's
+    /// column gets none.
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (vocab, scale) = (logits.dim(1)?, self.scale);
+        let targets: Vec<u32> = targets.to_vec1()?;
+        let dlogits = with_data(logits, "token log-probabilities backward", |values| {
+            with_data(grad, "token log-probabilities backward", |dout| {
+                let dlogits = written(values.len(), |dlogits| {
+                    dlogits
+                        .par_chunks_mut(vocab)
+                        .zip(values.par_chunks(vocab))
+                        .zip(targets.par_iter().zip(dout.par_chunks(2)))
+                        .for_each(|((d, row), (&target, dpair))| {
+                            let g = dpair[0] * scale;
+                            simd::widest!({
+                                let max = simd::max(row);
+                                let (log_partition, _) = scaled_log_partition(row, max, scale);
+                                for (dj, &xj) in d.iter_mut().zip(row) {
+                                    *dj = -fastexp::exp(scale * (xj - max) - log_partition) * g;
+                                }
+                            });
+                            d[target as usize] += g;
+                        })
+                });
+                tensor(dlogits, logits.shape(), logits)
+            })
+        })?;
+        Ok((Some(dlogits), None))
+    }
+}
+
+/// Log-probabilities `[N]` of `tokens` `[N]` (u32) under `softmax(scale · logits)` for logits
+/// `[N, V]`, and the entropies `[N]` of those distributions (detached).
+pub fn token_logprobs(logits: &Tensor, tokens: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    let out = logits.contiguous()?.apply_op2(&tokens.contiguous()?, TokenLogprobs { scale: scale as f32 })?;
+    Ok((out.narrow(1, 0, 1)?.squeeze(1)?, out.narrow(1, 1, 1)?.squeeze(1)?.detach()))
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 /// `y = x / rms(x) · w` over rows of `[N, D]`.
@@ -1051,6 +1144,28 @@ mod tests {
             },
             1e-5,
         );
+    }
+
+    #[test]
+    fn token_logprobs_match_composite_at_a_temperature() {
+        // 300 columns: more than one of the kernel's 256-wide chunks.
+        let logits = (random(&[5, 300], 7) * 4.0).unwrap();
+        let tokens = Tensor::new(&[3u32, 0, 299, 256, 17], &Device::Cpu).unwrap();
+        let temperature = 0.7;
+        same_value_and_gradients(
+            &[logits.clone()],
+            |t| token_logprobs(&t[0], &tokens, 1.0 / temperature).unwrap().0,
+            |t| {
+                let logp = composite::log_softmax_last_dim(&(&t[0] / temperature).unwrap()).unwrap();
+                logp.gather(&tokens.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap()
+            },
+            1e-5,
+        );
+        let entropy = token_logprobs(&logits, &tokens, 1.0 / temperature).unwrap().1;
+        let logp = composite::log_softmax_last_dim(&(&logits / temperature).unwrap()).unwrap();
+        let expected = (logp.exp().unwrap() * &logp).unwrap().sum(1).unwrap().neg().unwrap();
+        assert!(max_diff(&entropy, &expected) < 1e-5, "entropies differ by {}", max_diff(&entropy, &expected));
+        assert!(token_logprobs(&logits, &Tensor::new(&[0u32, 0, 300, 0, 0], &Device::Cpu).unwrap(), 1.0).is_err());
     }
 
     #[test]

@@ -94,6 +94,20 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     picked.neg()? * keep.to_dtype(logits.dtype())?
 }
 
+/// Log-probabilities `[N]` of `tokens` `[N]` under `softmax(logits / temperature)` for logits
+/// `[N, V]` (in the graph), and those distributions' entropies `[N]` (detached).
+pub fn token_logprobs(logits: &Tensor, tokens: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
+    let tokens = tokens.to_dtype(DType::U32)?;
+    if fused::supported(logits) {
+        return fused::token_logprobs(logits, &tokens, 1.0 / temperature);
+    }
+    let logp = composite::log_softmax_last_dim(&(logits / temperature)?)?;
+    let picked = logp.gather(&tokens.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let logp = logp.detach();
+    let entropy = (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?;
+    Ok((picked, entropy))
+}
+
 /// Log-softmax over the last dimension (inference: sampling log-probabilities).
 pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     composite::log_softmax_last_dim(x)

@@ -645,7 +645,7 @@ impl Task for RlTask {
         if let Some(value) = &self.value {
             value.tuned.dropout_for(Some(micro_batch));
         }
-        let (new_logprobs, logits) = layout.logprobs(&self.policy.decoder, s.sampling.temperature)?;
+        let (new_logprobs, entropy) = layout.logprobs(&self.policy.decoder, s.sampling.temperature)?;
         let column = |f: fn(&Episode) -> &[f32]| -> Result<Tensor> { layout.pack(&episodes.iter().map(|e| f(e)).collect::<Vec<_>>()) };
         let old_logprobs = column(|e| &e.logprobs)?;
         let advantages = column(|e| &e.advantages)?;
@@ -674,7 +674,7 @@ impl Task for RlTask {
         st.policy_loss += scalar(&policy.loss)?;
         st.value_loss += value_figures.0;
         st.value_clipfrac += value_figures.1;
-        st.entropy += mean_entropy(&logits, &layout.mask)?;
+        st.entropy += mean_entropy(&entropy, &layout.mask)?;
         let mean_ratio = scalar(&loss::masked_mean(&ratio, &layout.mask)?)?;
         st.ratio += mean_ratio;
         st.ratio_sq += mean_ratio * mean_ratio;

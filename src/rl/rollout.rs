@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::model::{ForwardOptions, Decoder};
-use crate::model::ops::log_softmax_last_dim;
+use crate::model::ops::token_logprobs;
 
 /// One sampled response. Per-token vectors have one entry per response token.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -113,12 +113,12 @@ impl Layout {
     }
 
     /// Log-probabilities `[B, width]` of the response tokens at sampling temperature, and the
-    /// logits they came from.
+    /// entropies `[B, width]` (detached) of the distributions they were drawn from.
     pub fn logprobs(&self, model: &Decoder, temperature: f64) -> Result<(Tensor, Tensor)> {
-        let logits = (model.lm_logits(&self.response_hidden(model)?)? / temperature)?;
-        let logp = log_softmax_last_dim(&logits)?;
-        let picked = logp.gather(&self.tokens.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?.squeeze(D::Minus1)?;
-        Ok((picked, logits))
+        let logits = model.lm_logits(&self.response_hidden(model)?)?;
+        let (b, width, vocab) = logits.dims3()?;
+        let (logp, entropy) = token_logprobs(&logits.reshape((b * width, vocab))?, &self.tokens.flatten_all()?, temperature)?;
+        Ok((logp.reshape((b, width))?, entropy.reshape((b, width))?))
     }
 
     /// Values `[B, width]` from a one-label `score` head.
@@ -146,12 +146,9 @@ pub fn unpack(values: &Tensor, episodes: &[&Episode]) -> Result<Vec<Vec<f32>>> {
     }).collect())
 }
 
-/// Mean entropy (nats) over the masked positions of `[B, T, V]` logits: logsumexp − Σ p·logit.
-pub fn mean_entropy(logits: &Tensor, mask: &Tensor) -> Result<f64> {
-    let logits = logits.detach();
-    let logp = log_softmax_last_dim(&logits)?;
-    let entropy = (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?;
-    Ok(super::loss::masked_mean(&entropy, mask)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+/// Mean entropy (nats) over the masked positions of per-token entropies `[B, T]`.
+pub fn mean_entropy(entropy: &Tensor, mask: &Tensor) -> Result<f64> {
+    Ok(super::loss::masked_mean(entropy, mask)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 #[cfg(test)]
