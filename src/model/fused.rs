@@ -400,30 +400,32 @@ impl CustomOp2 for TokenLogprobs {
     }
 
     /// `dlogits = scale · (onehot(token) − softmax(scale · logits)) · dlogp`; the entropy's
-    /// column gets none.
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    /// column gets none. The forward's log-probability gives each probability in one pass:
+    /// `p_j = e^(scale · (x_j − x_token) + log p_token)`.
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        const OP: &str = "token log-probabilities backward";
         let (vocab, scale) = (logits.dim(1)?, self.scale);
         let targets: Vec<u32> = targets.to_vec1()?;
-        let dlogits = with_data(logits, "token log-probabilities backward", |values| {
-            with_data(grad, "token log-probabilities backward", |dout| {
-                let dlogits = written(values.len(), |dlogits| {
-                    dlogits
-                        .par_chunks_mut(vocab)
-                        .zip(values.par_chunks(vocab))
-                        .zip(targets.par_iter().zip(dout.par_chunks(2)))
-                        .for_each(|((d, row), (&target, dpair))| {
-                            let g = dpair[0] * scale;
-                            simd::widest!({
-                                let max = simd::max(row);
-                                let (log_partition, _) = scaled_log_partition(row, max, scale);
-                                for (dj, &xj) in d.iter_mut().zip(row) {
-                                    *dj = -fastexp::exp(scale * (xj - max) - log_partition) * g;
-                                }
-                            });
-                            d[target as usize] += g;
-                        })
-                });
-                tensor(dlogits, logits.shape(), logits)
+        let dlogits = with_data(logits, OP, |values| {
+            with_data(res, OP, |out| {
+                with_data(grad, OP, |dout| {
+                    let dlogits = written(values.len(), |dlogits| {
+                        dlogits
+                            .par_chunks_mut(vocab)
+                            .zip(values.par_chunks(vocab))
+                            .zip(targets.par_iter().zip(out.par_chunks(2).zip(dout.par_chunks(2))))
+                            .for_each(|((d, row), (&target, (pair, dpair)))| {
+                                let (g, picked, logp) = (dpair[0] * scale, row[target as usize], pair[0]);
+                                simd::widest!({
+                                    for (dj, &xj) in d.iter_mut().zip(row) {
+                                        *dj = -fastexp::exp(scale * (xj - picked) + logp) * g;
+                                    }
+                                });
+                                d[target as usize] += g;
+                            })
+                    });
+                    tensor(dlogits, logits.shape(), logits)
+                })
             })
         })?;
         Ok((Some(dlogits), None))
